@@ -1,0 +1,180 @@
+"""NumPy on the CPU: the base backend with its hot paths rewritten for fewer temporaries.
+
+Only what decides speed is overridden (matrix products, activations, softmax,
+the fused softmax-cross-entropy, gradient accumulation, random masks); the
+rest is the array-API reference in :mod:`deepcore.backend.base`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat.numpy as np_compat
+import numpy as np
+
+from .base import Array, Backend
+
+
+class NumpyBackend(Backend):
+    single_device = True
+
+    def __init__(self) -> None:
+        super().__init__(np_compat, name="numpy")
+
+    # ------------------------------------------------------------------ arrays
+    def asarray(self, obj: Any, *, dtype: Any = None, device: Any = None) -> np.ndarray:
+        self._check_device(device)
+        return np.asarray(obj, dtype=dtype)
+
+    def device(self, x: Array) -> str:
+        return "cpu"
+
+    def _check_device(self, device: Any) -> None:
+        if device is not None and str(device) != "cpu":
+            raise ValueError(f"device: the numpy backend has only 'cpu', got {device!r}")
+
+    def to_numpy(self, x: Array) -> np.ndarray:
+        return np.array(x, copy=True)
+
+    def from_numpy(self, a: np.ndarray, *, dtype: Any = None, device: Any = None) -> np.ndarray:
+        self._check_device(device)
+        return np.array(a, dtype=dtype, copy=True, order="C")
+
+    def accumulate(self, acc: np.ndarray, value: np.ndarray) -> np.ndarray:
+        np.add(acc, value, out=acc, casting="same_kind")
+        return acc
+
+    # ----------------------------------------------------------------- random
+    def random_uniform(self, rng: np.random.Generator, shape: tuple[int, ...], *, low: float = 0.0,
+                       high: float = 1.0, dtype: Any = None, device: Any = None) -> np.ndarray:
+        self._check_device(device)
+        return rng.uniform(low, high, size=shape).astype(dtype or np.float32, copy=False)
+
+    def dropout_mask(self, rng: np.random.Generator, shape: tuple[int, ...], p: float, *, dtype: Any,
+                     device: Any = None) -> np.ndarray:
+        self._check_device(device)
+        if p >= 1.0:
+            return np.zeros(shape, dtype=dtype)
+        # float32 uniforms are half the bytes of the default float64 draw.
+        mask = rng.random(shape, dtype=np.float32) >= np.float32(p)
+        out = mask.astype(dtype)
+        out *= 1.0 / (1.0 - p)
+        return out
+
+    # ---------------------------------------------------------- dense algebra
+    def matmul(self, a: np.ndarray, b: np.ndarray, *, transpose_a: bool = False,
+               transpose_b: bool = False) -> np.ndarray:
+        # .T is a view; BLAS reads the transposed layout without a copy.
+        return np.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
+
+    def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+        y = np.matmul(x, weight.T)
+        if bias is not None:
+            y += bias
+        return y
+
+    def linear_backward(self, dy: np.ndarray, x: np.ndarray, weight: np.ndarray, *, need_dx: bool = True,
+                        need_bias: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+        dx = np.matmul(dy, weight) if need_dx else None
+        dw = np.matmul(dy.T, x)
+        db = dy.sum(axis=0) if need_bias else None
+        return dx, dw, db
+
+    # ------------------------------------------------------------ activations
+    def relu(self, x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0, dtype=x.dtype)
+
+    def relu_backward(self, dy: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return np.multiply(dy, x > 0)
+
+    def sigmoid(self, x: np.ndarray) -> np.ndarray:
+        # exp(-|x|) never overflows; the two branches of σ are recombined in place.
+        e = np.exp(-np.abs(x))
+        out = 1.0 / (1.0 + e)
+        np.multiply(out, e, out=out, where=x < 0)
+        return out
+
+    def softmax(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
+        out = np.subtract(x, x.max(axis=axis, keepdims=True))
+        np.exp(out, out=out)
+        out /= out.sum(axis=axis, keepdims=True)
+        return out
+
+    def log_softmax(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
+        out = np.subtract(x, x.max(axis=axis, keepdims=True))
+        out -= np.log(np.exp(out).sum(axis=axis, keepdims=True))
+        return out
+
+    # ------------------------------------------------------------ loss cores
+    def softmax_cross_entropy(self, logits: np.ndarray, labels: np.ndarray, *, reduction: str = "mean",
+                              label_smoothing: float = 0.0, ignore_index: int | None = None,
+                              class_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The base formula in one buffer: the gradient array holds shifted logits, then their
+        exponentials, then the scaled gradient, so no other (N, C) temporary is made."""
+        eps = float(label_smoothing)
+        out_dtype = logits.dtype
+        dt = self.compute_dtype(logits.dtype)
+        n, c = logits.shape
+        rows = np.arange(n)
+        valid = None if ignore_index is None else labels != ignore_index
+        # Labels outside [0, C) (possible with validate=False) must not index out of bounds
+        # or wrap around; their rows become NaN below.
+        bad = (labels < 0) | (labels >= c)
+        if valid is not None:
+            bad &= valid
+        bad = bad if bad.any() else None
+        keep = valid
+        if bad is not None:
+            keep = ~bad if keep is None else keep & ~bad
+        safe = labels if keep is None else np.where(keep, labels, 0)
+
+        grad = np.subtract(logits, logits.max(axis=1, keepdims=True), dtype=dt)
+        target = grad[rows, safe]
+        w = None if class_weights is None else np.asarray(class_weights, dtype=dt)
+        if eps > 0.0:
+            weighted_sum = grad.sum(axis=1) if w is None else grad @ w
+        np.exp(grad, out=grad)
+        sum_e = grad.sum(axis=1)
+        log_z = np.log(sum_e)
+
+        if w is None:
+            w_y = np.ones(n, dtype=dt) if valid is None else valid.astype(dt)
+            w_sum = float(c)
+        else:
+            w_y = w[safe]
+            if valid is not None:
+                w_y *= valid
+            w_sum = float(w.sum(dtype=np.float64))
+        per_sample = (1.0 - eps) * w_y * (log_z - target)
+        row_scale = (1.0 - eps) * w_y
+        if eps > 0.0:
+            smooth = w_sum * log_z - weighted_sum
+            if valid is not None:
+                smooth = np.where(valid, smooth, 0.0)
+            per_sample += (eps / c) * smooth
+            row_scale += (eps / c) * w_sum * (1.0 if valid is None else valid)
+
+        if reduction == "mean":
+            denom = n if valid is None and w is None else float(w_y.sum(dtype=np.float64))
+            scale = 1.0 / denom if denom != 0 else float("nan")
+        else:
+            scale = 1.0
+        grad *= (row_scale * scale / sum_e).astype(dt, copy=False)[:, None]
+        grad[rows, safe] -= ((1.0 - eps) * scale) * w_y
+        if eps > 0.0:
+            smooth_grad = (eps / c) * scale * (1.0 if w is None else w)
+            if valid is None:
+                grad -= smooth_grad
+            else:
+                grad[valid] -= smooth_grad
+        if valid is not None:
+            grad[~valid] = 0.0
+        if bad is not None:
+            grad[bad] = np.nan
+            per_sample[bad] = np.nan
+
+        if reduction == "none":
+            loss = per_sample
+        else:
+            loss = np.asarray(per_sample.sum(dtype=np.float64) * scale)
+        return loss.astype(out_dtype, copy=False), grad.astype(out_dtype, copy=False)

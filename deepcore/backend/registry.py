@@ -1,0 +1,325 @@
+"""The one place that decides which backend runs an op.
+
+A backend is found by name (``"numpy"``), by array (its array-API namespace),
+by module (``array_api_strict``, ``torch``), from the ``DEEPCORE_BACKEND``
+environment variable, or from the innermost ``use_backend()`` context.
+Backends are registered as factories and built on first use, so importing
+deepcore never imports CuPy; a factory that fails stores its reason, which
+``available_backends()`` reports and asking for that backend raises.
+
+Third-party packages register a backend with :func:`register_backend`, or
+through the ``deepcore.backends`` entry-point group, whose entries name a
+zero-argument callable that calls :func:`register_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+
+from .base import Array, Backend
+
+ENV_VAR = "DEEPCORE_BACKEND"
+ENTRY_POINT_GROUP = "deepcore.backends"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A registered backend cannot run here (library missing, no device, ...)."""
+
+
+class UnknownBackendError(ValueError):
+    """A backend name that nothing registered."""
+
+
+class BackendMismatchError(TypeError, ValueError):
+    """Arrays from two backends, or two devices, meet in one call."""
+
+
+@dataclass
+class _Entry:
+    name: str
+    factory: Callable[[], Backend]
+    namespaces: tuple[str, ...]
+    instance: Backend | None = None
+    error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_registry: dict[str, _Entry] = {}
+_by_namespace: dict[str, str] = {}
+_generic: dict[str, Backend] = {}
+_by_type: dict[type, Backend] = {}
+_current: contextvars.ContextVar[Backend | None] = contextvars.ContextVar("deepcore_backend", default=None)
+_entry_points_loaded = False
+
+
+def register_backend(name: str, factory: Callable[[], Backend], *, namespaces: tuple[str, ...] = (),
+                     replace: bool = False) -> None:
+    """Register ``factory`` (called once, on first use) under ``name``.
+
+    ``namespaces`` are the ``__name__`` of the array-API namespaces whose arrays
+    this backend runs (as ``array_api_compat.array_namespace`` reports them).
+    A factory signals "not available here" by raising; the message is kept.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_backend: name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"register_backend: factory must be callable, got {type(factory).__name__}")
+    if name in _registry and not replace:
+        raise ValueError(f"register_backend: a backend named {name!r} is already registered; pass replace=True")
+    _registry[name] = _Entry(name, factory, tuple(namespaces))
+    for ns in namespaces:
+        _by_namespace[ns] = name
+    _by_type.clear()
+
+
+def _load_entry_points() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()()
+        except Exception as exc:  # a broken plug-in must not break deepcore
+            register_backend(ep.name, _failing_factory(f"entry point {ep.value!r} failed: {exc!r}"), replace=True)
+
+
+def _failing_factory(reason: str) -> Callable[[], Backend]:
+    def factory() -> Backend:
+        raise BackendUnavailableError(reason)
+
+    return factory
+
+
+def _instantiate(entry: _Entry) -> Backend:
+    if entry.instance is not None:
+        return entry.instance
+    with entry.lock:
+        if entry.instance is None and entry.error is None:
+            try:
+                entry.instance = entry.factory()
+            except Exception as exc:
+                entry.error = str(exc) or type(exc).__name__
+        if entry.instance is None:
+            raise BackendUnavailableError(f"backend {entry.name!r} is not available: {entry.error}")
+        return entry.instance
+
+
+def registered_backends() -> list[str]:
+    _load_entry_points()
+    return sorted(_registry)
+
+
+def available_backends() -> dict[str, bool | str]:
+    """``{name: True}`` for each backend that works here, ``{name: "why not"}`` otherwise."""
+    result: dict[str, bool | str] = {}
+    for name in registered_backends():
+        entry = _registry[name]
+        try:
+            _instantiate(entry)
+            result[name] = True
+        except BackendUnavailableError:
+            result[name] = entry.error or "unavailable"
+    return result
+
+
+def _by_name(name: str) -> Backend:
+    _load_entry_points()
+    entry = _registry.get(name)
+    if entry is None:
+        if name in _generic:
+            return _generic[name]
+        raise UnknownBackendError(
+            f"unknown backend {name!r}; registered backends: {', '.join(sorted(_registry))} "
+            f"(or the import name of any array-API library, e.g. 'array_api_strict')"
+        )
+    return _instantiate(entry)
+
+
+def _for_namespace(xp: ModuleType) -> Backend:
+    ns_name = xp.__name__
+    name = _by_namespace.get(ns_name)
+    if name is not None:
+        return _instantiate(_registry[name])
+    backend = _generic.get(ns_name)
+    if backend is None:
+        backend = _generic.setdefault(ns_name, Backend(xp, name=ns_name.removeprefix("array_api_compat.")))
+    return backend
+
+
+def _for_module(module: ModuleType) -> Backend:
+    name = module.__name__
+    _load_entry_points()
+    if name in _registry:
+        return _by_name(name)
+    if name in _by_namespace:
+        return _by_name(_by_namespace[name])
+    # A plain library module (``torch``) maps to its array-API wrapper when one exists.
+    try:
+        compat = importlib.import_module(f"array_api_compat.{name}")
+    except ImportError:
+        compat = module
+    if compat.__name__ in _by_namespace:
+        return _by_name(_by_namespace[compat.__name__])
+    return _for_namespace(compat)
+
+
+def _for_array(x: Any) -> Backend:
+    backend = _by_type.get(type(x))
+    if backend is not None:
+        return backend
+    try:
+        xp = array_api_compat.array_namespace(x)
+    except TypeError as exc:
+        raise TypeError(f"expected an array, got {type(x).__module__}.{type(x).__qualname__}") from exc
+    backend = _for_namespace(xp)
+    _by_type[type(x)] = backend
+    return backend
+
+
+def _default() -> Backend:
+    current = _current.get()
+    if current is not None:
+        return current
+    name = os.environ.get(ENV_VAR)
+    if name:
+        try:
+            return resolve(name)
+        except UnknownBackendError as exc:
+            raise UnknownBackendError(f"{ENV_VAR}={name!r}: {exc}") from None
+    return _by_name("numpy")
+
+
+def resolve(spec: Any) -> Backend:
+    """A Backend from a name, a module, a Backend, or an array-API namespace."""
+    if isinstance(spec, Backend):
+        return spec
+    if isinstance(spec, str):
+        try:
+            return _by_name(spec)
+        except UnknownBackendError:
+            try:
+                module = importlib.import_module(spec)
+            except ImportError:
+                raise UnknownBackendError(
+                    f"unknown backend {spec!r}; registered backends: {', '.join(sorted(_registry))}"
+                ) from None
+            return _for_module(module)
+    if isinstance(spec, ModuleType):
+        return _for_module(spec)
+    raise TypeError(
+        f"expected a backend name, module or Backend, got {type(spec).__name__} {spec!r}"
+    )
+
+
+def get_backend(obj: Any = None, *more: Array) -> Backend:
+    """The backend for an array (or several, which must share backend and device), a name, a module,
+    or, with no argument, the current default (``use_backend`` > ``$DEEPCORE_BACKEND`` > numpy)."""
+    if obj is None:
+        return _default()
+    if isinstance(obj, (str, ModuleType, Backend)):
+        return resolve(obj)
+    if more:
+        return backend_of(obj, *more)
+    return _for_array(obj)
+
+
+def backend_of(*arrays: Array, names: tuple[str, ...] | None = None) -> Backend:
+    """The common backend of ``arrays``; a clear error when two backends or devices meet.
+
+    ``names`` label the arrays in the message (``("x", "weight")``).
+    """
+    present = [(i, a) for i, a in enumerate(arrays) if a is not None]
+    backend = _for_array(present[0][1])
+    first_type = type(present[0][1])
+    for i, a in present[1:]:
+        if type(a) is not first_type and _for_array(a) is not backend:
+            raise BackendMismatchError(_mismatch_message(arrays, names, present[0][0], i, backend, _for_array(a)))
+    if backend.single_device:
+        return backend
+    dev = backend.device(present[0][1])
+    for i, a in present[1:]:
+        other = backend.device(a)
+        if other != dev:
+            raise BackendMismatchError(
+                f"{_label(names, present[0][0])} is on device {dev} but {_label(names, i)} is on device "
+                f"{other}; move them to one device first (e.g. model.to(...) or the library's own transfer)"
+            )
+    return backend
+
+
+def _label(names: tuple[str, ...] | None, i: int) -> str:
+    return repr(names[i]) if names and i < len(names) else f"argument {i}"
+
+
+def _mismatch_message(arrays: Any, names: Any, i: int, j: int, a: Backend, b: Backend) -> str:
+    return (
+        f"{_label(names, i)} is a {a.name} array but {_label(names, j)} is a {b.name} array; "
+        f"deepcore never moves data behind your back: move the model with model.to({a.name!r}) "
+        f"or the data with deepcore.to_backend(x, {b.name!r})"
+    )
+
+
+@contextlib.contextmanager
+def use_backend(spec: Any) -> Iterator[Backend]:
+    """Within the block, new parameters and ``get_backend()`` use ``spec``."""
+    backend = resolve(spec)
+    token = _current.set(backend)
+    try:
+        yield backend
+    finally:
+        _current.reset(token)
+
+
+def to_backend(x: Array, target: Any, *, device: Any = None) -> Array:
+    """``x`` moved to the backend ``target`` (name, module or Backend), as a new array."""
+    dst = resolve(target)
+    src = _for_array(x)
+    if src is dst:
+        if device is None or src.device(x) == device:
+            return x
+        return dst.xp.asarray(x, device=device, copy=True)
+    return dst.from_numpy(src.to_numpy(x), device=device)
+
+
+# ------------------------------------------------------------- built-ins
+def _numpy() -> Backend:
+    from .numpy_backend import NumpyBackend
+
+    return NumpyBackend()
+
+
+def _cupy() -> Backend:
+    from .cupy_backend import CupyBackend
+
+    return CupyBackend()
+
+
+def _generic_factory(module: str, compat: str | None = None) -> Callable[[], Backend]:
+    def factory() -> Backend:
+        try:
+            importlib.import_module(module)
+            xp = importlib.import_module(compat or module)
+        except ImportError as exc:
+            raise BackendUnavailableError(f"{module} is not installed ({exc})") from exc
+        return Backend(xp, name=module)
+
+    return factory
+
+
+register_backend("numpy", _numpy, namespaces=("array_api_compat.numpy", "numpy"))
+register_backend("cupy", _cupy, namespaces=("array_api_compat.cupy", "cupy"))
+register_backend("array_api_strict", _generic_factory("array_api_strict"), namespaces=("array_api_strict",))
+register_backend("torch", _generic_factory("torch", "array_api_compat.torch"), namespaces=("array_api_compat.torch",))

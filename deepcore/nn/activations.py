@@ -1,0 +1,99 @@
+"""Elementwise activations and softmax, each with its analytic derivative."""
+
+from __future__ import annotations
+
+from ..backend import Backend
+from ..backend.base import Array
+from .module import Backward, Module, check_grad_shape, input_backend
+
+
+class _Activation(Module):
+    """Shared closure plumbing: subclasses give ``_f(backend, x)`` and ``_df(backend, dy, x, y)``."""
+
+    def _f(self, backend: Backend, x: Array) -> Array:
+        raise NotImplementedError
+
+    def _df(self, backend: Backend, dy: Array, x: Array, y: Array) -> Array:
+        raise NotImplementedError
+
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
+        backend = input_backend(self, x)
+        y = self._f(backend, x)
+        shape = tuple(x.shape)
+
+        def backward(dy: Array) -> Array:
+            check_grad_shape(self, dy, shape)
+            return self._df(backend, dy, x, y)
+
+        return y, backward
+
+
+class ReLU(_Activation):
+    """``y = max(0, x)``; ``dy/dx = [x > 0]``."""
+
+    def _f(self, backend: Backend, x: Array) -> Array:
+        return backend.relu(x)
+
+    def _df(self, backend: Backend, dy: Array, x: Array, y: Array) -> Array:
+        return backend.relu_backward(dy, x)
+
+
+class LeakyReLU(_Activation):
+    """``y = x`` for ``x > 0``, ``negative_slope * x`` otherwise."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+            raise TypeError(f"LeakyReLU: negative_slope must be a number, got {negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+    def _f(self, backend: Backend, x: Array) -> Array:
+        return backend.leaky_relu(x, self.negative_slope)
+
+    def _df(self, backend: Backend, dy: Array, x: Array, y: Array) -> Array:
+        return backend.leaky_relu_backward(dy, x, self.negative_slope)
+
+
+class Sigmoid(_Activation):
+    """``σ(x) = 1/(1 + e^{-x})``; ``σ' = σ (1 - σ)``."""
+
+    def _f(self, backend: Backend, x: Array) -> Array:
+        return backend.sigmoid(x)
+
+    def _df(self, backend: Backend, dy: Array, x: Array, y: Array) -> Array:
+        return backend.sigmoid_backward(dy, y)
+
+
+class Tanh(_Activation):
+    """``y = tanh(x)``; ``dy/dx = 1 - y^2``."""
+
+    def _f(self, backend: Backend, x: Array) -> Array:
+        return backend.tanh(x)
+
+    def _df(self, backend: Backend, dy: Array, x: Array, y: Array) -> Array:
+        return backend.tanh_backward(dy, y)
+
+
+class Softmax(_Activation):
+    """``p_k = e^{x_k} / sum_j e^{x_j}`` along ``axis``; backward applies the full Jacobian
+    ``D_ab = p_a (δ_ab - p_b)`` as ``dx = p (dy - sum(dy p))``, never forming the C x C matrix."""
+
+    def __init__(self, axis: int = -1) -> None:
+        super().__init__()
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"Softmax: axis must be an int, got {axis!r}")
+        self.axis = axis
+
+    def extra_repr(self) -> str:
+        return f"axis={self.axis}"
+
+    def _f(self, backend: Backend, x: Array) -> Array:
+        if not -x.ndim <= self.axis < x.ndim:
+            raise ValueError(f"Softmax: axis {self.axis} is out of range for input x of shape {tuple(x.shape)}")
+        return backend.softmax(x, axis=self.axis)
+
+    def _df(self, backend: Backend, dy: Array, x: Array, y: Array) -> Array:
+        return backend.softmax_backward(dy, y, axis=self.axis)

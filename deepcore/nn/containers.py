@@ -1,0 +1,81 @@
+"""Composition: ``Sequential`` chains layers, ``Flatten`` reshapes between them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ..backend import get_backend
+from ..backend.base import Array
+from .module import Backward, Module, check_grad_shape
+
+
+class Sequential(Module):
+    """``y = f_n(...f_2(f_1(x)))``; backward runs the layers' closures in reverse (the chain rule)."""
+
+    def __init__(self, *layers: Module) -> None:
+        super().__init__()
+        for i, layer in enumerate(layers):
+            self.append(layer, _index=i)
+
+    def append(self, layer: Module, *, _index: int | None = None) -> Sequential:
+        if not isinstance(layer, Module):
+            i = len(self) if _index is None else _index
+            raise TypeError(f"Sequential: layer {i} must be a deepcore.nn.Module, got {type(layer).__name__}")
+        setattr(self, str(len(self._children)), layer)
+        return self
+
+    def __len__(self) -> int:
+        return len(self._children)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._children.values())
+
+    def __getitem__(self, i: int) -> Module:
+        return list(self._children.values())[i]
+
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
+        backwards = []
+        for layer in self._children.values():
+            x, back = layer.forward(x, train=train)
+            backwards.append(back)
+
+        def backward(dy: Array) -> Array:
+            for back in reversed(backwards):
+                dy = back(dy)
+            return dy
+
+        return x, backward
+
+
+class Flatten(Module):
+    """Reshape (N, d1, d2, ...) to (N, d1*d2*...) for ``start_dim=1``; backward restores the shape."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1) -> None:
+        super().__init__()
+        self.start_dim = start_dim
+        self.end_dim = end_dim
+
+    def extra_repr(self) -> str:
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
+        backend = get_backend(x)
+        shape = tuple(x.shape)
+        nd = len(shape)
+        start = self.start_dim + nd if self.start_dim < 0 else self.start_dim
+        end = self.end_dim + nd if self.end_dim < 0 else self.end_dim
+        if not 0 <= start <= end < max(nd, 1):
+            raise ValueError(
+                f"Flatten(start_dim={self.start_dim}, end_dim={self.end_dim}) does not fit input x of shape {shape}"
+            )
+        flat = 1
+        for d in shape[start:end + 1]:
+            flat *= d
+        out_shape = shape[:start] + (flat,) + shape[end + 1:]
+        y = backend.xp.reshape(x, out_shape)
+
+        def backward(dy: Array) -> Array:
+            check_grad_shape(self, dy, out_shape)
+            return backend.xp.reshape(dy, shape)
+
+        return y, backward

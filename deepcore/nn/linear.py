@@ -1,0 +1,74 @@
+"""The affine layer ``y = x W^T + b``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..backend import get_backend
+from ..backend.base import Array
+from ..rng import check_seed
+from . import init as _init
+from .module import Backward, Module, Param, check_grad_shape, input_backend
+
+
+def _positive_int(value: Any, name: str, owner: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class Linear(Module):
+    """``y = x W^T + b`` with ``W`` of shape (out_features, in_features), as in PyTorch.
+
+    Gradients: ``dL/dx = dy W``, ``dL/dW = dy^T x``, ``dL/db = sum_n dy``.
+    ``init`` is ``"pytorch"`` (default, ``U(±1/sqrt(in))``), ``"he"``, ``"xavier"``,
+    ``"zeros"`` or ``f(rng, shape, fan_in, fan_out) -> ndarray``. Parameters are
+    created on the current default backend (see ``deepcore.use_backend``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, init: Any = "pytorch", *,
+                 seed: int | None = None, dtype: Any = "float32") -> None:
+        super().__init__()
+        self.in_features = _positive_int(in_features, "in_features", "Linear")
+        self.out_features = _positive_int(out_features, "out_features", "Linear")
+        w_init, b_init = _init.resolve(init, "Linear")
+        backend = get_backend()
+        dt = backend.dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+        rng = np.random.default_rng(check_seed(seed, "Linear"))
+        shape = (self.out_features, self.in_features)
+        self.weight = Param(backend.from_numpy(w_init(rng, shape, *shape[::-1]), dtype=dt), "weight")
+        self.bias = (
+            Param(backend.from_numpy(b_init(rng, (self.out_features,), *shape[::-1]), dtype=dt), "bias")
+            if bias else None
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
+        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        backend = input_backend(self, x, *params)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear({self.in_features}, {self.out_features}): input x must have shape (..., {self.in_features}), "
+                f"got {tuple(x.shape)}"
+            )
+        in_shape = tuple(x.shape)
+        x2 = x if x.ndim == 2 else backend.xp.reshape(x, (-1, self.in_features))
+        weight, bias = self.weight, self.bias
+        y = backend.linear(x2, weight.value, None if bias is None else bias.value)
+        out_shape = in_shape[:-1] + (self.out_features,)
+
+        def backward(dy: Array) -> Array:
+            check_grad_shape(self, dy, out_shape)
+            dy2 = dy if dy.ndim == 2 else backend.xp.reshape(dy, (-1, self.out_features))
+            dx, dw, db = backend.linear_backward(dy2, x2, weight.value, need_bias=bias is not None)
+            weight.accumulate(dw, backend)
+            if bias is not None:
+                bias.accumulate(db, backend)
+            return dx if len(in_shape) == 2 else backend.xp.reshape(dx, in_shape)
+
+        return (y if len(in_shape) == 2 else backend.xp.reshape(y, out_shape)), backward
+

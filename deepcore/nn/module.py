@@ -1,0 +1,236 @@
+"""Parameters and the layer base class.
+
+A layer is called in closure style: ``y, backward = layer.forward(x, train=True)``
+returns the output and a function that maps ``dL/dy`` to ``dL/dx`` while adding
+each parameter's gradient into ``Param.grad``. No tape is kept anywhere: the
+closure holds exactly what its backward pass needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from ..backend import Backend, backend_of, get_backend, to_backend
+from ..backend.base import Array
+
+Backward = Callable[[Array], Array]
+
+
+class Param:
+    """A trainable array: ``value``, and ``grad`` (same shape and dtype, None until a backward pass)."""
+
+    __slots__ = ("value", "grad", "name")
+
+    def __init__(self, value: Array, name: str = "") -> None:
+        self.value = value
+        self.grad: Array | None = None
+        self.name = name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.value.shape)
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+    def zero_grad(self) -> None:
+        """Forget the gradient (``grad = None``, as PyTorch's ``set_to_none=True``)."""
+        self.grad = None
+
+    def accumulate(self, g: Array, backend: Backend) -> None:
+        """Add ``g`` into ``grad``, cast to the parameter's dtype.
+
+        ``g`` must be a fresh array the caller no longer uses: the first
+        contribution is adopted without a copy.
+        """
+        if self.grad is None:
+            self.grad = backend.astype(g, self.value.dtype)
+        else:
+            self.grad = backend.accumulate(self.grad, g)
+
+    def __repr__(self) -> str:
+        return f"Param(name={self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+
+class Module:
+    """Base class of every layer: parameters, buffers, children, state and device moves.
+
+    Subclasses implement ``forward(x, train=False) -> (y, backward)``. Assigning
+    a :class:`Param` or a :class:`Module` to an attribute registers it;
+    ``register_buffer`` registers state that is saved but not trained
+    (BatchNorm's running statistics).
+    """
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_params", {})
+        object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_children", {})
+
+    # ----------------------------------------------------------- registration
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_params" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting {name!r}")
+        for table in (self._params, self._children, self._buffers):
+            table.pop(name, None)
+        if isinstance(value, Param):
+            value.name = value.name or name
+            self._params[name] = value
+        elif isinstance(value, Module):
+            self._children[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, value: Array) -> None:
+        self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    def _set_buffer(self, name: str, value: Array) -> None:
+        self._buffers[name] = value
+        object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------ calls
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward(x, train)")
+
+    def __call__(self, x: Array) -> Array:
+        """Inference: ``forward(x, train=False)[0]``."""
+        return self.forward(x, train=False)[0]
+
+    # ------------------------------------------------------------ traversal
+    def children(self) -> Iterator[Module]:
+        return iter(self._children.values())
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Param]]:
+        for name, p in self._params.items():
+            yield prefix + name, p
+        for cname, child in self._children.items():
+            yield from child.named_parameters(f"{prefix}{cname}.")
+
+    def parameters(self) -> list[Param]:
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Array]]:
+        for name, b in self._buffers.items():
+            yield prefix + name, b
+        for cname, child in self._children.items():
+            yield from child.named_buffers(f"{prefix}{cname}.")
+
+    def _owners(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        yield prefix, self
+        for cname, child in self._children.items():
+            yield from child._owners(f"{prefix}{cname}.")
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.zero_grad()
+
+    @property
+    def backend(self) -> Backend:
+        """The backend holding this module's parameters (the default backend if it has none)."""
+        for p in self.parameters():
+            return get_backend(p.value)
+        for _, b in self.named_buffers():
+            return get_backend(b)
+        return get_backend()
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Array]:
+        """Parameters and buffers by dotted name (the arrays themselves, not copies)."""
+        state = {name: p.value for name, p in self.named_parameters()}
+        state.update(self.named_buffers())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Copy values into this module, converting backend and dtype to the current ones.
+
+        Everything is checked (names, shapes) before anything is assigned, so a
+        failed load leaves the module as it was.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict: state must be a dict of arrays, got {type(state).__name__}")
+        current = self.state_dict()
+        missing = sorted(set(current) - set(state))
+        unexpected = sorted(set(state) - set(current))
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        converted = {}
+        for name, old in current.items():
+            if name not in state:
+                continue
+            new = state[name]
+            new_shape = tuple(getattr(new, "shape", ()))
+            if new_shape != tuple(old.shape):
+                raise ValueError(
+                    f"load_state_dict: {name!r} has shape {new_shape} in the state but {tuple(old.shape)} in the model"
+                )
+            target = get_backend(old)
+            value = to_backend(new, target, device=target.device(old)) if not _is_same(new, target) else new
+            converted[name] = target.xp.asarray(target.astype(value, old.dtype), copy=True)
+        for prefix, owner in self._owners():
+            for pname, p in owner._params.items():
+                if prefix + pname in converted:
+                    p.value = converted[prefix + pname]
+            for bname in list(owner._buffers):
+                if prefix + bname in converted:
+                    owner._set_buffer(bname, converted[prefix + bname])
+
+    def to(self, target: Any = None, *, dtype: Any = None, device: Any = None) -> Module:
+        """Move parameters, gradients and buffers to ``target`` (a backend name, module or Backend)
+        and/or cast floating ones to ``dtype`` (a name like ``"float64"`` or a dtype). Returns self."""
+        dst = get_backend(target) if target is not None else self.backend
+        if dtype is not None and isinstance(dtype, str):
+            dtype = dst.dtype_from_name(dtype)
+
+        def move(a: Array, cast: bool) -> Array:
+            a = to_backend(a, dst, device=device)
+            if cast and dtype is not None and dst.is_floating(a):
+                a = dst.astype(a, dtype)
+            return a
+
+        moved_params = [(p, move(p.value, True), None if p.grad is None else move(p.grad, True))
+                        for p in self.parameters()]
+        moved_buffers = [(owner, name, move(b, True))
+                         for _, owner in self._owners() for name, b in owner._buffers.items()]
+        for p, value, grad in moved_params:
+            p.value, p.grad = value, grad
+        for owner, name, value in moved_buffers:
+            owner._set_buffer(name, value)
+        return self
+
+    # ------------------------------------------------------------------ repr
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        if not self._children:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"  ({name}): " + repr(child).replace("\n", "\n  ") for name, child in self._children.items()]
+        return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
+
+
+def _is_same(value: Any, backend: Backend) -> bool:
+    try:
+        return get_backend(value) is backend
+    except TypeError:
+        return False
+
+
+def input_backend(layer: Module, x: Array, *params: Param) -> Backend:
+    """The backend running ``layer`` on ``x``: checks that ``x`` is a floating-point array on the
+    same backend and device as the layer's parameters, with errors that say what to do."""
+    names = ("x",) + tuple(p.name for p in params)
+    backend = backend_of(x, *(p.value for p in params), names=names)
+    if not backend.is_floating(x):
+        raise TypeError(
+            f"{type(layer).__name__}: input x must be a floating-point array, got dtype {x.dtype}; "
+            f"cast it first, e.g. xp.astype(x, xp.float32)"
+        )
+    return backend
+
+
+def check_grad_shape(layer: Module, dy: Array, expected: tuple[int, ...]) -> None:
+    if tuple(dy.shape) != tuple(expected):
+        raise ValueError(
+            f"{type(layer).__name__} backward: dy must have the output's shape {tuple(expected)}, got {tuple(dy.shape)}"
+        )
