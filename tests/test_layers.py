@@ -258,3 +258,17 @@ def test_repr_and_containers():
     assert "Linear(in_features=2, out_features=3, bias=True)" in repr(model)
     assert len(model) == 2 and isinstance(model[1], nn.ReLU)
     assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.bias"]
+
+
+def test_dropout_masks_resume_from_extra_state(backend):
+    x = arr(backend, np.ones((8, 16)), "float32")
+    model = nn.Sequential(nn.Linear(16, 16, seed=0), nn.Dropout(0.5, seed=3))
+    model.forward(x, train=True)
+    state = model.extra_states()
+    assert state == {"1": {"seed": 3, "calls": 1}}
+    expected = to_np(model.forward(x, train=True)[0])
+    other = nn.Sequential(nn.Linear(16, 16, seed=0), nn.Dropout(0.5, seed=99))
+    other.load_extra_states(state)
+    np.testing.assert_array_equal(to_np(other.forward(x, train=True)[0]), expected)
+    with pytest.raises(KeyError, match="no submodule"):
+        other.load_extra_states({"7": {}})

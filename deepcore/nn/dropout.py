@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..backend.base import Array
 from ..rng import check_seed
 from .module import Backward, Module, check_grad_shape, input_backend
@@ -23,18 +25,27 @@ class Dropout(Module):
             raise ValueError(f"Dropout: p must be a probability in [0, 1], got {p!r}")
         self.p = float(p)
         self.seed = check_seed(seed, "Dropout")
-        self._rngs: dict[str, Any] = {}
+        #: Training calls so far; the mask of call k depends only on (seed, k), so a
+        #: checkpoint that stores this counter resumes the same sequence of masks.
+        self.calls = 0
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"seed": self.seed, "calls": self.calls}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.seed = check_seed(state["seed"], "Dropout")
+        self.calls = int(state["calls"])
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
         backend = input_backend(self, x)
         if not train or self.p == 0.0:
             return x, _identity
-        rng = self._rngs.get(backend.name)
-        if rng is None:
-            rng = self._rngs[backend.name] = backend.make_rng(self.seed)
+        call_seed = int(np.random.SeedSequence([self.seed, self.calls]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        self.calls += 1
+        rng = backend.make_rng(call_seed)
         mask = backend.dropout_mask(rng, tuple(x.shape), self.p, dtype=x.dtype, device=backend.device(x))
         shape = tuple(x.shape)
 

@@ -121,6 +121,25 @@ class Module:
         for cname, child in self._children.items():
             yield from child._owners(f"{prefix}{cname}.")
 
+    def get_extra_state(self) -> Any:
+        """JSON-able state outside arrays (a random stream's position); None when there is none."""
+        return None
+
+    def set_extra_state(self, state: Any) -> None:
+        raise TypeError(f"{type(self).__name__} has no extra state to set")
+
+    def extra_states(self) -> dict[str, Any]:
+        """``get_extra_state()`` of every submodule that has one, by dotted path ('' for self)."""
+        return {path.rstrip("."): st for path, m in self._owners() if (st := m.get_extra_state()) is not None}
+
+    def load_extra_states(self, states: dict[str, Any]) -> None:
+        owners = {path.rstrip("."): m for path, m in self._owners()}
+        unknown = sorted(set(states) - set(owners))
+        if unknown:
+            raise KeyError(f"load_extra_states: no submodule at {unknown}")
+        for path, st in states.items():
+            owners[path].set_extra_state(st)
+
     def zero_grad(self) -> None:
         for p in self.parameters():
             p.zero_grad()
