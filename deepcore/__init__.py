@@ -8,7 +8,7 @@ kernels on NVIDIA GPUs.
 
 __version__ = "0.1.0"
 
-from . import gradcheck, losses, nn
+from . import data, gradcheck, losses, nn, optim, regularizers
 from .backend import (
     Backend,
     BackendMismatchError,
@@ -34,6 +34,9 @@ __all__ = [
     "losses",
     "manual_seed",
     "nn",
+    "optim",
+    "regularizers",
+    "data",
     "register_backend",
     "to_backend",
     "use_backend",

@@ -8,7 +8,6 @@ inside the test put their parameters there.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import deepcore as dc

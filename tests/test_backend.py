@@ -241,3 +241,10 @@ def test_dropout_mask_values_and_rate(backend):
     assert set(np.unique(mask)) <= {0.0, np.float32(1 / 0.75)}
     keep = (mask > 0).mean()
     assert abs(keep - 0.75) < 4 * np.sqrt(0.75 * 0.25 / mask.size)
+
+
+def test_from_numpy_keeps_shape_and_dtype(backend):
+    for value in (np.asarray(3, dtype=np.int64), np.zeros((0, 4), dtype=np.float32), np.ones((2, 3)).T):
+        moved = backend.from_numpy(value)
+        assert tuple(moved.shape) == value.shape
+        np.testing.assert_array_equal(to_np(moved), value)

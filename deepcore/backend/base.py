@@ -66,7 +66,7 @@ class Backend:
             return np.array(x, copy=True)
 
     def from_numpy(self, a: np.ndarray, *, dtype: Any = None, device: Any = None) -> Array:
-        return self.xp.asarray(np.ascontiguousarray(a), dtype=dtype, device=device)
+        return self.xp.asarray(np.require(a, requirements="C"), dtype=dtype, device=device)
 
     def copy(self, x: Array) -> Array:
         return self.xp.asarray(x, copy=True)
@@ -379,3 +379,46 @@ class Backend:
         if per_elem.ndim == 1:
             return per_elem
         return self.xp.sum(per_elem, axis=tuple(range(1, per_elem.ndim)))
+
+    # ------------------------------------------------------ optimizer updates
+    # PyTorch's single-tensor update rules (torch.optim.SGD / Adam / AdamW with
+    # foreach and fused off). The reference returns new arrays; NumPy and CuPy
+    # override these to update in place. Callers store what is returned.
+
+    def sgd_update(self, value: Array, grad: Array, buf: Array | None, *, lr: float, momentum: float,
+                   dampening: float, nesterov: bool, weight_decay: float,
+                   first_step: bool) -> tuple[Array, Array | None]:
+        """``d = g + wd p``; ``buf = d`` (first step) else ``momentum buf + (1-dampening) d``;
+        ``p -= lr (d + momentum buf if nesterov else buf)``; without momentum ``p -= lr d``."""
+        d = grad if weight_decay == 0.0 else grad + weight_decay * value
+        if momentum != 0.0:
+            if first_step or buf is None:
+                # A copy: the caller's gradient may be accumulated into later.
+                buf = self.copy(d)
+            else:
+                buf = buf * momentum + (1.0 - dampening) * d
+            d = d + momentum * buf if nesterov else buf
+        return value - lr * d, buf
+
+    def adam_update(self, value: Array, grad: Array, m: Array, v: Array, *, step: int, lr: float, beta1: float,
+                    beta2: float, eps: float, weight_decay: float,
+                    decoupled: bool) -> tuple[Array, Array, Array]:
+        """``m += (1-β1)(g - m)``, ``v = β2 v + (1-β2) g²``,
+        ``p -= lr/(1-β1^t) m / (sqrt(v)/sqrt(1-β2^t) + eps)``; weight decay as L2 (``g += wd p``)
+        or, ``decoupled`` (AdamW), ``p *= 1 - lr wd`` first."""
+        if weight_decay != 0.0:
+            if decoupled:
+                value = value * (1.0 - lr * weight_decay)
+            else:
+                grad = grad + weight_decay * value
+        m = m + (1.0 - beta1) * (grad - m)
+        v = v * beta2 + (1.0 - beta2) * grad * grad
+        step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
+        denom = self.xp.sqrt(v) / bc2_sqrt + eps
+        return value - step_size * m / denom, m, v
+
+
+def _adam_scalars(step: int, lr: float, beta1: float, beta2: float) -> tuple[float, float]:
+    """Adam's bias corrections as Python floats (so float32 arrays stay float32):
+    ``(lr / (1 - β1^t), sqrt(1 - β2^t))``, spelled as PyTorch spells them."""
+    return lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5

@@ -12,7 +12,7 @@ from typing import Any
 import array_api_compat.numpy as np_compat
 import numpy as np
 
-from .base import Array, Backend
+from .base import Array, Backend, _adam_scalars
 
 
 class NumpyBackend(Backend):
@@ -178,3 +178,94 @@ class NumpyBackend(Backend):
         else:
             loss = np.asarray(per_sample.sum(dtype=np.float64) * scale)
         return loss.astype(out_dtype, copy=False), grad.astype(out_dtype, copy=False)
+
+    # ------------------------------------------------------ optimizer updates
+    # Same rules as the reference, written into the existing arrays with out= so
+    # the parameter and its state keep their identity. Python-float scalars keep
+    # float32 arrays float32. A read-only parameter (a memory-mapped file) takes
+    # the reference path, which never writes, rather than failing half-way.
+
+    def sgd_update(self, value: np.ndarray, grad: np.ndarray, buf: np.ndarray | None, *, lr: float,
+                   momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                   first_step: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        if value.ndim == 0:
+            # ufuncs give scalars, not arrays, for 0-d operands: work on 1-element views.
+            v1, b1 = self.sgd_update(value.reshape(1), grad.reshape(1), None if buf is None else buf.reshape(1),
+                                     lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                                     weight_decay=weight_decay, first_step=first_step)
+            return _as_0d(v1, value), None if b1 is None else _as_0d(b1, buf)
+        if not value.flags.writeable:
+            return super().sgd_update(value, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
+                                      nesterov=nesterov, weight_decay=weight_decay, first_step=first_step)
+        d = grad
+        if weight_decay != 0.0:
+            d = np.multiply(value, weight_decay)
+            d += grad
+        if momentum != 0.0:
+            if first_step or buf is None:
+                # Adopt our own array; copy the caller's gradient, which may be accumulated into later.
+                buf = np.array(d, copy=True) if d is grad else d
+            else:
+                buf *= momentum
+                if dampening == 0.0:
+                    buf += d
+                elif d is grad:
+                    buf += np.multiply(d, 1.0 - dampening)
+                else:
+                    d *= 1.0 - dampening  # our scratch; nesterov (which reads d again) forbids dampening
+                    buf += d
+            if nesterov:
+                step_dir = np.multiply(buf, momentum)
+                step_dir += d
+            else:
+                step_dir = buf
+        else:
+            step_dir = d
+        if step_dir is grad or step_dir is buf:
+            value += np.multiply(step_dir, -lr)
+        else:
+            step_dir *= -lr
+            value += step_dir
+        return value, buf
+
+    def adam_update(self, value: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarray, *, step: int,
+                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                    decoupled: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if value.ndim == 0:
+            v1, m1, s1 = self.adam_update(value.reshape(1), grad.reshape(1), m.reshape(1), v.reshape(1), step=step,
+                                          lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                                          decoupled=decoupled)
+            return _as_0d(v1, value), _as_0d(m1, m), _as_0d(s1, v)
+        if not (value.flags.writeable and m.flags.writeable and v.flags.writeable):
+            return super().adam_update(value, grad, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                       weight_decay=weight_decay, decoupled=decoupled)
+        if weight_decay != 0.0:
+            if decoupled:
+                value *= 1.0 - lr * weight_decay
+            else:
+                wd_grad = np.multiply(value, weight_decay)
+                wd_grad += grad
+                grad = wd_grad
+        scratch = np.subtract(grad, m)  # the one temporary every step needs
+        scratch *= 1.0 - beta1
+        m += scratch
+        # (1-β2) g g in PyTorch's addcmul order
+        np.multiply(grad, 1.0 - beta2, out=scratch)
+        scratch *= grad
+        v *= beta2
+        v += scratch
+        step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
+        np.sqrt(v, out=scratch)
+        scratch /= bc2_sqrt
+        scratch += eps
+        np.divide(m, scratch, out=scratch)
+        scratch *= -step_size
+        value += scratch
+        return value, m, v
+
+
+def _as_0d(result: np.ndarray, original: np.ndarray | None) -> np.ndarray:
+    """``original`` itself when ``result`` was written into it through a view, else ``result`` as 0-d."""
+    if original is not None and np.shares_memory(result, original):
+        return original
+    return result.reshape(())

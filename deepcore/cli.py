@@ -1,0 +1,301 @@
+"""The ``deepcore`` command: ``train``, ``info`` and ``demo``.
+
+Bad arguments and failures the user can fix print one line, ``deepcore: error: ...``,
+and exit with status 2 (arguments) or 1 (anything else); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .backend import (
+    BackendMismatchError,
+    BackendUnavailableError,
+    UnknownBackendError,
+    available_backends,
+    use_backend,
+)
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class UsageError(Exception):
+    """A bad command-line value, reported as one line with exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as exc:
+        print(f"deepcore: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, IsADirectoryError, OSError,
+            BackendUnavailableError, UnknownBackendError, BackendMismatchError, RuntimeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"deepcore: error: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("deepcore: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepcore", description="Train neural networks on NumPy or CuPy.")
+    parser.add_argument("--version", action="version", version=f"deepcore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,info,demo}")
+
+    t = sub.add_parser("train", help="train a model (default: an MLP on the embedded 8x8 digits)")
+    t.add_argument("--dataset", default="digits", help="digits | mnist | fashion-mnist | cifar10 | PATH.npz | PATH.csv")
+    t.add_argument("--data-dir", type=Path, help="where the dataset files are (or go, when downloaded)")
+    t.add_argument("--no-download", action="store_true", help="never download; fail if the files are missing")
+    t.add_argument("--model", choices=("linear", "mlp"), default="mlp")
+    t.add_argument("--hidden", default="256", help="hidden widths of the MLP, comma-separated (default 256)")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden layer (default 0)")
+    t.add_argument("--batchnorm", action="store_true", help="BatchNorm1d after each hidden linear layer")
+    t.add_argument("--loss", choices=("softmax-ce", "hinge"), default="softmax-ce")
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--optimizer", choices=("gd", "sgd", "momentum", "nesterov", "adam", "adamw"), default="momentum")
+    t.add_argument("--lr", type=float, help="learning rate (default 0.1 for SGD variants, 1e-3 for Adam)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="the optimizer's weight decay")
+    t.add_argument("--schedule", choices=("none", "step", "exponential", "cosine"), default="cosine")
+    t.add_argument("--warmup", type=int, default=0, help="epochs of linear learning-rate warm-up")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--reg", default="none", help="none | l2:LAMBDA | l1:LAMBDA | elastic:LAMBDA,BETA")
+    t.add_argument("--max-norm", type=float, help="max-norm constraint c on each unit's incoming weights")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out (default 0.1)")
+    t.add_argument("--backend", help="numpy | cupy | ... (default: the best available)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", type=Path, default=Path("deepcore-run"), help="output directory (default ./deepcore-run)")
+    t.add_argument("--resume", type=Path, help="continue from a checkpoint written by an earlier run")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    t.set_defaults(run=_cmd_train)
+
+    i = sub.add_parser("info", help="version, backends (and why any is unavailable), devices, BLAS")
+    i.add_argument("--json", action="store_true", help="print as JSON")
+    i.set_defaults(run=_cmd_info)
+
+    d = sub.add_parser("demo", help="the course's worked examples")
+    d.add_argument("name", choices=("regression", "overfit", "hinge"))
+    d.add_argument("--out", type=Path, default=Path("."), help="where plots go (default: here)")
+    d.set_defaults(run=_cmd_demo)
+    return parser
+
+
+# ----------------------------------------------------------------- train
+def best_backend() -> str:
+    return "cupy" if available_backends().get("cupy") is True else "numpy"
+
+
+def _parse_hidden(text: str) -> list[int]:
+    try:
+        widths = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise UsageError(f"--hidden must be comma-separated positive integers, got {text!r}") from None
+    if not widths or any(w <= 0 for w in widths):
+        raise UsageError(f"--hidden must be comma-separated positive integers, got {text!r}")
+    return widths
+
+
+def _parse_reg(text: str) -> Any:
+    from . import regularizers
+
+    kind, _, rest = text.partition(":")
+    try:
+        values = [float(v) for v in rest.split(",")] if rest else []
+    except ValueError:
+        raise UsageError(f"--reg: numbers expected after ':', got {text!r}") from None
+    if kind == "none" and not values:
+        return None
+    if kind in ("l2", "l1") and len(values) == 1:
+        return (regularizers.L2 if kind == "l2" else regularizers.L1)(values[0])
+    if kind == "elastic" and len(values) == 2:
+        return regularizers.ElasticNet(values[0], values[1])
+    raise UsageError(f"--reg must be none, l2:LAMBDA, l1:LAMBDA or elastic:LAMBDA,BETA; got {text!r}")
+
+
+def build_model(kind: str, in_features: int, num_classes: int, hidden: Sequence[int], *, dropout: float = 0.0,
+                batchnorm: bool = False, seed: int = 0) -> Any:
+    """``linear``: the course's ``f(x, W) = Wx + b``; ``mlp``: Linear-ReLU blocks, then a linear output."""
+    from . import nn
+
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(in_features, num_classes, seed=seed))
+    layers: list[nn.Module] = []
+    width = in_features
+    for i, h in enumerate(hidden):
+        layers.append(nn.Linear(width, h, init="he", seed=seed + i))
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(h))
+        layers.append(nn.ReLU())
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout, seed=seed + 100 + i))
+        width = h
+    layers.append(nn.Linear(width, num_classes, seed=seed + len(hidden)))
+    return nn.Sequential(*layers)
+
+
+def build_optimizer(name: str, params: list[Any], lr: float | None, weight_decay: float) -> Any:
+    from . import optim
+
+    sgd_lr = 0.1 if lr is None else lr
+    if name == "gd":
+        return optim.GD(params, lr=sgd_lr)
+    if name in ("sgd", "momentum", "nesterov"):
+        return optim.SGD(params, lr=sgd_lr, momentum=0.0 if name == "sgd" else 0.9, nesterov=name == "nesterov",
+                         weight_decay=weight_decay)
+    cls = optim.Adam if name == "adam" else optim.AdamW
+    return cls(params, lr=1e-3 if lr is None else lr, weight_decay=weight_decay)
+
+
+def build_schedule(name: str, optimizer: Any, epochs: int, warmup: int) -> Any:
+    from . import optim
+
+    if warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {warmup}")
+    if name == "none" and not warmup:
+        return None
+    main = {
+        "none": lambda: None,
+        "step": lambda: optim.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1),
+        "exponential": lambda: optim.ExponentialLR(optimizer, gamma=0.95),
+        "cosine": lambda: optim.CosineAnnealingLR(optimizer, T_max=max(1, epochs - warmup)),
+    }[name]
+    if not warmup:
+        return main()
+    return optim.SequentialSchedule(optimizer, [optim.LinearWarmup(optimizer, warmup_steps=warmup), main()],
+                                    milestones=[warmup])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from . import data, optim  # noqa: F401  (fail early and clearly if an optional piece is broken)
+    from .checkpoint import save_checkpoint
+    from .plotting import training_curves
+    from .regularizers import MaxNorm
+    from .train import fit, evaluate
+
+    hidden = _parse_hidden(args.hidden)
+    regularizer = _parse_reg(args.reg)
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.resume is not None and not args.resume.is_file():
+        raise UsageError(f"--resume: no checkpoint at {args.resume}")
+    backend_name = args.backend or best_backend()
+    say = (lambda _m: None) if args.quiet else print
+
+    splits = data.load_dataset(args.dataset, data_dir=args.data_dir, download=not args.no_download, seed=args.seed)
+    train_ds, val_ds = splits.train, None
+    if args.val_fraction > 0:
+        train_ds, val_ds = data.train_val_split(splits.train, args.val_fraction, seed=args.seed)
+    in_features = int(np.prod(train_ds.x.shape[1:]))
+    say(f"deepcore {__version__}: {splits.name}, {len(train_ds)} train / {0 if val_ds is None else len(val_ds)} val / "
+        f"{len(splits.test)} test, {in_features} features, {splits.num_classes} classes; backend {backend_name}")
+
+    with use_backend(backend_name):
+        model = build_model(args.model, in_features, splits.num_classes, hidden, dropout=args.dropout,
+                            batchnorm=args.batchnorm, seed=args.seed)
+    optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
+    schedule = build_schedule(args.schedule, optimizer, args.epochs, args.warmup)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = args.out / "checkpoint.safetensors"
+    loss_name = args.loss
+    loss_kwargs = {"label_smoothing": args.label_smoothing} if args.label_smoothing else {}
+    history = fit(model, loss_name, optimizer, train_ds, val_ds, epochs=args.epochs, batch_size=args.batch_size,
+                  regularizer=regularizer, constraint=None if args.max_norm is None else MaxNorm(args.max_norm),
+                  scheduler=schedule, seed=args.seed, verbose=not args.quiet, checkpoint=ckpt, resume=args.resume,
+                  loss_kwargs=loss_kwargs)
+    test = evaluate(model, loss_name, splits.test)
+    history_path = history.save(args.out / "history.json")
+    save_checkpoint(ckpt, model, optimizer, epoch=args.epochs - 1,
+                    extra={"history": history.to_dict(), "test": test, "args": _jsonable(vars(args))}
+                    | ({"scheduler": schedule.state_dict()} if schedule is not None else {}))
+    png = training_curves(history, args.out / "curves.png", note=say)
+    acc = f", test accuracy {test['accuracy']:.2%}" if "accuracy" in test else ""
+    print(f"test loss {test['loss']:.4f}{acc}")
+    say(f"wrote {ckpt}, {history_path}" + (f", {png}" if png else ""))
+    return 0
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items() if k != "run"}
+
+
+# ------------------------------------------------------------------ info
+def collect_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "deepcore": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+        "blas": _blas(),
+        "backends": available_backends(),
+    }
+    if info["backends"].get("cupy") is True:
+        import cupy
+
+        info["cuda_devices"] = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode()
+                                for i in range(cupy.cuda.runtime.getDeviceCount())]
+    for lib in ("cupy", "torch", "array_api_strict", "array_api_compat"):
+        try:
+            info[lib] = __import__(lib).__version__
+        except Exception:
+            continue
+    return info
+
+
+def _blas() -> str:
+    try:
+        cfg = np.show_config(mode="dicts")
+        blas = cfg["Build Dependencies"]["blas"]
+        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
+    except Exception:
+        return "unknown"
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"deepcore {info['deepcore']} on Python {info['python']} ({info['platform']})")
+    print(f"numpy {info['numpy']}, BLAS: {info['blas']}")
+    for lib in ("array_api_compat", "array_api_strict", "torch", "cupy"):
+        if lib in info:
+            print(f"{lib} {info[lib]}")
+    print("backends:")
+    for name, status in info["backends"].items():
+        print(f"  {name:18s} {'available' if status is True else 'unavailable: ' + str(status)}")
+    for i, dev in enumerate(info.get("cuda_devices", [])):
+        print(f"  cuda:{i} {dev}")
+    return 0
+
+
+# ------------------------------------------------------------------ demo
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from . import demos
+
+    return {"regression": demos.regression, "overfit": demos.overfit, "hinge": demos.hinge}[args.name](args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

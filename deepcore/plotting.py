@@ -1,0 +1,80 @@
+"""Optional pictures (matplotlib): training curves and the under-/over-fitting demo.
+
+Each function returns the path it wrote, or None with a note when matplotlib is
+missing, so that plotting never stops a run.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._io import write_bytes_atomic
+from .train import History
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return write_bytes_atomic(path, buf.getvalue())
+
+
+def training_curves(history: History, path: str | Path, note: Callable[[str], None] = print) -> Path | None:
+    """Loss and accuracy per epoch, train and validation, side by side."""
+    plt = _pyplot()
+    if plt is None:
+        note("matplotlib is not installed: skipping the training-curve PNG (pip install matplotlib)")
+        return None
+    epochs = history["epoch"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = history[prefix + key]
+            if values:
+                ax.plot(epochs[: len(values)], values, style, label=(prefix or "train_") + key)
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    out = _save(fig, Path(path))
+    plt.close(fig)
+    return out
+
+
+def overfitting(orders: Sequence[int], train_err: Sequence[float], test_err: Sequence[float], curve: dict[str, Any],
+                path: str | Path, note: Callable[[str], None] = print) -> Path | None:
+    """Left: the fitted polynomials over the data; right: train and test error by order."""
+    plt = _pyplot()
+    if plt is None:
+        note("matplotlib is not installed: skipping the over-fitting PNG (pip install matplotlib)")
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    left.scatter(curve["x_train"], curve["y_train"], s=14, label="train")
+    left.scatter(curve["x_test"], curve["y_test"], s=14, marker="x", label="test")
+    for order, ys in zip(orders, curve["fits"]):
+        left.plot(curve["grid"], ys, label=f"order {order}")
+    left.set_ylim(-2, 2)
+    left.legend(fontsize=7)
+    left.set_title("polynomial fits")
+    right.semilogy(range(len(orders)), train_err, "o-", label="train")
+    right.semilogy(range(len(orders)), test_err, "s--", label="test")
+    right.set_xticks(range(len(orders)), [str(o) for o in orders])
+    right.set_xlabel("polynomial order")
+    right.set_title("mean squared error")
+    right.legend()
+    out = _save(fig, Path(path))
+    plt.close(fig)
+    return out

@@ -1,0 +1,371 @@
+"""The fit loop: minibatch training with metrics, callbacks, progress, checkpoints and resume.
+
+One step is the course's recipe: forward, loss ``L = mean L_i + λ R(W)``,
+back-propagation by the chain rule (each layer's closure), an optimizer
+update, then any constraint (max-norm). The batch order of epoch ``e`` depends
+only on ``(seed, e)``, and dropout masks only on each layer's seed and call
+count, so a run resumed from a checkpoint continues exactly as the
+uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import losses as _losses
+from ._io import write_bytes_atomic
+from .backend import Backend, to_backend
+from .backend.base import Array
+from .data import ArrayDataset, batches
+from .nn.module import Module
+
+__all__ = [
+    "Callback",
+    "EarlyStopping",
+    "History",
+    "TrainingDiverged",
+    "evaluate",
+    "fit",
+    "predict",
+    "resolve_loss",
+]
+
+LossFn = Callable[..., tuple[Array, Array]]
+
+#: The losses by the names the CLI and configs use.
+LOSSES: dict[str, LossFn] = {
+    "softmax-ce": _losses.softmax_cross_entropy,
+    "hinge": _losses.multiclass_hinge,
+    "bce": _losses.binary_cross_entropy_with_logits,
+    "l2": _losses.l2_loss,
+    "l1": _losses.l1_loss,
+}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the model keeps its parameters from before that step."""
+
+    def __init__(self, message: str, history: History) -> None:
+        super().__init__(message)
+        self.history = history
+
+
+@dataclass
+class History:
+    """Per-epoch records: ``epoch``, ``loss``, ``accuracy`` (classification), ``val_loss``,
+    ``val_accuracy``, ``lr``, ``time`` (seconds)."""
+
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+    def __getitem__(self, key: str) -> list[float]:
+        return [e[key] for e in self.epochs if key in e]
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> History:
+        return cls([dict(e) for e in d.get("epochs", [])])
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write as JSON, atomically (a temp file renamed over ``path``)."""
+        return write_bytes_atomic(path, json.dumps(self.to_dict(), indent=2).encode())
+
+
+class Callback:
+    """Hooks into :func:`fit`. ``on_epoch_end`` returning True stops training after that epoch."""
+
+    def on_train_begin(self, model: Module) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float], model: Module) -> bool | None:
+        return None
+
+    def on_train_end(self, model: Module) -> None:
+        pass
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs;
+    with ``restore_best`` the model gets back its parameters from the best epoch."""
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0, mode: str = "auto",
+                 restore_best: bool = True) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"EarlyStopping: patience must be a non-negative integer, got {patience!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"EarlyStopping: mode must be 'auto', 'min' or 'max', got {mode!r}")
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.mode = ("max" if "acc" in monitor else "min") if mode == "auto" else mode
+        self.restore_best = restore_best
+        self.best: float | None = None
+        self.best_epoch: int | None = None
+        self._best_state: dict[str, np.ndarray] | None = None
+        self._wait = 0
+
+    def _improved(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float], model: Module) -> bool:
+        if self.monitor not in logs:
+            raise KeyError(f"EarlyStopping: monitor {self.monitor!r} is not logged; logged: {sorted(logs)}")
+        value = logs[self.monitor]
+        if self._improved(value):
+            self.best, self.best_epoch, self._wait = value, epoch, 0
+            if self.restore_best:
+                self._best_state = {k: _host(v) for k, v in model.state_dict().items()}
+            return False
+        self._wait += 1
+        return self._wait > self.patience
+
+    def on_train_end(self, model: Module) -> None:
+        if self.restore_best and self._best_state is not None:
+            model.load_state_dict(self._best_state)
+
+
+def resolve_loss(loss: str | LossFn) -> LossFn:
+    if callable(loss):
+        return loss
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be a callable or one of {sorted(LOSSES)}, got {loss!r}")
+    return LOSSES[loss]
+
+
+def _host(x: Array) -> np.ndarray:
+    from .backend import get_backend
+
+    return get_backend(x).to_numpy(x)
+
+
+def _as_dataset(data: Any, name: str) -> ArrayDataset:
+    if isinstance(data, ArrayDataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return ArrayDataset(np.asarray(data[0]), np.asarray(data[1]))
+    raise TypeError(f"{name} must be an ArrayDataset or an (x, y) pair of arrays, got {type(data).__name__}")
+
+
+class _Progress:
+    """tqdm when it is installed and the output is a terminal; otherwise one line per epoch."""
+
+    def __init__(self, enabled: bool, total: int, desc: str) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, leave=False, unit="batch")
+            except ImportError:
+                pass
+
+    def update(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any = None, *, epochs: int = 10,
+        batch_size: int = 32, regularizer: Any = None, constraint: Any = None, scheduler: Any = None,
+        callbacks: Sequence[Callback] = (), seed: int = 0, shuffle: bool = True, drop_last: bool = False,
+        verbose: bool = True, checkpoint: str | os.PathLike[str] | None = None,
+        resume: str | os.PathLike[str] | None = None, log: Callable[[str], None] | None = None,
+        loss_kwargs: dict[str, Any] | None = None) -> History:
+    """Train ``model`` for ``epochs`` epochs of minibatches; returns the :class:`History`.
+
+    ``train``/``val`` are :class:`~deepcore.data.ArrayDataset` or ``(x, y)`` pairs of host
+    arrays; each batch is moved to the model's backend. ``regularizer`` (``L2``, ``L1``,
+    ``ElasticNet``) adds ``λ R(W)`` to the loss and its gradient; ``constraint``
+    (``MaxNorm``) is projected after every step; ``scheduler`` steps once per epoch.
+    ``checkpoint`` writes model, optimizer, scheduler and history after every epoch
+    (atomically); ``resume`` continues from such a file. A NaN/inf loss raises
+    :class:`TrainingDiverged` naming the epoch and step, with the model as it was
+    before that step.
+    """
+    loss_fn = resolve_loss(loss)
+    loss_kwargs = dict(loss_kwargs or {})
+    _check_positive_int(epochs, "epochs", allow_zero=True)
+    _check_positive_int(batch_size, "batch_size")
+    train_ds = _as_dataset(train, "train")
+    val_ds = None if val is None else _as_dataset(val, "val")
+    say = log or (print if verbose else (lambda _msg: None))
+    params = model.parameters()
+    history = History()
+    start = 0
+    if resume is not None:
+        start, history = _resume(Path(resume), model, optimizer, scheduler)
+        say(f"resumed from {resume} at epoch {start + 1}")
+
+    for cb in callbacks:
+        cb.on_train_begin(model)
+    backend = model.backend
+    for epoch in range(start, epochs):
+        t0 = time.perf_counter()
+        lr = float(getattr(optimizer, "lr", float("nan")))
+        total, correct, count, steps, classification = 0.0, 0, 0, 0, False
+        it = batches(train_ds, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+        progress = _Progress(verbose, len(it) if hasattr(it, "__len__") else 0, f"epoch {epoch + 1}/{epochs}")
+        try:
+            for xb_host, yb_host in it:
+                xb, yb = to_backend(xb_host, backend), to_backend(yb_host, backend)
+                value, n_correct = _step(model, loss_fn, loss_kwargs, optimizer, regularizer, constraint, params,
+                                         xb, yb, backend, epoch, steps, history)
+                n = int(xb.shape[0])
+                total += value * n
+                count += n
+                if n_correct is not None:
+                    classification = True
+                    correct += n_correct
+                steps += 1
+                progress.update(value)
+        finally:
+            progress.close()
+        logs: dict[str, float] = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": lr}
+        if classification:
+            logs["accuracy"] = correct / max(count, 1)
+        if val_ds is not None:
+            for k, v in evaluate(model, loss_fn, val_ds, batch_size=max(batch_size, 256),
+                                 loss_kwargs=loss_kwargs).items():
+                logs[f"val_{k}"] = v
+        if scheduler is not None:
+            scheduler.step()
+        logs["time"] = time.perf_counter() - t0
+        history.epochs.append(logs)
+        say(_format_logs(logs, epochs))
+        stop = any(bool(cb.on_epoch_end(epoch, logs, model)) for cb in callbacks)
+        if checkpoint is not None:
+            _save(Path(checkpoint), model, optimizer, scheduler, epoch, history)
+        if stop:
+            say(f"early stop after epoch {epoch + 1}")
+            break
+    for cb in callbacks:
+        cb.on_train_end(model)
+    return history
+
+
+def _step(model: Module, loss_fn: LossFn, loss_kwargs: dict[str, Any], optimizer: Any, regularizer: Any,
+          constraint: Any, params: list[Any], xb: Array, yb: Array, backend: Backend, epoch: int, step: int,
+          history: History) -> tuple[float, int | None]:
+    # Buffers (BatchNorm statistics) are replaced, never mutated, by a forward pass, and
+    # extra states are plain values, so keeping references is enough to undo this step.
+    buffers = [(owner, name, b) for _, owner in model._owners() for name, b in owner._buffers.items()]
+    extra = model.extra_states()
+    optimizer.zero_grad()
+    pred, backward = model.forward(xb, train=True)
+    value, grad = loss_fn(pred, yb, **loss_kwargs)
+    backward(grad)
+    if regularizer is not None:
+        value = value + regularizer(params)
+    loss_value = float(value)
+    if not math.isfinite(loss_value):
+        for owner, name, b in buffers:
+            owner._set_buffer(name, b)
+        model.load_extra_states(extra)
+        optimizer.zero_grad()
+        raise TrainingDiverged(
+            f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; training stopped and the model "
+            f"keeps its parameters from before that step (try a smaller learning rate)", history)
+    optimizer.step()
+    if constraint is not None:
+        constraint.project(params)
+    return loss_value, _count_correct(pred, yb, backend)
+
+
+def _count_correct(pred: Array, y: Array, backend: Backend) -> int | None:
+    """Correct arg-max predictions for class labels; None when the targets are not labels."""
+    if not (pred.ndim == 2 and y.ndim == 1 and backend.is_integer(y)):
+        return None
+    xp = backend.xp
+    return int(xp.sum(xp.astype(xp.argmax(pred, axis=1) == y, xp.int64)))
+
+
+def evaluate(model: Module, loss: str | LossFn, data: Any, *, batch_size: int = 1024,
+             loss_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
+    """Mean loss over samples (and accuracy for class labels) of ``model`` in inference mode."""
+    loss_fn = resolve_loss(loss)
+    ds = _as_dataset(data, "data")
+    backend = model.backend
+    total, correct, count, classification = 0.0, 0, 0, False
+    for xb_host, yb_host in batches(ds, batch_size, shuffle=False):
+        xb, yb = to_backend(xb_host, backend), to_backend(yb_host, backend)
+        pred = model(xb)
+        value, _ = loss_fn(pred, yb, reduction="sum", **(loss_kwargs or {}))
+        total += float(value)
+        count += int(xb.shape[0])
+        n_correct = _count_correct(pred, yb, backend)
+        if n_correct is not None:
+            classification = True
+            correct += n_correct
+    result = {"loss": total / max(count, 1)}
+    if classification:
+        result["accuracy"] = correct / max(count, 1)
+    return result
+
+
+def predict(model: Module, x: Any, *, batch_size: int = 1024) -> np.ndarray:
+    """The model's outputs for ``x`` (host arrays in, host array out), in inference mode."""
+    ds = ArrayDataset(np.asarray(x))
+    backend = model.backend
+    outs = [_host(model(to_backend(xb, backend))) for xb, _ in batches(ds, batch_size, shuffle=False)]
+    return np.concatenate(outs) if outs else np.empty((0,))
+
+
+def _format_logs(logs: dict[str, float], epochs: int) -> str:
+    parts = [f"epoch {int(logs['epoch'])}/{epochs}"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if key in logs:
+            v = logs[key]
+            parts.append(f"{key} {v:.2%}" if "accuracy" in key else f"{key} {v:.4f}")
+    parts.append(f"lr {logs['lr']:.3g}")
+    parts.append(f"{logs['time']:.1f}s")
+    return "  ".join(parts)
+
+
+def _check_positive_int(value: Any, name: str, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"fit: {name} must be a {kind} integer, got {value!r}")
+
+
+def _save(path: Path, model: Module, optimizer: Any, scheduler: Any, epoch: int, history: History) -> None:
+    from .checkpoint import save_checkpoint
+
+    extra = {"history": history.to_dict()}
+    if scheduler is not None:
+        extra["scheduler"] = scheduler.state_dict()
+    save_checkpoint(path, model, optimizer, epoch=epoch, extra=extra)
+
+
+def _resume(path: Path, model: Module, optimizer: Any, scheduler: Any) -> tuple[int, History]:
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path, model, optimizer)
+    extra = ckpt.extra or {}
+    if scheduler is not None and "scheduler" in extra:
+        scheduler.load_state_dict(extra["scheduler"])
+    start = 0 if ckpt.epoch is None else int(ckpt.epoch) + 1
+    return start, History.from_dict(extra.get("history", {}))
+
