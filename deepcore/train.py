@@ -273,11 +273,14 @@ def _step(model: Module, loss_fn: LossFn, loss_kwargs: dict[str, Any], optimizer
     buffers = [(owner, name, b) for _, owner in model._owners() for name, b in owner._buffers.items()]
     extra = model.extra_states()
     optimizer.zero_grad()
-    pred, backward = model.forward(xb, train=True)
-    value, grad = loss_fn(pred, yb, **loss_kwargs)
-    backward(grad)
-    if regularizer is not None:
-        value = value + regularizer(params)
+    # Divergence is detected below and reported with its epoch and step, so NumPy's own
+    # overflow warnings along the way would only be noise.
+    with backend.silent_fp():
+        pred, backward = model.forward(xb, train=True)
+        value, grad = loss_fn(pred, yb, **loss_kwargs)
+        backward(grad)
+        if regularizer is not None:
+            value = value + regularizer(params)
     loss_value = float(value)
     if not math.isfinite(loss_value):
         for owner, name, b in buffers:

@@ -248,3 +248,43 @@ def test_from_numpy_keeps_shape_and_dtype(backend):
         moved = backend.from_numpy(value)
         assert tuple(moved.shape) == value.shape
         np.testing.assert_array_equal(to_np(moved), value)
+
+
+def test_entry_point_plugins_register_backends(monkeypatch):
+    """A package lists ``name = module:function`` under the ``deepcore.backends`` group; the function registers."""
+    from importlib.metadata import EntryPoint
+
+    import array_api_strict
+
+    from deepcore.backend import registry
+
+    calls = []
+
+    def plugin():
+        calls.append(1)
+        dc.register_backend("plugin_strict", lambda: Backend(array_api_strict, name="plugin_strict"))
+
+    monkeypatch.setitem(sys.modules, "fake_plugin_module", type(sys)("fake_plugin_module"))
+    sys.modules["fake_plugin_module"].plugin = plugin
+    broken = EntryPoint("broken_plugin", "fake_plugin_module:missing", registry.ENTRY_POINT_GROUP)
+    good = EntryPoint("plugin_strict", "fake_plugin_module:plugin", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [good, broken] if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    try:
+        assert dc.get_backend("plugin_strict").name == "plugin_strict"
+        status = dc.available_backends()
+        assert status["plugin_strict"] is True
+        assert "entry point 'fake_plugin_module:missing' failed" in status["broken_plugin"]
+        assert calls == [1]
+    finally:
+        registry._registry.pop("plugin_strict", None)
+        registry._registry.pop("broken_plugin", None)
+
+
+def test_model_to_module_objects(other_backend):
+    import importlib
+
+    module = importlib.import_module(other_backend.name)
+    model = dc.nn.Sequential(dc.nn.Linear(3, 2, seed=0))
+    model.to(module)
+    assert dc.get_backend(model[0].weight.value) is other_backend

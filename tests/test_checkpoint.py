@@ -13,43 +13,17 @@ import pytest
 import deepcore as dc
 from deepcore import checkpoint as ckpt_mod
 from deepcore import nn
-from deepcore.checkpoint import FORMAT_VERSION, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from deepcore.checkpoint import (
+    FORMAT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from deepcore.optim import SGD
 from tests.helpers import arr, dtype_name, to_np
 
 FORMATS = [".safetensors", ".npz"]
-
-
-class FakeSGD:
-    """SGD with momentum, written to the optimizer ``state_dict`` contract; stands in until
-    ``deepcore.optim`` exists."""
-
-    def __init__(self, params, lr: float, momentum: float = 0.0) -> None:
-        self.params = list(params)
-        self.hyperparams = {"lr": lr, "momentum": momentum}
-        self.step_count = 0
-        self.state: dict[str, dict] = {}
-
-    def step(self) -> None:
-        self.step_count += 1
-        for i, p in enumerate(self.params):
-            st = self.state.setdefault(str(i), {})
-            buf = st.get("momentum_buffer")
-            buf = p.grad if buf is None else buf * self.hyperparams["momentum"] + p.grad
-            st["momentum_buffer"], st["step"] = buf, self.step_count
-            p.value = p.value - buf * self.hyperparams["lr"]
-
-    def state_dict(self) -> dict:
-        return {"type": "SGD", "hyperparams": dict(self.hyperparams), "step_count": self.step_count,
-                "state": {k: dict(v) for k, v in self.state.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.hyperparams = dict(state["hyperparams"])
-        self.step_count = state["step_count"]
-        self.state = {
-            k: {name: dc.to_backend(v, dc.get_backend(self.params[int(k)].value))
-                if isinstance(v, np.ndarray) else v for name, v in entry.items()}
-            for k, entry in state["state"].items()
-        }
 
 
 class RecordingOptimizer:
@@ -67,13 +41,8 @@ class RecordingOptimizer:
         self.loaded = state
 
 
-def _sgd(params):
-    """The real ``deepcore.optim.SGD`` when it exists, else the stand-in."""
-    try:
-        from deepcore.optim import SGD
-    except ImportError:  # deepcore.optim is being written in parallel
-        return FakeSGD(params, lr=0.1, momentum=0.9)
-    return SGD(params, lr=0.1, momentum=0.9)
+def _sgd(params, lr: float = 0.1):
+    return SGD(params, lr=lr, momentum=0.9)
 
 
 def _model(seed: int = 0, dtype: str = "float32") -> nn.Sequential:
@@ -189,17 +158,17 @@ def test_optimizer_state_contract_round_trips_exactly(tmp_path, fmt):
 def test_move_across_backends(other_backend, tmp_path, fmt):
     with dc.use_backend(other_backend):
         src = _model(1)
-        opt = FakeSGD(src.parameters(), lr=0.1, momentum=0.9)
+        opt = _sgd(src.parameters())
         _train(src, opt, other_backend, steps=1)
     save_checkpoint(tmp_path / f"m{fmt}", src, opt)
     dst = _model(2)  # numpy
-    dst_opt = FakeSGD(dst.parameters(), lr=0.5)
+    dst_opt = _sgd(dst.parameters(), lr=0.5)
     load_checkpoint(tmp_path / f"m{fmt}", dst, dst_opt)
     assert all(isinstance(v, np.ndarray) for v in dst.state_dict().values())
     for k, v in src.state_dict().items():
         np.testing.assert_array_equal(to_np(dst.state_dict()[k]), to_np(v))
         assert dtype_name(dst.state_dict()[k]) == dtype_name(v)
-    assert isinstance(dst_opt.state["0"]["momentum_buffer"], np.ndarray) and dst_opt.hyperparams["lr"] == 0.1
+    assert isinstance(dst_opt.state[0]["momentum_buffer"], np.ndarray) and dst_opt.lr == 0.1
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -419,3 +419,34 @@ def test_schedule_state_dict_is_json_and_resumes():
         optim.LinearWarmup(opt, warmup_steps=3, start_factor=0.0)
     with pytest.raises(TypeError, match="optimizer must be a deepcore.optim optimizer"):
         optim.StepLR(object(), step_size=1)
+
+
+@needs_torch
+def test_sequential_schedule_matches_torch_sequential_lr():
+    import torch
+
+    from deepcore.optim import CosineAnnealingLR, LinearWarmup, SequentialSchedule
+
+    opt = dc.optim.SGD([dc.nn.Param(np.zeros(2))], lr=0.1)
+    sched = SequentialSchedule(opt, [LinearWarmup(opt, 3, start_factor=0.2), CosineAnnealingLR(opt, T_max=7)],
+                               milestones=[3])
+    topt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+    tl = torch.optim.lr_scheduler
+    tsched = tl.SequentialLR(topt, [tl.LinearLR(topt, start_factor=0.2, total_iters=3),
+                                    tl.CosineAnnealingLR(topt, T_max=7)], milestones=[3])
+    got, expected = [opt.lr], [topt.param_groups[0]["lr"]]
+    for _ in range(12):
+        sched.step()
+        topt.step()
+        tsched.step()
+        got.append(opt.lr)
+        expected.append(topt.param_groups[0]["lr"])
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    state = sched.state_dict()
+    fresh_opt = dc.optim.SGD([dc.nn.Param(np.zeros(2))], lr=0.1)
+    fresh = SequentialSchedule(fresh_opt, [LinearWarmup(fresh_opt, 3, start_factor=0.2),
+                                           CosineAnnealingLR(fresh_opt, T_max=7)], milestones=[3])
+    fresh.load_state_dict(state)
+    assert fresh_opt.lr == opt.lr
+    with pytest.raises(ValueError, match="one milestone fewer"):
+        SequentialSchedule(opt, [LinearWarmup(opt, 3)], milestones=[3])

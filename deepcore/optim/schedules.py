@@ -182,10 +182,13 @@ class SequentialSchedule(LRSchedule):
             if not isinstance(sched, LRSchedule) or sched.optimizer is not optimizer:
                 raise ValueError(f"{fn}: schedules[{i}] must be a schedule of this optimizer, got {sched!r}")
         self.schedules, self.milestones = schedules, milestones
-        super().__init__(optimizer)
-        # Each child read base_lr when built, possibly after an earlier child changed optimizer.lr.
+        # The first child read the optimizer's rate before any schedule changed it; later
+        # children (and optimizer.lr now) already see the first child's epoch-0 rate.
+        base_lr = schedules[0].base_lr
         for sched in schedules:
-            sched.base_lr = self.base_lr
+            sched.base_lr = base_lr
+        super().__init__(optimizer)
+        self.base_lr = base_lr
         self._apply()
 
     def lr_at(self, epoch: int) -> float:

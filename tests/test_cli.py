@@ -1,0 +1,115 @@
+"""The ``deepcore`` command: train, info, demo, and one-line errors for bad arguments."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from deepcore.checkpoint import load_checkpoint
+from deepcore.cli import main
+
+
+def _accuracy(out: str) -> float:
+    return float(re.search(r"test accuracy ([\d.]+)%", out).group(1))
+
+
+@pytest.mark.slow
+def test_train_with_no_arguments_is_well_above_95_percent(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert _accuracy(out) > 96.0, out
+    run = tmp_path / "deepcore-run"
+    assert (run / "checkpoint.safetensors").is_file()
+    history = json.loads((run / "history.json").read_text())
+    assert len(history["epochs"]) == 30
+    ckpt = load_checkpoint(run / "checkpoint.safetensors")
+    assert ckpt.extra["test"]["accuracy"] == pytest.approx(_accuracy(out) / 100, abs=1e-4)
+
+
+def test_train_options_and_resume(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    args = ["train", "--epochs", "2", "--hidden", "32,16", "--optimizer", "adam", "--reg", "l2:1e-4",
+            "--max-norm", "3", "--dropout", "0.1", "--batchnorm", "--warmup", "1", "--out", str(out_dir)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and "test accuracy" in out
+    assert main(args[:2] + ["4"] + args[3:] + ["--resume", str(out_dir / "checkpoint.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "resumed" in out and "epoch 3/4" in out and "epoch 1/4" not in out
+    assert len(json.loads((out_dir / "history.json").read_text())["epochs"]) == 4
+
+
+def test_train_on_a_user_npz(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 5)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "mine.npz", x=x, y=y)
+    assert main(["train", "--dataset", str(tmp_path / "mine.npz"), "--model", "linear", "--epochs", "5",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert _accuracy(capsys.readouterr().out) > 80.0
+
+
+def test_info_lists_backends_and_reasons(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "deepcore" in out and "numpy" in out and "BLAS" in out
+    assert re.search(r"cupy\s+(available|unavailable: .+)", out)
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["backends"]["numpy"] is True
+
+
+def test_demo_regression_reaches_the_optimum(capsys):
+    assert main(["demo", "regression"]) == 0
+    last = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\s*5000 ", line)][0]
+    _, loss, w, b = last.split()
+    assert float(w) == pytest.approx(0.5, abs=1e-5) and float(b) == pytest.approx(2.0, abs=1e-4)
+
+
+def test_demo_overfit_shows_the_u_curve(tmp_path, capsys):
+    assert main(["demo", "overfit", "--out", str(tmp_path)]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0].isdigit():
+            rows[int(parts[0])] = (int(parts[1]), float(parts[2]), float(parts[3]))
+    assert sorted(rows) == [1, 2, 3, 4, 12]
+    assert rows[12][0] == 13  # order d in one variable: d + 1 coefficients
+    assert rows[12][1] < rows[3][1] < rows[1][1]  # training error keeps falling
+    assert rows[12][2] > rows[3][2] and rows[1][2] > rows[3][2]  # test error is U-shaped
+
+
+def test_demo_hinge_prints_the_course_numbers(capsys):
+    assert main(["demo", "hinge"]) == 0
+    out = capsys.readouterr().out
+    assert "= 2.9" in out and "= 0.0" in out and "= 12.9" in out and "5.27" in out
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["train", "--hidden", "a,b"], 2, "--hidden must be comma-separated positive integers"),
+    (["train", "--reg", "l3:1"], 2, "--reg must be none, l2:LAMBDA"),
+    (["train", "--epochs", "0"], 2, "--epochs must be a positive integer"),
+    (["train", "--dropout", "1.5"], 2, r"--dropout must be in \[0, 1\)"),
+    (["train", "--resume", "/nonexistent/ck.safetensors"], 2, "--resume: no checkpoint at"),
+    (["train", "--dataset", "imagenet", "--epochs", "1"], 1, "digits"),
+    (["train", "--backend", "nupmy", "--epochs", "1"], 1, "unknown backend 'nupmy'"),
+    (["train", "--dataset", "mnist", "--no-download", "--data-dir", "/nonexistent", "--epochs", "1"], 1, "mnist"),
+])
+def test_bad_arguments_give_one_line_errors(tmp_path, capsys, args, status, message):
+    assert main(args + ["--out", str(tmp_path)]) == status
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepcore: error: ") and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+def test_no_traceback_from_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "deepcore.cli", "train", "--dataset", str(tmp_path / "x.csv")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and result.stderr.startswith("deepcore: error:")
