@@ -10,15 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "write_bytes_atomic"]
+__all__ = ["atomic_write", "fsync_directory", "new_file_mode", "write_bytes_atomic"]
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Write through a temporary file in the same directory and ``os.replace`` it onto ``path``."""
     directory = path.parent
     if not directory.is_dir():
-        raise FileNotFoundError(f"directory {str(directory)!r} does not exist")
-    mode = _new_file_mode(path)
+        raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(directory)!r} does not exist")
+    mode = new_file_mode(path)
     tmp = tempfile.NamedTemporaryFile(dir=directory, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
         with tmp:
@@ -32,10 +32,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp.name)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
-def _new_file_mode(path: Path) -> int | None:
+def new_file_mode(path: Path) -> int | None:
     """The permissions ``path`` would get from a plain ``open``: an existing file's, else 0o666 less the
     umask. tempfile creates 0o600, which would make every checkpoint private. None: leave it so."""
     with contextlib.suppress(OSError):
@@ -48,7 +48,7 @@ def _new_file_mode(path: Path) -> int | None:
     return None
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Make the rename itself durable; not possible everywhere (Windows), so best effort."""
     try:
         fd = os.open(directory, os.O_RDONLY)

@@ -47,7 +47,7 @@ __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "load_checkpoint",
 #: The layout written here; readers accept 1..FORMAT_VERSION.
 FORMAT_VERSION = 1
 _FORMAT = "deepcore.checkpoint"
-_SUFFIXES = (".safetensors", ".npz")
+SUFFIXES = (".safetensors", ".npz")
 _NPZ_META = "__metadata__"
 _ST_META_KEY = "deepcore"  # key in safetensors' "__metadata__" map holding our JSON
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the header size
@@ -120,8 +120,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: Module, optimizer: Any 
 
 def _format_of(path: Path, fn: str) -> str:
     suffix = path.suffix.lower()
-    if suffix not in _SUFFIXES:
-        raise ValueError(f"{fn}: {str(path)!r} must end in {' or '.join(_SUFFIXES)} (the suffix picks the format), "
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{fn}: {str(path)!r} must end in {' or '.join(SUFFIXES)} (the suffix picks the format), "
                          f"got suffix {path.suffix!r}")
     return suffix
 

@@ -17,13 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .backend import (
-    BackendMismatchError,
-    BackendUnavailableError,
-    UnknownBackendError,
-    available_backends,
-    use_backend,
-)
+from .backend import BackendUnavailableError, UnknownBackendError, available_backends, get_backend, use_backend
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -44,8 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"deepcore: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, KeyError, FileNotFoundError, PermissionError, IsADirectoryError, OSError,
-            BackendUnavailableError, UnknownBackendError, BackendMismatchError, RuntimeError) as exc:
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as exc:  # the backend errors included
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"deepcore: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
@@ -176,14 +169,15 @@ def build_schedule(name: str, optimizer: Any, epochs: int, warmup: int) -> Any:
         "exponential": lambda: optim.ExponentialLR(optimizer, gamma=0.95),
         "cosine": lambda: optim.CosineAnnealingLR(optimizer, T_max=max(1, epochs - warmup)),
     }[name]
-    if not warmup:
-        return main()
-    return optim.SequentialSchedule(optimizer, [optim.LinearWarmup(optimizer, warmup_steps=warmup), main()],
-                                    milestones=[warmup])
+    warm = optim.LinearWarmup(optimizer, warmup_steps=warmup) if warmup else None
+    after = main()
+    if warm is None or after is None:
+        return warm or after
+    return optim.SequentialSchedule(optimizer, [warm, after], milestones=[warmup])
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from . import data, optim  # noqa: F401  (fail early and clearly if an optional piece is broken)
+    from . import data
     from .checkpoint import save_checkpoint
     from .plotting import training_curves
     from .regularizers import MaxNorm
@@ -200,14 +194,31 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if args.resume is not None and not args.resume.is_file():
         raise UsageError(f"--resume: no checkpoint at {args.resume}")
+    for name, value, ok, want in (("--lr", args.lr, args.lr is None or args.lr > 0, "> 0"),
+                                  ("--max-norm", args.max_norm, args.max_norm is None or args.max_norm > 0, "> 0"),
+                                  ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
+                                  ("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing <= 1,
+                                   "in [0, 1]"),
+                                  ("--warmup", args.warmup, 0 <= args.warmup < args.epochs, "in [0, --epochs)"),
+                                  ("--seed", args.seed, args.seed >= 0, ">= 0")):
+        if not ok:
+            raise UsageError(f"{name} must be {want}, got {value}")
+    if args.label_smoothing and args.loss != "softmax-ce":
+        raise UsageError(f"--label-smoothing applies to --loss softmax-ce, not {args.loss}")
+    if args.weight_decay and args.optimizer == "gd":
+        raise UsageError("--weight-decay needs --optimizer sgd, momentum, nesterov, adam or adamw (gd has none)")
     backend_name = args.backend or best_backend()
+    try:
+        get_backend(backend_name)
+    except (UnknownBackendError, BackendUnavailableError) as exc:
+        raise UsageError(f"--backend: {exc}") from None
     say = (lambda _m: None) if args.quiet else print
 
-    splits = data.load_dataset(args.dataset, data_dir=args.data_dir, download=not args.no_download, seed=args.seed)
-    train_ds, val_ds = splits.train, None
-    if args.val_fraction > 0:
-        train_ds, val_ds = data.train_val_split(splits.train, args.val_fraction, seed=args.seed)
-    in_features = int(np.prod(train_ds.x.shape[1:]))
+    # Arguments are all checked: only now load (and perhaps download) the data.
+    splits = data.load_dataset(args.dataset, data_dir=args.data_dir, download=not args.no_download, seed=args.seed,
+                               val_fraction=args.val_fraction)
+    train_ds, val_ds = splits.train, splits.val
+    in_features = splits.num_features
     say(f"deepcore {__version__}: {splits.name}, {len(train_ds)} train / {0 if val_ds is None else len(val_ds)} val / "
         f"{len(splits.test)} test, {in_features} features, {splits.num_classes} classes; backend {backend_name}")
 

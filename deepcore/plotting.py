@@ -15,15 +15,14 @@ from ._io import write_bytes_atomic
 from .train import History
 
 
-def _pyplot() -> Any:
+def _figure_class() -> Any:
+    # matplotlib.figure.Figure renders to PNG without pyplot, so the caller's
+    # matplotlib backend (a notebook's inline one, say) is left alone.
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    return plt
+    return Figure
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -34,12 +33,13 @@ def _save(fig: Any, path: Path) -> Path:
 
 def training_curves(history: History, path: str | Path, note: Callable[[str], None] = print) -> Path | None:
     """Loss and accuracy per epoch, train and validation, side by side."""
-    plt = _pyplot()
-    if plt is None:
+    Figure = _figure_class()
+    if Figure is None:
         note("matplotlib is not installed: skipping the training-curve PNG (pip install matplotlib)")
         return None
     epochs = history["epoch"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("loss", "accuracy")):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = history[prefix + key]
@@ -49,19 +49,18 @@ def training_curves(history: History, path: str | Path, note: Callable[[str], No
         ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend()
-    out = _save(fig, Path(path))
-    plt.close(fig)
-    return out
+    return _save(fig, Path(path))
 
 
 def overfitting(orders: Sequence[int], train_err: Sequence[float], test_err: Sequence[float], curve: dict[str, Any],
                 path: str | Path, note: Callable[[str], None] = print) -> Path | None:
     """Left: the fitted polynomials over the data; right: train and test error by order."""
-    plt = _pyplot()
-    if plt is None:
+    Figure = _figure_class()
+    if Figure is None:
         note("matplotlib is not installed: skipping the over-fitting PNG (pip install matplotlib)")
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig = Figure(figsize=(11, 3.8))
+    left, right = fig.subplots(1, 2)
     left.scatter(curve["x_train"], curve["y_train"], s=14, label="train")
     left.scatter(curve["x_test"], curve["y_test"], s=14, marker="x", label="test")
     for order, ys in zip(orders, curve["fits"]):
@@ -75,6 +74,4 @@ def overfitting(orders: Sequence[int], train_err: Sequence[float], test_err: Seq
     right.set_xlabel("polynomial order")
     right.set_title("mean squared error")
     right.legend()
-    out = _save(fig, Path(path))
-    plt.close(fig)
-    return out
+    return _save(fig, Path(path))

@@ -115,6 +115,7 @@ class Regularizer:
 
     def __call__(self, params: Params) -> Array:
         """``add_gradient(params)`` and return ``penalty(params)``."""
+        params = params if isinstance(params, Module) else list(params)  # a generator is read twice below
         value = self.penalty(params)
         self.add_gradient(params)
         return value

@@ -135,7 +135,7 @@ class EarlyStopping(Callback):
                 self._best_state = {k: _host(v) for k, v in model.state_dict().items()}
             return False
         self._wait += 1
-        return self._wait > self.patience
+        return self._wait >= self.patience
 
     def on_train_end(self, model: Module) -> None:
         if self.restore_best and self._best_state is not None:
@@ -165,7 +165,7 @@ def _as_dataset(data: Any, name: str) -> ArrayDataset:
 
 
 class _Progress:
-    """tqdm when it is installed and the output is a terminal; otherwise one line per epoch."""
+    """A tqdm bar over an epoch's batches when tqdm is installed and stderr is a terminal; else nothing."""
 
     def __init__(self, enabled: bool, total: int, desc: str) -> None:
         self.bar = None
@@ -204,12 +204,18 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
     :class:`TrainingDiverged` naming the epoch and step, with the model as it was
     before that step.
     """
+    # Every argument is checked here, before the model, optimizer or any file changes.
     loss_fn = resolve_loss(loss)
-    loss_kwargs = dict(loss_kwargs or {})
+    loss_kwargs = _loss_kwargs(loss_kwargs, "fit")
     _check_positive_int(epochs, "epochs", allow_zero=True)
     _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(seed, "seed", allow_zero=True)
     train_ds = _as_dataset(train, "train")
     val_ds = None if val is None else _as_dataset(val, "val")
+    if checkpoint is not None:
+        _check_checkpoint_path(Path(checkpoint))
+    if resume is not None and not Path(resume).is_file():
+        raise FileNotFoundError(f"fit: resume={str(resume)!r} is not a checkpoint file")
     say = log or (print if verbose else (lambda _msg: None))
     params = model.parameters()
     history = History()
@@ -226,7 +232,7 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         lr = float(getattr(optimizer, "lr", float("nan")))
         total, correct, count, steps, classification = 0.0, 0, 0, 0, False
         it = batches(train_ds, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
-        progress = _Progress(verbose, len(it) if hasattr(it, "__len__") else 0, f"epoch {epoch + 1}/{epochs}")
+        progress = _Progress(verbose, len(it), f"epoch {epoch + 1}/{epochs}")
         try:
             for xb_host, yb_host in it:
                 xb, yb = to_backend(xb_host, backend), to_backend(yb_host, backend)
@@ -306,24 +312,27 @@ def _count_correct(pred: Array, y: Array, backend: Backend) -> int | None:
 
 def evaluate(model: Module, loss: str | LossFn, data: Any, *, batch_size: int = 1024,
              loss_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
-    """Mean loss over samples (and accuracy for class labels) of ``model`` in inference mode."""
+    """The loss (its "mean" over the whole data set, so ``ignore_index`` and class weights count
+    as in training) and, for class labels, the accuracy over the non-ignored rows, in inference mode."""
     loss_fn = resolve_loss(loss)
+    kwargs = _loss_kwargs(loss_kwargs, "evaluate")
+    _check_positive_int(batch_size, "batch_size")
     ds = _as_dataset(data, "data")
     backend = model.backend
-    total, correct, count, classification = 0.0, 0, 0, False
-    for xb_host, yb_host in batches(ds, batch_size, shuffle=False):
-        xb, yb = to_backend(xb_host, backend), to_backend(yb_host, backend)
-        pred = model(xb)
-        value, _ = loss_fn(pred, yb, reduction="sum", **(loss_kwargs or {}))
-        total += float(value)
-        count += int(xb.shape[0])
-        n_correct = _count_correct(pred, yb, backend)
-        if n_correct is not None:
-            classification = True
-            correct += n_correct
-    result = {"loss": total / max(count, 1)}
-    if classification:
-        result["accuracy"] = correct / max(count, 1)
+    xp = backend.xp
+    preds = [model(to_backend(xb, backend)) for xb, _ in batches(ds, batch_size, shuffle=False)]
+    if not preds:
+        raise ValueError("evaluate: data is empty")
+    pred = preds[0] if len(preds) == 1 else xp.concat(preds, axis=0)
+    y = to_backend(ds.y, backend)
+    value, _ = loss_fn(pred, y, **kwargs)
+    result = {"loss": float(value)}
+    if pred.ndim == 2 and y.ndim == 1 and backend.is_integer(y):
+        hit = xp.argmax(pred, axis=1) == y
+        ignore = kwargs.get("ignore_index")
+        counted = y != ignore if ignore is not None else xp.ones_like(hit)
+        n = int(xp.sum(xp.astype(counted, xp.int64)))
+        result["accuracy"] = int(xp.sum(xp.astype(hit & counted, xp.int64))) / max(n, 1)
     return result
 
 
@@ -346,6 +355,23 @@ def _format_logs(logs: dict[str, float], epochs: int) -> str:
     return "  ".join(parts)
 
 
+def _loss_kwargs(kwargs: dict[str, Any] | None, fn: str) -> dict[str, Any]:
+    kwargs = dict(kwargs or {})
+    if "reduction" in kwargs:
+        raise ValueError(f"{fn}: loss_kwargs must not set reduction (the loop needs the mean), got "
+                         f"{kwargs['reduction']!r}")
+    return kwargs
+
+
+def _check_checkpoint_path(path: Path) -> None:
+    from .checkpoint import SUFFIXES
+
+    if path.suffix not in SUFFIXES:
+        raise ValueError(f"fit: checkpoint must end in {' or '.join(SUFFIXES)}, got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"fit: checkpoint folder {str(path.parent)!r} does not exist")
+
+
 def _check_positive_int(value: Any, name: str, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
@@ -365,10 +391,15 @@ def _save(path: Path, model: Module, optimizer: Any, scheduler: Any, epoch: int,
 def _resume(path: Path, model: Module, optimizer: Any, scheduler: Any) -> tuple[int, History]:
     from .checkpoint import load_checkpoint
 
+    # Read and check first, so a mismatched scheduler fails before the model is overwritten.
+    extra = load_checkpoint(path).extra or {}
+    saved = extra.get("scheduler")
+    if scheduler is not None and saved is not None and saved.get("type") != type(scheduler).__name__:
+        raise ValueError(f"fit: {str(path)!r} holds a {saved.get('type')!r} schedule, "
+                         f"but the scheduler given is a {type(scheduler).__name__}")
     ckpt = load_checkpoint(path, model, optimizer)
-    extra = ckpt.extra or {}
-    if scheduler is not None and "scheduler" in extra:
-        scheduler.load_state_dict(extra["scheduler"])
+    if scheduler is not None and saved is not None:
+        scheduler.load_state_dict(saved)
     start = 0 if ckpt.epoch is None else int(ckpt.epoch) + 1
     return start, History.from_dict(extra.get("history", {}))
 

@@ -98,7 +98,11 @@ def test_demo_hinge_prints_the_course_numbers(capsys):
     (["train", "--dropout", "1.5"], 2, r"--dropout must be in \[0, 1\)"),
     (["train", "--resume", "/nonexistent/ck.safetensors"], 2, "--resume: no checkpoint at"),
     (["train", "--dataset", "imagenet", "--epochs", "1"], 1, "digits"),
-    (["train", "--backend", "nupmy", "--epochs", "1"], 1, "unknown backend 'nupmy'"),
+    (["train", "--backend", "nupmy", "--epochs", "1"], 2, "--backend: unknown backend .nupmy."),
+    (["train", "--lr", "-1"], 2, "--lr must be > 0, got -1"),
+    (["train", "--loss", "hinge", "--label-smoothing", "0.1"], 2, "--label-smoothing applies to --loss softmax-ce"),
+    (["train", "--optimizer", "gd", "--weight-decay", "0.1"], 2, "--weight-decay needs"),
+    (["train", "--warmup", "40"], 2, r"--warmup must be in \[0, --epochs\)"),
     (["train", "--dataset", "mnist", "--no-download", "--data-dir", "/nonexistent", "--epochs", "1"], 1, "mnist"),
 ])
 def test_bad_arguments_give_one_line_errors(tmp_path, capsys, args, status, message):
@@ -113,3 +117,13 @@ def test_no_traceback_from_the_command_line(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and result.stderr.startswith("deepcore: error:")
+
+
+def test_a_files_own_validation_split_is_used(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((130, 3)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    np.savez(tmp_path / "d.npz", x=x[:100], y=y[:100], x_val=x[100:], y_val=y[100:])
+    assert main(["train", "--dataset", str(tmp_path / "d.npz"), "--epochs", "1", "--val-fraction", "0",
+                 "--schedule", "none", "--warmup", "0", "--out", str(tmp_path / "o")]) == 0
+    assert "30 val" in capsys.readouterr().out

@@ -147,3 +147,51 @@ def test_fit_rejects_bad_arguments(kwargs, match):
         fit(model, loss, SGD(model.parameters(), lr=0.1), _blobs(), verbose=False, **args)
     with pytest.raises(TypeError, match="train must be an ArrayDataset or an"):
         fit(model, "softmax-ce", SGD(model.parameters(), lr=0.1), [1, 2, 3], verbose=False)
+
+
+def test_evaluate_uses_the_losss_own_mean_and_skips_ignored_rows():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 2)).astype(np.float32)
+    y = np.array([0, 1, 2, -1, -1, -1, 1, 0])
+    model = _mlp()
+    for kwargs in ({"ignore_index": -1}, {"ignore_index": -1, "class_weights": np.array([1.0, 5.0, 0.2], "f4")}):
+        expected, _ = dc.losses.softmax_cross_entropy(model(x), y, **kwargs)
+        result = evaluate(model, "softmax-ce", ArrayDataset(x, y), batch_size=3, loss_kwargs=kwargs)
+        assert result["loss"] == pytest.approx(float(expected), rel=1e-6)
+        kept = y != -1
+        assert result["accuracy"] == pytest.approx(np.mean(model(x).argmax(1)[kept] == y[kept]))
+    with pytest.raises(ValueError, match="loss_kwargs must not set reduction"):
+        evaluate(model, "softmax-ce", ArrayDataset(x, y), loss_kwargs={"reduction": "sum"})
+
+
+def test_early_stopping_counts_patience_epochs():
+    stopper = EarlyStopping("val_loss", patience=2, restore_best=False)
+    model = _mlp()
+    flags = [stopper.on_epoch_end(i, {"val_loss": v}, model) for i, v in enumerate([1.0, 2.0, 2.0, 2.0])]
+    assert flags[:3] == [False, False, True]  # two epochs without improvement, then stop
+
+
+def test_bad_checkpoint_arguments_fail_before_training(tmp_path):
+    model = _mlp()
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    opt = SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"checkpoint must end in \.safetensors or \.npz"):
+        fit(model, "softmax-ce", opt, _blobs(), epochs=1, checkpoint=tmp_path / "run.ckpt", verbose=False)
+    with pytest.raises(FileNotFoundError, match="checkpoint folder"):
+        fit(model, "softmax-ce", opt, _blobs(), epochs=1, checkpoint=tmp_path / "no" / "c.npz", verbose=False)
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint file"):
+        fit(model, "softmax-ce", opt, _blobs(), epochs=1, resume=tmp_path / "missing.npz", verbose=False)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    ckpt = tmp_path / "c.npz"
+    fit(model, "softmax-ce", opt, _blobs(), epochs=1, checkpoint=ckpt, scheduler=CosineAnnealingLR(opt, 5),
+        verbose=False)
+    from deepcore.optim import StepLR
+
+    saved = {k: v.copy() for k, v in model.state_dict().items()}
+    other = _mlp(seed=5)
+    other_opt = SGD(other.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="holds a 'CosineAnnealingLR' schedule"):
+        fit(other, "softmax-ce", other_opt, _blobs(), epochs=2, resume=ckpt, scheduler=StepLR(other_opt, 2),
+            verbose=False)
+    assert not np.array_equal(other.state_dict()["0.weight"], saved["0.weight"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._io import fsync_directory, new_file_mode
 from .errors import ChecksumError, DownloadError
 
 __all__ = ["RESOURCES", "Resource", "default_data_dir", "download_file", "file_digests", "urllib_fetch"]
@@ -210,7 +211,12 @@ def download_file(resource: Resource, dest_dir: str | os.PathLike[str], *, fetch
                 fetch(url, tmp)
             _verify(tmp, resource, url)
             _fsync(tmp)
+            # mkstemp makes the file private (0600); a shared data folder needs the usual mode.
+            mode = new_file_mode(final)
+            if mode is not None:
+                os.chmod(tmp, mode)
             os.replace(tmp, final)
+            fsync_directory(dest_dir)
             return final
         except Exception as exc:  # noqa: BLE001 - every failure moves on to the next mirror
             failures.append((url, exc))

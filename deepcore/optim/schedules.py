@@ -207,8 +207,16 @@ class SequentialSchedule(LRSchedule):
             raise ValueError(f"{fn}: the state's milestones/schedules do not match this schedule's {self.milestones}")
         base_lr = _learning_rate(state["base_lr"], fn)
         last_epoch = _count(state["last_epoch"], "'last_epoch'", fn)
-        for sched, sub in zip(self.schedules, state["schedules"]):
-            sched.load_state_dict(sub)
+        lr, before = self.optimizer.lr, [s.state_dict() for s in self.schedules]
+        try:
+            for sched, sub in zip(self.schedules, state["schedules"]):
+                sched.load_state_dict(sub)
+        except Exception:
+            # A bad child state must not leave the earlier children (or the rate) half-loaded.
+            for sched, sub in zip(self.schedules, before):
+                sched.load_state_dict(sub)
+            self.optimizer.lr = lr
+            raise
         self.base_lr, self.last_epoch = base_lr, last_epoch
         self._apply()
 
