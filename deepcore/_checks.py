@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from .backend import Backend
 from .backend.base import REDUCTIONS, Array
 
@@ -20,6 +22,14 @@ def check_floating(backend: Backend, x: Array, name: str, fn: str, ndims: tuple[
     if x.ndim not in ndims:
         want = " or ".join(f"{d}-D" for d in ndims)
         raise ValueError(f"{fn}: {name} must be {want}, got shape {tuple(x.shape)}")
+
+
+def check_int(value: Any, name: str, fn: str, low: int = 0) -> int:
+    """``value`` as an int (NumPy integers accepted, bools refused), at least ``low``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        want = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+        raise ValueError(f"{fn}: {name} must be {want}, got {value!r}")
+    return int(value)
 
 
 def check_number(value: Any, name: str, fn: str, low: float | None = None, high: float | None = None) -> float:
@@ -47,6 +57,11 @@ def check_labels(backend: Backend, labels: Array, n: int, num_classes: int, fn: 
         raise ValueError(f"{fn}: {name} must have shape ({n},) to match the {n} rows of predictions, "
                          f"got {tuple(labels.shape)}")
     if not validate or n == 0:
+        return
+    # A backend may answer "all in range" in one cheap pass (NumPy: one max over the labels read
+    # as unsigned); the full mask below runs only when it says no, to name the first bad label.
+    in_range = getattr(backend, "labels_in_range", None)
+    if in_range is not None and in_range(labels, num_classes):
         return
     bad = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:

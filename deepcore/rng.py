@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._checks import check_int
+
 _root = np.random.SeedSequence()
 
 
 def manual_seed(seed: int) -> None:
     """Restart the sequence that seeds layers built without an explicit ``seed``."""
     global _root
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"manual_seed: seed must be a non-negative integer, got {seed!r}")
-    _root = np.random.SeedSequence(int(seed))
+    _root = np.random.SeedSequence(check_int(seed, "seed", "manual_seed", 0))
 
 
 def next_seed() -> int:
@@ -27,8 +27,4 @@ def next_seed() -> int:
 
 
 def check_seed(seed: int | None, owner: str) -> int:
-    if seed is None:
-        return next_seed()
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"{owner}: seed must be a non-negative integer or None, got {seed!r}")
-    return int(seed)
+    return next_seed() if seed is None else check_int(seed, "seed", owner, 0)

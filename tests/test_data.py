@@ -613,12 +613,17 @@ def test_checksum_table_is_complete():
 
 
 def test_progress_line_only_when_asked(capsys, monkeypatch):
+    from deepcore._progress import Progress
+
     monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # force the plain fallback
-    bar = download._Progress(1000, "blob", True)
-    bar.update(500)
+    bar = Progress(3_000_000, "blob", enabled=True, byte_counts=True)
+    bar.update(1_500_000)
     bar.close()
-    assert "blob: 0.0/0.0 MB (50%)" in capsys.readouterr().err
-    quiet = download._Progress(1000, "blob", None)  # stderr is not a terminal under pytest
+    assert "blob: 1.5/3.0 MB" in capsys.readouterr().err
+    steps = Progress(10, "epoch 1/3", enabled=True, unit="batch")
+    steps.update(loss=0.25)
+    assert "epoch 1/3: 1/10 batch  loss 0.25" in capsys.readouterr().err
+    quiet = Progress(1000, "blob", byte_counts=True)  # stderr is not a terminal under pytest
     quiet.update(1000)
     quiet.close()
     assert capsys.readouterr().err == ""

@@ -20,15 +20,32 @@ from pathlib import Path
 from typing import Any
 
 from .batching import BatchIterator, batches, epoch_order
-from .cifar import CIFAR10_CLASSES, RestrictedUnpickler, load_cifar10, read_cifar_binary, read_cifar_pickle
+from .cifar import (
+    CIFAR10_CLASSES,
+    RestrictedUnpickler,
+    load_cifar10,
+    read_cifar_binary,
+    read_cifar_pickle,
+)
 from .datasets import ArrayDataset, DatasetSplits, split_indices, train_val_split
 from .digits import DIGITS_CLASSES, load_digits, load_digits_arrays
 from .download import RESOURCES, Resource, default_data_dir, download_file, file_digests
 from .errors import ChecksumError, DataFormatError, DatasetNotFoundError, DownloadError
 from .files import load_file
-from .idx import FASHION_MNIST_CLASSES, MNIST_CLASSES, load_fashion_mnist, load_mnist, read_idx
+from .idx import (
+    FASHION_MNIST_CLASSES,
+    MNIST_CLASSES,
+    load_fashion_mnist,
+    load_mnist,
+    read_idx,
+)
 from .toy import curve, four_points, noisy_curve
-from .transforms import Standardizer, num_polynomial_features, one_hot, polynomial_features
+from .transforms import (
+    Standardizer,
+    num_polynomial_features,
+    one_hot,
+    polynomial_features,
+)
 
 __all__ = [
     "CIFAR10_CLASSES",

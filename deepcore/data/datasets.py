@@ -13,13 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_int
+
 __all__ = ["ArrayDataset", "DatasetSplits", "split_indices", "train_val_split"]
-
-
-def _check_int(value: Any, name: str, fn: str, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{fn}: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 def _is_labels(y: np.ndarray | None) -> bool:
@@ -54,7 +50,7 @@ class ArrayDataset:
         if isinstance(classes, bool):
             raise TypeError(f"{fn}: classes must be a sequence of names or a class count, got {classes!r}")
         if isinstance(classes, (int, np.integer)):
-            classes = tuple(str(i) for i in range(_check_int(classes, "classes", fn, 1)))
+            classes = tuple(str(i) for i in range(check_int(classes, "classes", fn, 1)))
         elif classes is not None:
             classes = tuple(str(c) for c in classes)
             if not classes:
@@ -166,7 +162,7 @@ def split_indices(y: Any, fraction: float, *, seed: int = 0, stratify: bool = Tr
     n = len(y)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ValueError(f"{fn}: fraction must be a number in (0, 1), got {fraction!r}")
-    seed = _check_int(seed, "seed", fn)
+    seed = check_int(seed, "seed", fn)
     n_held = int(math.floor(fraction * n + 0.5))
     if not 0 < n_held < n:
         raise ValueError(f"{fn}: holding out {fraction!r} of {n} samples leaves {n_held} held out and "

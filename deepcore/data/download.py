@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .._io import fsync_directory, new_file_mode
+from .._progress import Progress
 from .errors import ChecksumError, DownloadError
 
 __all__ = ["RESOURCES", "Resource", "default_data_dir", "download_file", "file_digests", "urllib_fetch"]
@@ -96,56 +94,13 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "deepcore"
 
 
-class _Progress:
-    """tqdm if installed, else a one-line stderr counter; nothing when stderr is not a terminal."""
-
-    def __init__(self, total: int | None, desc: str, enabled: bool | None) -> None:
-        if enabled is None:
-            enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
-        self.total, self.desc, self.done, self._last = total, desc, 0, 0.0
-        self._bar: Any = None
-        self._line = False
-        if not enabled:
-            return
-        try:
-            from tqdm.auto import tqdm  # optional
-
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
-        except ImportError:
-            self._line = True
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif self._line and time.monotonic() - self._last > 0.2:
-            self._last = time.monotonic()
-            self._write()
-
-    def _write(self) -> None:
-        mb = self.done / 1e6
-        if self.total:
-            text = f"\r{self.desc}: {mb:.1f}/{self.total / 1e6:.1f} MB ({100 * self.done // self.total}%)"
-        else:
-            text = f"\r{self.desc}: {mb:.1f} MB"
-        sys.stderr.write(text)
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif self._line:
-            self._write()
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def urllib_fetch(url: str, dest: Path, *, progress: bool | None = None, timeout: float = 60.0) -> None:
     """Write the body of ``url`` to ``dest`` (the default ``fetch``; the only code that opens sockets)."""
     request = urllib.request.Request(url, headers={"User-Agent": "deepcore"})
     with urllib.request.urlopen(request, timeout=timeout) as response, open(dest, "wb") as out:
         length = response.headers.get("Content-Length")
-        bar = _Progress(int(length) if length and length.isdigit() else None, url.rsplit("/", 1)[-1], progress)
+        bar = Progress(int(length) if length and length.isdigit() else None, url.rsplit("/", 1)[-1],
+                       enabled=progress, byte_counts=True)
         try:
             while True:
                 chunk = response.read(_CHUNK)

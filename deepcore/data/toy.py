@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_int
 from .datasets import ArrayDataset, DatasetSplits
 
 __all__ = ["curve", "four_points", "noisy_curve"]
@@ -35,8 +36,7 @@ def noisy_curve(n: int = 10, *, noise: float = 0.3, seed: int = 0, n_test: int =
     and order 12 interpolates the noise (the course's over-fitting demo).
     """
     for name, value, low in (("n", n, 1), ("n_test", n_test, 1), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"noisy_curve: {name} must be an integer >= {low}, got {value!r}")
+        check_int(value, name, "noisy_curve", low)
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
         raise ValueError(f"noisy_curve: noise must be a number >= 0, got {noise!r}")
     # Separate child streams, so changing n_test leaves the training points unchanged.

@@ -15,8 +15,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import numpy as np
-
+from .._checks import check_int
 from .optimizers import Optimizer, _count, _learning_rate, _real
 
 __all__ = ["CosineAnnealingLR", "ExponentialLR", "LRSchedule", "LinearWarmup", "SequentialSchedule", "StepLR"]
@@ -98,7 +97,7 @@ class StepLR(LRSchedule):
 
     @classmethod
     def _check(cls, h: Mapping[str, Any]) -> dict[str, Any]:
-        return {"step_size": _positive_int(h["step_size"], "step_size", cls.__name__),
+        return {"step_size": check_int(h["step_size"], "step_size", cls.__name__, 1),
                 "gamma": _gamma(h["gamma"], cls.__name__)}
 
     def lr_at(self, epoch: int) -> float:
@@ -135,7 +134,7 @@ class CosineAnnealingLR(LRSchedule):
 
     @classmethod
     def _check(cls, h: Mapping[str, Any]) -> dict[str, Any]:
-        return {"T_max": _positive_int(h["T_max"], "T_max", cls.__name__),
+        return {"T_max": check_int(h["T_max"], "T_max", cls.__name__, 1),
                 "eta_min": _real(h["eta_min"], "eta_min", cls.__name__, ">= 0", lambda x: x >= 0)}
 
     def lr_at(self, epoch: int) -> float:
@@ -156,7 +155,7 @@ class LinearWarmup(LRSchedule):
 
     @classmethod
     def _check(cls, h: Mapping[str, Any]) -> dict[str, Any]:
-        return {"warmup_steps": _positive_int(h["warmup_steps"], "warmup_steps", cls.__name__),
+        return {"warmup_steps": check_int(h["warmup_steps"], "warmup_steps", cls.__name__, 1),
                 "start_factor": _real(h["start_factor"], "start_factor", cls.__name__, "in (0, 1]",
                                       lambda x: 0 < x <= 1)}
 
@@ -172,7 +171,7 @@ class SequentialSchedule(LRSchedule):
     def __init__(self, optimizer: Optimizer, schedules: list[LRSchedule], milestones: list[int]) -> None:
         fn = "SequentialSchedule"
         schedules = list(schedules)
-        milestones = [_positive_int(m, "milestones", fn) for m in milestones]
+        milestones = [check_int(m, "milestones", fn, 1) for m in milestones]
         if not schedules or len(milestones) != len(schedules) - 1:
             raise ValueError(f"{fn}: needs one milestone fewer than schedules, got {len(schedules)} schedules "
                              f"and {len(milestones)} milestones")
@@ -222,12 +221,6 @@ class SequentialSchedule(LRSchedule):
 
     def __repr__(self) -> str:
         return f"SequentialSchedule({self.schedules!r}, milestones={self.milestones}, last_epoch={self.last_epoch})"
-
-
-def _positive_int(value: Any, name: str, fn: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{fn}: {name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def _gamma(value: Any, fn: str) -> float:
