@@ -13,7 +13,7 @@ from typing import IO
 __all__ = ["atomic_write", "fsync_directory", "new_file_mode", "write_bytes_atomic"]
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Write through a temporary file in the same directory and ``os.replace`` it onto ``path``."""
     directory = path.parent
     if not directory.is_dir():

@@ -1,4 +1,4 @@
-"""The ``deepcore`` command: ``train``, ``info`` and ``demo``.
+"""The ``deepcore`` command: ``train``, ``info``, ``demo`` and ``bench``.
 
 Bad arguments and failures the user can fix print one line, ``deepcore: error: ...``,
 and exit with status 2 (arguments) or 1 (anything else); never a traceback.
@@ -12,12 +12,18 @@ import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from . import __version__
-from .backend import BackendUnavailableError, UnknownBackendError, available_backends, get_backend, use_backend
+from .backend import (
+    BackendUnavailableError,
+    UnknownBackendError,
+    available_backends,
+    get_backend,
+    use_backend,
+)
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -25,6 +31,15 @@ EXIT_FAILURE = 1
 
 class UsageError(Exception):
     """A bad command-line value, reported as one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``deepcore: error: ...``), not usage plus error."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.partition(" ")[2]
+        where = f"{command}: " if command else ""
+        self.exit(EXIT_USAGE, f"deepcore: error: {where}{message} (see {self.prog} --help)\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,9 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepcore", description="Train neural networks on NumPy or CuPy.")
+    parser = _Parser(prog="deepcore", description="Train neural networks on NumPy or CuPy.")
     parser.add_argument("--version", action="version", version=f"deepcore {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,info,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,info,demo,bench}")
 
     t = sub.add_parser("train", help="train a model (default: an MLP on the embedded 8x8 digits)")
     t.add_argument("--dataset", default="digits", help="digits | mnist | fashion-mnist | cifar10 | PATH.npz | PATH.csv")
@@ -68,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--schedule", choices=("none", "step", "exponential", "cosine"), default="cosine")
     t.add_argument("--warmup", type=int, default=0, help="epochs of linear learning-rate warm-up")
     t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--batch-size", type=int, default=64,
+                   help="samples per step and process (default 64; under mpirun -n N a step sees N times as many)")
     t.add_argument("--reg", default="none", help="none | l2:LAMBDA | l1:LAMBDA | elastic:LAMBDA,BETA")
     t.add_argument("--max-norm", type=float, help="max-norm constraint c on each unit's incoming weights")
     t.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out (default 0.1)")
@@ -87,6 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("name", choices=("regression", "overfit", "hinge"))
     d.add_argument("--out", type=Path, default=Path("."), help="where plots go (default: here)")
     d.set_defaults(run=_cmd_demo)
+
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -177,11 +197,28 @@ def build_schedule(name: str, optimizer: Any, epochs: int, warmup: int) -> Any:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    """Under ``mpirun -n N`` every rank runs this, training data-parallel (:mod:`deepcore.distributed`);
+    rank 0 alone prints and writes files, and an error on any rank ends the whole job."""
+    from .distributed import abort_on_error, init
+    from .train import TrainingDiverged
+
+    comm = init()
+    with abort_on_error(comm, passthrough=(TrainingDiverged,), show_traceback=False):
+        try:
+            return _train(args, comm)
+        except TrainingDiverged:
+            if comm.is_root:
+                raise
+            return EXIT_FAILURE  # every rank stopped together; rank 0 reports it
+
+
+def _train(args: argparse.Namespace, comm: Any) -> int:
     from . import data
     from .checkpoint import save_checkpoint
+    from .distributed import root_first
     from .plotting import training_curves
     from .regularizers import MaxNorm
-    from .train import fit, evaluate
+    from .train import evaluate, fit
 
     hidden = _parse_hidden(args.hidden)
     regularizer = _parse_reg(args.reg)
@@ -212,11 +249,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         get_backend(backend_name)
     except (UnknownBackendError, BackendUnavailableError) as exc:
         raise UsageError(f"--backend: {exc}") from None
-    say = (lambda _m: None) if args.quiet else print
+    say = (lambda _m: None) if args.quiet or not comm.is_root else print
 
-    # Arguments are all checked: only now load (and perhaps download) the data.
-    splits = data.load_dataset(args.dataset, data_dir=args.data_dir, download=not args.no_download, seed=args.seed,
-                               val_fraction=args.val_fraction)
+    # Arguments are all checked: only now load (and perhaps download) the data; rank 0 first.
+    with root_first(comm):
+        splits = data.load_dataset(args.dataset, data_dir=args.data_dir, download=not args.no_download,
+                                   seed=args.seed, val_fraction=args.val_fraction)
     train_ds, val_ds = splits.train, splits.val
     in_features = splits.num_features
     say(f"deepcore {__version__}: {splits.name}, {len(train_ds)} train / {0 if val_ds is None else len(val_ds)} val / "
@@ -235,6 +273,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   regularizer=regularizer, constraint=None if args.max_norm is None else MaxNorm(args.max_norm),
                   scheduler=schedule, seed=args.seed, verbose=not args.quiet, checkpoint=ckpt, resume=args.resume,
                   loss_kwargs=loss_kwargs)
+    if not comm.is_root:  # rank 0 alone evaluates, writes and prints the results
+        comm.barrier()
+        return 0
     test = evaluate(model, loss_name, splits.test)
     history_path = history.save(args.out / "history.json")
     save_checkpoint(ckpt, model, optimizer, epoch=args.epochs - 1,
@@ -244,6 +285,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     acc = f", test accuracy {test['accuracy']:.2%}" if "accuracy" in test else ""
     print(f"test loss {test['loss']:.4f}{acc}")
     say(f"wrote {ckpt}, {history_path}" + (f", {png}" if png else ""))
+    comm.barrier()
     return 0
 
 

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._checks import check_floating, check_labels, check_number, check_range, check_reduction, check_values_in
+from ._checks import (
+    check_floating,
+    check_labels,
+    check_number,
+    check_range,
+    check_reduction,
+    check_values_in,
+)
 from .backend import Backend, backend_of
 from .backend.base import Array
 

@@ -10,10 +10,10 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,11 +23,21 @@ from typing import Any
 import numpy as np
 
 from . import losses as _losses
+from ._checks import check_int
 from ._io import write_bytes_atomic
+from ._progress import Progress
 from .backend import Backend, to_backend
 from .backend.base import Array
 from .data import ArrayDataset, batches
-from .nn.module import Module
+from .distributed import (
+    Communicator,
+    GradientReducer,
+    ShardedBatches,
+    abort_on_error,
+    broadcast_module,
+    get_communicator,
+)
+from .nn.module import Module, takes_input_grad_flag
 
 __all__ = [
     "Callback",
@@ -104,8 +114,7 @@ class EarlyStopping(Callback):
 
     def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0, mode: str = "auto",
                  restore_best: bool = True) -> None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"EarlyStopping: patience must be a non-negative integer, got {patience!r}")
+        check_int(patience, "patience", "EarlyStopping", 0)
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"EarlyStopping: mode must be 'auto', 'min' or 'max', got {mode!r}")
         self.monitor = monitor
@@ -164,35 +173,27 @@ def _as_dataset(data: Any, name: str) -> ArrayDataset:
     raise TypeError(f"{name} must be an ArrayDataset or an (x, y) pair of arrays, got {type(data).__name__}")
 
 
-class _Progress:
-    """A tqdm bar over an epoch's batches when tqdm is installed and stderr is a terminal; else nothing."""
+def _distributed(fn: Callable[..., History]) -> Callable[..., History]:
+    """Resolve ``comm`` (None: :func:`deepcore.distributed.get_communicator`) and, with more than one
+    rank, turn an exception on any rank into the end of the whole job (see ``abort_on_error``);
+    :class:`TrainingDiverged` is decided on all ranks together and propagates normally."""
 
-    def __init__(self, enabled: bool, total: int, desc: str) -> None:
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm.auto import tqdm
+    @functools.wraps(fn)
+    def wrapper(model: Module, *args: Any, comm: Communicator | None = None, **kwargs: Any) -> History:
+        comm = get_communicator(model) if comm is None else comm
+        with abort_on_error(comm, passthrough=(TrainingDiverged,)):
+            return fn(model, *args, comm=comm, **kwargs)
 
-                self.bar = tqdm(total=total, desc=desc, leave=False, unit="batch")
-            except ImportError:
-                pass
-
-    def update(self, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return wrapper
 
 
+@_distributed
 def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any = None, *, epochs: int = 10,
         batch_size: int = 32, regularizer: Any = None, constraint: Any = None, scheduler: Any = None,
         callbacks: Sequence[Callback] = (), seed: int = 0, shuffle: bool = True, drop_last: bool = False,
         verbose: bool = True, checkpoint: str | os.PathLike[str] | None = None,
         resume: str | os.PathLike[str] | None = None, log: Callable[[str], None] | None = None,
-        loss_kwargs: dict[str, Any] | None = None) -> History:
+        loss_kwargs: dict[str, Any] | None = None, comm: Communicator | None = None) -> History:
     """Train ``model`` for ``epochs`` epochs of minibatches; returns the :class:`History`.
 
     ``train``/``val`` are :class:`~deepcore.data.ArrayDataset` or ``(x, y)`` pairs of host
@@ -203,20 +204,47 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
     (atomically); ``resume`` continues from such a file. A NaN/inf loss raises
     :class:`TrainingDiverged` naming the epoch and step, with the model as it was
     before that step.
+
+    Data parallel over ``comm`` (a :class:`deepcore.distributed.Communicator`; None picks one:
+    a single process unless started by ``mpirun``, NCCL for CuPy parameters, else MPI), when it
+    has ``N > 1`` ranks, every rank calling ``fit`` with the same arguments:
+
+    * rank 0's parameters and buffers are broadcast to all ranks first;
+    * ``batch_size`` is per rank: each epoch's order (the same on every rank) is padded to a
+      multiple of ``N`` by repeating its start and rank ``r`` trains on ``order[r::N]``, as
+      PyTorch's ``DistributedSampler``; so ``N`` ranks with batch ``B`` make the same steps as
+      one process with batch ``N*B`` (up to float rounding and the few repeated samples);
+    * gradients are averaged over ranks before each optimizer step, a few ~25 MiB messages per
+      step (:class:`~deepcore.distributed.GradientReducer`), the loss with them, so a NaN on any
+      rank raises :class:`TrainingDiverged` on all; the regularizer is applied on every rank;
+    * the logged loss and accuracy are over all ranks' samples (repeated samples included);
+      validation runs on every rank on the whole ``val`` set; a stop requested by a callback
+      on any rank stops all of them;
+    * BatchNorm normalises with each rank's own batch statistics (no SyncBN, as PyTorch DDP);
+      its running statistics are rank 0's, broadcast at each epoch's end (as DDP's default
+      ``broadcast_buffers``), so every rank validates and saves the same model;
+    * only rank 0 prints (``log``, progress) and writes ``checkpoint``, followed by a barrier;
+      ``resume`` is read by every rank (the file must be visible to all), and a checkpoint
+      from any number of ranks resumes on any other number;
+    * an exception on one rank prints ``rank r of N failed: ...`` and aborts the job
+      (``MPI_Abort``) instead of leaving the other ranks waiting forever.
     """
     # Every argument is checked here, before the model, optimizer or any file changes.
     loss_fn = resolve_loss(loss)
     loss_kwargs = _loss_kwargs(loss_kwargs, "fit")
-    _check_positive_int(epochs, "epochs", allow_zero=True)
-    _check_positive_int(batch_size, "batch_size")
-    _check_positive_int(seed, "seed", allow_zero=True)
+    check_int(epochs, "epochs", "fit", 0)
+    check_int(batch_size, "batch_size", "fit", 1)
+    check_int(seed, "seed", "fit", 0)
     train_ds = _as_dataset(train, "train")
     val_ds = None if val is None else _as_dataset(val, "val")
     if checkpoint is not None:
         _check_checkpoint_path(Path(checkpoint))
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"fit: resume={str(resume)!r} is not a checkpoint file")
+    distributed = comm.size > 1
     say = log or (print if verbose else (lambda _msg: None))
+    if not comm.is_root:
+        say, verbose = (lambda _msg: None), False
     params = model.parameters()
     history = History()
     start = 0
@@ -224,6 +252,10 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         start, history = _resume(Path(resume), model, optimizer, scheduler)
         say(f"resumed from {resume} at epoch {start + 1}")
 
+    reducer = None
+    if distributed:
+        broadcast_module(model, comm)
+        reducer = GradientReducer(params, comm)
     for cb in callbacks:
         cb.on_train_begin(model)
     backend = model.backend
@@ -231,13 +263,18 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         t0 = time.perf_counter()
         lr = float(getattr(optimizer, "lr", float("nan")))
         total, correct, count, steps, classification = 0.0, 0, 0, 0, False
-        it = batches(train_ds, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
-        progress = _Progress(verbose, len(it), f"epoch {epoch + 1}/{epochs}")
+        if distributed:
+            it: Any = ShardedBatches(train_ds, batch_size, rank=comm.rank, size=comm.size, shuffle=shuffle,
+                                     seed=seed, epoch=epoch, drop_last=drop_last)
+        else:
+            it = batches(train_ds, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+        progress = Progress(len(it), f"epoch {epoch + 1}/{epochs}", enabled=None if verbose else False,
+                            unit="batch")
         try:
             for xb_host, yb_host in it:
                 xb, yb = to_backend(xb_host, backend), to_backend(yb_host, backend)
                 value, n_correct = _step(model, loss_fn, loss_kwargs, optimizer, regularizer, constraint, params,
-                                         xb, yb, backend, epoch, steps, history)
+                                         xb, yb, backend, epoch, steps, history, reducer)
                 n = int(xb.shape[0])
                 total += value * n
                 count += n
@@ -245,9 +282,12 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
                     classification = True
                     correct += n_correct
                 steps += 1
-                progress.update(value)
+                progress.update(loss=value)
         finally:
             progress.close()
+        if distributed:
+            total, correct, count = (float(v) for v in comm.allreduce_host([total, correct, count]))
+            broadcast_module(model, comm, parameters=False)
         logs: dict[str, float] = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": lr}
         if classification:
             logs["accuracy"] = correct / max(count, 1)
@@ -261,8 +301,12 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         history.epochs.append(logs)
         say(_format_logs(logs, epochs))
         stop = any(bool(cb.on_epoch_end(epoch, logs, model)) for cb in callbacks)
+        if distributed:
+            stop = bool(comm.allreduce_host([float(stop)])[0] > 0)
         if checkpoint is not None:
-            _save(Path(checkpoint), model, optimizer, scheduler, epoch, history)
+            if comm.is_root:
+                _save(Path(checkpoint), model, optimizer, scheduler, epoch, history)
+            comm.barrier()
         if stop:
             say(f"early stop after epoch {epoch + 1}")
             break
@@ -273,7 +317,7 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
 
 def _step(model: Module, loss_fn: LossFn, loss_kwargs: dict[str, Any], optimizer: Any, regularizer: Any,
           constraint: Any, params: list[Any], xb: Array, yb: Array, backend: Backend, epoch: int, step: int,
-          history: History) -> tuple[float, int | None]:
+          history: History, reducer: GradientReducer | None = None) -> tuple[float, int | None]:
     # Buffers (BatchNorm statistics) are replaced, never mutated, by a forward pass, and
     # extra states are plain values, so keeping references is enough to undo this step.
     buffers = [(owner, name, b) for _, owner in model._owners() for name, b in owner._buffers.items()]
@@ -284,10 +328,16 @@ def _step(model: Module, loss_fn: LossFn, loss_kwargs: dict[str, Any], optimizer
     with backend.silent_fp():
         pred, backward = model.forward(xb, train=True)
         value, grad = loss_fn(pred, yb, **loss_kwargs)
-        backward(grad)
+        # The data needs no gradient: skip the first layer's dy W product where the model allows.
+        if takes_input_grad_flag(backward):
+            backward(grad, need_input_grad=False)
+        else:
+            backward(grad)
         if regularizer is not None:
             value = value + regularizer(params)
-    loss_value = float(value)
+    # Several ranks: every gradient becomes its mean over ranks, and the loss too, so all ranks
+    # see the same value and stop together below if it is not finite.
+    loss_value = float(value) if reducer is None else reducer.reduce(value)
     if not math.isfinite(loss_value):
         for owner, name, b in buffers:
             owner._set_buffer(name, b)
@@ -316,7 +366,7 @@ def evaluate(model: Module, loss: str | LossFn, data: Any, *, batch_size: int = 
     as in training) and, for class labels, the accuracy over the non-ignored rows, in inference mode."""
     loss_fn = resolve_loss(loss)
     kwargs = _loss_kwargs(loss_kwargs, "evaluate")
-    _check_positive_int(batch_size, "batch_size")
+    check_int(batch_size, "batch_size", "evaluate", 1)
     ds = _as_dataset(data, "data")
     backend = model.backend
     xp = backend.xp
@@ -370,13 +420,6 @@ def _check_checkpoint_path(path: Path) -> None:
         raise ValueError(f"fit: checkpoint must end in {' or '.join(SUFFIXES)}, got {str(path)!r}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"fit: checkpoint folder {str(path.parent)!r} does not exist")
-
-
-def _check_positive_int(value: Any, name: str, allow_zero: bool = False) -> None:
-    low = 0 if allow_zero else 1
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        kind = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"fit: {name} must be a {kind} integer, got {value!r}")
 
 
 def _save(path: Path, model: Module, optimizer: Any, scheduler: Any, epoch: int, history: History) -> None:

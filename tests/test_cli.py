@@ -127,3 +127,12 @@ def test_a_files_own_validation_split_is_used(tmp_path, capsys):
     assert main(["train", "--dataset", str(tmp_path / "d.npz"), "--epochs", "1", "--val-fraction", "0",
                  "--schedule", "none", "--warmup", "0", "--out", str(tmp_path / "o")]) == 0
     assert "30 val" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["train", "--epochs", "x"], ["demo", "nope"], ["--bogus"]])
+def test_argparse_errors_are_one_line_too(args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepcore: error: ") and len(err.splitlines()) == 1, err

@@ -33,6 +33,23 @@ class NumpyBackend(Backend):
         if device is not None and str(device) != "cpu":
             raise ValueError(f"device: the numpy backend has only 'cpu', got {device!r}")
 
+    # dtype.kind answers what xp.isdtype answers for NumPy dtypes, at a tenth of the cost;
+    # these run several times per layer call.
+    def is_floating(self, x: Array) -> bool:
+        return x.dtype.kind == "f"
+
+    def is_integer(self, x: Array) -> bool:
+        return x.dtype.kind in "iu"
+
+    def labels_in_range(self, labels: np.ndarray, num_classes: int) -> bool:
+        """True when every label is in [0, num_classes): one reduction over the labels read as
+        unsigned (a negative label becomes a huge one), instead of two comparisons and an ``any``."""
+        if labels.size == 0:
+            return True
+        if labels.dtype.kind == "i":
+            labels = labels.view(np.dtype(f"u{labels.dtype.itemsize}"))
+        return int(labels.max()) < num_classes
+
     def to_numpy(self, x: Array) -> np.ndarray:
         return np.array(x, copy=True)
 
@@ -102,6 +119,21 @@ class NumpyBackend(Backend):
 
     def log_softmax(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
         out = np.subtract(x, x.max(axis=axis, keepdims=True))
+        if out.ndim == 2 and axis in (-1, 1) and out.shape[1] >= 64 and out.size > _BLOCK_ELEMS:
+            # exp(out) is only summed: take it a block of rows at a time in a cache-sized scratch
+            # instead of a whole (N, C) temporary (the same sums, row by row; 20-35% faster).
+            n, c = out.shape
+            rows = max(1, _BLOCK_ELEMS // c)
+            scratch = np.empty((min(rows, n), c), dtype=out.dtype)
+            lse = np.empty((n, 1), dtype=out.dtype)
+            for i in range(0, n, rows):
+                block = out[i:i + rows]
+                m = block.shape[0]
+                np.exp(block, out=scratch[:m])
+                np.sum(scratch[:m], axis=1, keepdims=True, out=lse[i:i + m])
+            np.log(lse, out=lse)
+            out -= lse
+            return out
         out -= np.log(np.exp(out).sum(axis=axis, keepdims=True))
         return out
 
@@ -111,6 +143,10 @@ class NumpyBackend(Backend):
                               class_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The base formula in one buffer: the gradient array holds shifted logits, then their
         exponentials, then the scaled gradient, so no other (N, C) temporary is made."""
+        if (ignore_index is None and class_weights is None and label_smoothing == 0.0
+                and logits.dtype in _FAST_FLOATS and logits.shape[0] > 0
+                and self.labels_in_range(labels, logits.shape[1])):
+            return self._plain_softmax_cross_entropy(logits, labels, reduction)
         eps = float(label_smoothing)
         out_dtype = logits.dtype
         dt = self.compute_dtype(logits.dtype)
@@ -178,6 +214,31 @@ class NumpyBackend(Backend):
         else:
             loss = np.asarray(per_sample.sum(dtype=np.float64) * scale)
         return loss.astype(out_dtype, copy=False), grad.astype(out_dtype, copy=False)
+
+    def _plain_softmax_cross_entropy(self, logits: np.ndarray, labels: np.ndarray,
+                                     reduction: str) -> tuple[np.ndarray, np.ndarray]:
+        """The common case (no weights, smoothing or ignored rows; labels in range) of the method
+        above, with the same arithmetic in the same order and none of the per-row weight and
+        mask arrays: at a training step's sizes (128 x 10) the fixed cost of each NumPy call is
+        what counts, so the row maximum and the target entries take the cheapest route."""
+        n, c = logits.shape
+        grad = np.subtract(logits, _row_max(logits), order="C")
+        flat = grad.reshape(-1)  # a view: grad is C-contiguous
+        target_idx = np.arange(0, n * c, c)
+        target_idx += labels
+        target = flat[target_idx]
+        np.exp(grad, out=grad)
+        sum_e = grad.sum(axis=1)
+        per_sample = np.log(sum_e)
+        per_sample -= target
+        scale = 1.0 / n if reduction == "mean" else 1.0
+        # float32(scale) / sum_e, then float32(scale) off the target: the reference's
+        # row_scale (ones) * scale / sum_e and (1 - 0) * scale * w_y (ones).
+        grad *= np.divide(logits.dtype.type(scale), sum_e)[:, None]
+        flat[target_idx] = flat[target_idx] - logits.dtype.type(scale)
+        if reduction == "none":
+            return per_sample, grad
+        return np.array(per_sample.sum(dtype=np.float64) * scale, dtype=logits.dtype), grad
 
     # ------------------------------------------------------ optimizer updates
     # Same rules as the reference, written into the existing arrays with out= so
@@ -262,6 +323,19 @@ class NumpyBackend(Backend):
         scratch *= -step_size
         value += scratch
         return value, m, v
+
+
+_FAST_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+#: Elements per block of rows where a row-wise pass runs block by block (256 KiB of float32).
+_BLOCK_ELEMS = 65536
+
+
+def _row_max(a: np.ndarray) -> np.ndarray:
+    """``a.max(axis=1, keepdims=True)`` for 2-D ``a``. NumPy reduces a short row (10 classes) one
+    row at a time, at ~50 ns a row; over a transposed copy the reduction runs down long columns."""
+    if a.shape[1] <= 32 and a.shape[0] >= 64:
+        return np.ascontiguousarray(a.T).max(axis=0)[:, None]
+    return a.max(axis=1, keepdims=True)
 
 
 def _as_0d(result: np.ndarray, original: np.ndarray | None) -> np.ndarray:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from ..backend import Backend
 from ..backend.base import Array
-from .module import Backward, Module, check_grad_shape, input_backend
+from .module import (
+    Backward,
+    Module,
+    check_grad_shape,
+    input_backend,
+    input_grad_optional,
+)
 
 
 class _Activation(Module):
@@ -21,9 +27,10 @@ class _Activation(Module):
         y = self._f(backend, x)
         shape = tuple(x.shape)
 
-        def backward(dy: Array) -> Array:
+        @input_grad_optional
+        def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
             check_grad_shape(self, dy, shape)
-            return self._df(backend, dy, x, y)
+            return self._df(backend, dy, x, y) if need_input_grad else None
 
         return y, backward
 

@@ -6,7 +6,14 @@ from typing import Any
 
 from ..backend import get_backend
 from ..backend.base import Array
-from .module import Backward, Module, Param, check_grad_shape, input_backend
+from .module import (
+    Backward,
+    Module,
+    Param,
+    check_grad_shape,
+    input_backend,
+    input_grad_optional,
+)
 
 
 class BatchNorm1d(Module):
@@ -88,11 +95,14 @@ class BatchNorm1d(Module):
         shape = tuple(x.shape)
         weight, bias = self.weight, self.bias
 
-        def backward(dy: Array) -> Array:
+        @input_grad_optional
+        def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
             check_grad_shape(self, dy, shape)
             if weight is not None:
                 weight.accumulate(xp.sum(dy * x_hat, axis=axes), backend)
                 bias.accumulate(xp.sum(dy, axis=axes), backend)
+            if not need_input_grad:
+                return None
             g = dy * per_channel(weight.value) if weight is not None else dy
             if not use_batch:
                 return g * per_channel(inv_std)

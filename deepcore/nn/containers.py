@@ -6,7 +6,13 @@ from collections.abc import Iterator
 
 from ..backend import get_backend
 from ..backend.base import Array
-from .module import Backward, Module, check_grad_shape
+from .module import (
+    Backward,
+    Module,
+    check_grad_shape,
+    input_grad_optional,
+    takes_input_grad_flag,
+)
 
 
 class Sequential(Module):
@@ -34,17 +40,40 @@ class Sequential(Module):
         return list(self._children.values())[i]
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
+        layers = list(self._children.values())
         backwards = []
-        for layer in self._children.values():
+        for layer in layers:
             x, back = layer.forward(x, train=train)
             backwards.append(back)
 
-        def backward(dy: Array) -> Array:
-            for back in reversed(backwards):
-                dy = back(dy)
-            return dy
+        @input_grad_optional
+        def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
+            if need_input_grad:
+                for back in reversed(backwards):
+                    dy = back(dy)
+                return dy
+            # Without dL/dx, layers before the first one that must run (one with parameters, or
+            # one whose closure cannot skip its input gradient) are not run at all, and that
+            # layer is asked not to form its own dL/dx.
+            first = _first_that_must_run(layers, backwards)
+            if first is None:
+                return None
+            for i in range(len(backwards) - 1, first, -1):
+                dy = backwards[i](dy)
+            if takes_input_grad_flag(backwards[first]):
+                backwards[first](dy, need_input_grad=False)
+            else:
+                backwards[first](dy)
+            return None
 
         return x, backward
+
+
+def _first_that_must_run(layers: list[Module], backwards: list[Backward]) -> int | None:
+    for i, (layer, back) in enumerate(zip(layers, backwards, strict=True)):
+        if not takes_input_grad_flag(back) or next(layer.named_parameters(), None) is not None:
+            return i
+    return None
 
 
 class Flatten(Module):
@@ -74,8 +103,9 @@ class Flatten(Module):
         out_shape = shape[:start] + (flat,) + shape[end + 1:]
         y = backend.xp.reshape(x, out_shape)
 
-        def backward(dy: Array) -> Array:
+        @input_grad_optional
+        def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
             check_grad_shape(self, dy, out_shape)
-            return backend.xp.reshape(dy, shape)
+            return backend.xp.reshape(dy, shape) if need_input_grad else None
 
         return y, backward

@@ -8,11 +8,18 @@ import numpy as np
 
 from ..backend.base import Array
 from ..rng import check_seed
-from .module import Backward, Module, check_grad_shape, input_backend
+from .module import (
+    Backward,
+    Module,
+    check_grad_shape,
+    input_backend,
+    input_grad_optional,
+)
 
 
-def _identity(dy: Array) -> Array:
-    return dy
+@input_grad_optional
+def _identity(dy: Array, *, need_input_grad: bool = True) -> Array | None:
+    return dy if need_input_grad else None
 
 
 class Dropout(Module):
@@ -49,8 +56,9 @@ class Dropout(Module):
         mask = backend.dropout_mask(rng, tuple(x.shape), self.p, dtype=x.dtype, device=backend.device(x))
         shape = tuple(x.shape)
 
-        def backward(dy: Array) -> Array:
+        @input_grad_optional
+        def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
             check_grad_shape(self, dy, shape)
-            return dy * mask
+            return dy * mask if need_input_grad else None
 
         return x * mask, backward

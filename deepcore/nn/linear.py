@@ -10,7 +10,14 @@ from ..backend import get_backend
 from ..backend.base import Array
 from ..rng import check_seed
 from . import init as _init
-from .module import Backward, Module, Param, check_grad_shape, input_backend
+from .module import (
+    Backward,
+    Module,
+    Param,
+    check_grad_shape,
+    input_backend,
+    input_grad_optional,
+)
 
 
 def _positive_int(value: Any, name: str, owner: str) -> int:
@@ -61,13 +68,17 @@ class Linear(Module):
         y = backend.linear(x2, weight.value, None if bias is None else bias.value)
         out_shape = in_shape[:-1] + (self.out_features,)
 
-        def backward(dy: Array) -> Array:
+        @input_grad_optional
+        def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
             check_grad_shape(self, dy, out_shape)
             dy2 = dy if dy.ndim == 2 else backend.xp.reshape(dy, (-1, self.out_features))
-            dx, dw, db = backend.linear_backward(dy2, x2, weight.value, need_bias=bias is not None)
+            dx, dw, db = backend.linear_backward(dy2, x2, weight.value, need_dx=need_input_grad,
+                                                 need_bias=bias is not None)
             weight.accumulate(dw, backend)
             if bias is not None:
                 bias.accumulate(db, backend)
+            if dx is None:
+                return None
             return dx if len(in_shape) == 2 else backend.xp.reshape(dx, in_shape)
 
         return (y if len(in_shape) == 2 else backend.xp.reshape(y, out_shape)), backward

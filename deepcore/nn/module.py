@@ -4,6 +4,12 @@ A layer is called in closure style: ``y, backward = layer.forward(x, train=True)
 returns the output and a function that maps ``dL/dy`` to ``dL/dx`` while adding
 each parameter's gradient into ``Param.grad``. No tape is kept anywhere: the
 closure holds exactly what its backward pass needs.
+
+The built-in layers' closures also take ``backward(dy, need_input_grad=False)``:
+the parameters' gradients are added as usual, but ``dL/dx`` is not computed
+and None is returned. A training step on data (which needs no gradient) saves
+the first layer's ``dy W`` product that way, as PyTorch does for an input
+without ``requires_grad``; the default, ``True``, is the plain ``dx = backward(dy)``.
 """
 
 from __future__ import annotations
@@ -11,10 +17,24 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..backend import Backend, backend_of, get_backend, to_backend
+from ..backend import Backend, BackendMismatchError, backend_of, get_backend, to_backend
 from ..backend.base import Array
 
-Backward = Callable[[Array], Array]
+Backward = Callable[..., Array]
+
+#: Set on a backward closure that also takes ``need_input_grad=False``: it then still adds its
+#: parameters' gradients but skips computing ``dL/dx`` and returns None.
+INPUT_GRAD_OPTIONAL = "deepcore_input_grad_optional"
+
+
+def input_grad_optional(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark ``backward`` as accepting ``need_input_grad`` (see :data:`INPUT_GRAD_OPTIONAL`)."""
+    setattr(backward, INPUT_GRAD_OPTIONAL, True)
+    return backward
+
+
+def takes_input_grad_flag(backward: Callable[..., Any]) -> bool:
+    return getattr(backward, INPUT_GRAD_OPTIONAL, False)
 
 
 class Param:
@@ -238,8 +258,11 @@ def _is_same(value: Any, backend: Backend) -> bool:
 def input_backend(layer: Module, x: Array, *params: Param) -> Backend:
     """The backend running ``layer`` on ``x``: checks that ``x`` is a floating-point array on the
     same backend and device as the layer's parameters, with errors that say what to do."""
-    names = ("x",) + tuple(p.name for p in params)
-    backend = backend_of(x, *(p.value for p in params), names=names)
+    try:
+        backend = backend_of(x, *[p.value for p in params])
+    except (BackendMismatchError, TypeError):
+        # Again with the arguments' names, only now that the message needs them.
+        backend = backend_of(x, *[p.value for p in params], names=("x",) + tuple(p.name for p in params))
     if not backend.is_floating(x):
         raise TypeError(
             f"{type(layer).__name__}: input x must be a floating-point array, got dtype {x.dtype}; "

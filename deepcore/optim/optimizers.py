@@ -97,7 +97,28 @@ class Optimizer:
 
     def _prepare(self, i: int, p: Param) -> tuple[int, Backend, Array, dict[str, Any]]:
         """Check parameter ``i``'s gradient; return it in the parameter's dtype, with the parameter's
-        state moved to its backend, device and dtype (new arrays only: nothing is written here)."""
+        state moved to its backend, device and dtype (new arrays only: nothing is written here).
+
+        The usual case (gradient and state where the parameter is, right shape, floating point)
+        is checked without building any message; anything else goes through
+        :meth:`_prepare_checked`, which raises with the parameter named."""
+        grad, value = p.grad, p.value
+        try:
+            backend = backend_of(grad, value)
+        except (BackendMismatchError, TypeError):
+            return self._prepare_checked(i, p)
+        if tuple(grad.shape) != tuple(value.shape) or not backend.is_floating(value) or not backend.is_floating(grad):
+            return self._prepare_checked(i, p)
+        state = self.state[i]
+        if not state:
+            return i, backend, backend.astype(grad, value.dtype), {}
+        state = dict(state)
+        for name in self.STATE_ARRAYS:
+            if name in state and not _in_place_of(state[name], value, backend):
+                return self._prepare_checked(i, p)
+        return i, backend, backend.astype(grad, value.dtype), state
+
+    def _prepare_checked(self, i: int, p: Param) -> tuple[int, Backend, Array, dict[str, Any]]:
         fn = f"{type(self).__name__}.step"
         label = _label(i, p)
         grad = p.grad
@@ -385,6 +406,13 @@ def _convert(x: Array, p: Param, backend: Backend) -> Array:
     y = to_backend(x, backend, device=backend.device(p.value))
     y = backend.astype(y, p.value.dtype)
     return backend.copy(y) if y is x else y
+
+
+def _in_place_of(x: Array, value: Array, backend: Backend) -> bool:
+    """True when state ``x`` already matches ``value``: same array type (hence backend), dtype,
+    shape and device, so :func:`_match` would return it as it is."""
+    return (type(x) is type(value) and x.dtype == value.dtype and tuple(x.shape) == tuple(value.shape)
+            and (backend.single_device or backend.device(x) == backend.device(value)))
 
 
 def _match(x: Array, p: Param, backend: Backend, what: str) -> Array:
