@@ -21,10 +21,11 @@ Contenders (each row of a table):
 - ``numpy``: deepcore on its NumPy backend (the fused paths); ``cupy``: deepcore on CuPy;
 - ``numpy-unfused`` / ``cupy-unfused`` (softmax_ce only): the same call through the base
   class's array-API reference, ``deepcore.backend.base.Backend.softmax_cross_entropy``;
-- ``numpy-dx`` (mlp_step) and ``numpy-fit`` (epoch): deepcore's step as ``deepcore.train.fit``
-  runs it today, i.e. ``backward(grad)``, which also forms the gradient of the input batch;
-  ``numpy`` calls ``backward(grad, need_input_grad=False)`` as PyTorch does for data that
-  does not require a gradient;
+- ``numpy-dx`` (mlp_step): deepcore's step with ``backward(grad)``, which also forms the
+  gradient of the input batch; ``numpy`` calls ``backward(grad, need_input_grad=False)`` as
+  PyTorch does for data that does not require a gradient (and as ``deepcore.train.fit`` does);
+- ``numpy-fit`` (epoch): the whole ``deepcore.train.fit(epochs=1)`` loop (batching, the
+  per-step loss check, metrics) on the same data;
 - ``numpy-plain`` (mlp_step, epoch): the same step hand-written in plain NumPy, the
   framework-overhead baseline;
 - ``torch`` / ``torch-cuda``: PyTorch eager, the outside reference.

@@ -26,5 +26,15 @@ def next_seed() -> int:
     return int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def derive_seed(seed: int, index: int) -> int:
+    """A 63-bit seed that depends only on ``(seed, index)``: the k-th draw of a seeded stream."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def host_generator(seed: int) -> np.random.Generator:
+    """A NumPy generator on the host, for draws that must not depend on the backend (initial weights)."""
+    return np.random.default_rng(seed)
+
+
 def check_seed(seed: int | None, owner: str) -> int:
     return next_seed() if seed is None else check_int(seed, "seed", owner, 0)

@@ -272,3 +272,17 @@ def test_dropout_masks_resume_from_extra_state(backend):
     np.testing.assert_array_equal(to_np(other.forward(x, train=True)[0]), expected)
     with pytest.raises(KeyError, match="no submodule"):
         other.load_extra_states({"7": {}})
+
+
+def test_layers_and_losses_never_import_an_array_library():
+    """The proof that they are written against the standard: only xp = the input's namespace."""
+    import ast
+    from pathlib import Path
+
+    root = Path(dc.__file__).parent
+    for path in [*sorted((root / "nn").glob("*.py")), root / "losses.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                assert name.split(".")[0] not in {"numpy", "cupy", "torch"}, f"{path.name} imports {name}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._checks import check_int
 from ..backend import get_backend
 from ..backend.base import Array
 from .module import (
@@ -29,8 +30,7 @@ class BatchNorm1d(Module):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, *, dtype: Any = "float32") -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"BatchNorm1d: num_features must be a positive integer, got {num_features!r}")
+        num_features = check_int(num_features, "num_features", "BatchNorm1d", 1)
         if not isinstance(eps, (int, float)) or eps <= 0:
             raise ValueError(f"BatchNorm1d: eps must be a positive number, got {eps!r}")
         if momentum is not None and (not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0):

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from ..backend.base import Array
-from ..rng import check_seed
+from ..rng import check_seed, derive_seed
 from .module import (
     Backward,
     Module,
@@ -50,7 +48,7 @@ class Dropout(Module):
         backend = input_backend(self, x)
         if not train or self.p == 0.0:
             return x, _identity
-        call_seed = int(np.random.SeedSequence([self.seed, self.calls]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        call_seed = derive_seed(self.seed, self.calls)
         self.calls += 1
         rng = backend.make_rng(call_seed)
         mask = backend.dropout_mask(rng, tuple(x.shape), self.p, dtype=x.dtype, device=backend.device(x))

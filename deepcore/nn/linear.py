@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
+from .. import initializers as _init
+from .._checks import check_int
 from ..backend import get_backend
 from ..backend.base import Array
-from ..rng import check_seed
-from . import init as _init
+from ..rng import check_seed, host_generator
 from .module import (
     Backward,
     Module,
@@ -18,12 +17,6 @@ from .module import (
     input_backend,
     input_grad_optional,
 )
-
-
-def _positive_int(value: Any, name: str, owner: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 class Linear(Module):
@@ -38,12 +31,12 @@ class Linear(Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init: Any = "pytorch", *,
                  seed: int | None = None, dtype: Any = "float32") -> None:
         super().__init__()
-        self.in_features = _positive_int(in_features, "in_features", "Linear")
-        self.out_features = _positive_int(out_features, "out_features", "Linear")
+        self.in_features = check_int(in_features, "in_features", "Linear", 1)
+        self.out_features = check_int(out_features, "out_features", "Linear", 1)
         w_init, b_init = _init.resolve(init, "Linear")
         backend = get_backend()
         dt = backend.dtype_from_name(dtype) if isinstance(dtype, str) else dtype
-        rng = np.random.default_rng(check_seed(seed, "Linear"))
+        rng = host_generator(check_seed(seed, "Linear"))
         shape = (self.out_features, self.in_features)
         self.weight = Param(backend.from_numpy(w_init(rng, shape, *shape[::-1]), dtype=dt), "weight")
         self.bias = (

@@ -1,4 +1,4 @@
-"""Weight initialisers, drawn on the host from a seeded NumPy generator.
+"""Weight initialisers for ``nn.Linear``, drawn on the host from a seeded NumPy generator.
 
 Drawing on the host makes a seed give the same initial weights on every
 backend; initialisation happens once, so its speed does not matter.
