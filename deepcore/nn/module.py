@@ -83,6 +83,10 @@ class Module:
     (BatchNorm's running statistics).
     """
 
+    _params: dict[str, Param]
+    _buffers: dict[str, Array]
+    _children: dict[str, Module]
+
     def __init__(self) -> None:
         object.__setattr__(self, "_params", {})
         object.__setattr__(self, "_buffers", {})
