@@ -6,8 +6,8 @@
 For each round and each variant a fresh Python process builds the 784-256-10 MLP (float32,
 SGD momentum 0.9), warms up 100 steps of batch 128 and times 7 x 200 steps; the variant's
 number is its median over rounds. Variants: ``before`` (old checkout, ``backward(grad)``),
-``after-dx`` (this checkout, ``backward(grad)`` as ``deepcore.train.fit`` calls it) and
-``after`` (this checkout, ``backward(grad, need_input_grad=False)``).
+``after-dx`` (this checkout, ``backward(grad)``) and ``after`` (this checkout,
+``backward(grad, need_input_grad=False)``, as ``deepcore.train.fit`` calls it).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
 For each MLP (784-256-10 and 784-4096-4096-10, float32, SGD with momentum, per-rank
 batch 128 of random MNIST-shaped data) it starts ``mpirun -n R`` for each
 configuration: 1 rank with 1 BLAS thread, 1 rank with 2 BLAS threads, 2 ranks with
-1 BLAS thread each. A step is what ``deepcore.train.fit`` does: forward, loss,
-backward, the bucketed gradient allreduce (:class:`deepcore.distributed.GradientReducer`,
+1 BLAS thread each. A step is what ``deepcore.train.fit`` does (except that its
+backward also forms the input gradient, which ``fit`` skips): forward, loss, backward, the bucketed gradient allreduce (:class:`deepcore.distributed.GradientReducer`,
 only with 2 ranks), optimizer step. Reported: the median step time, the median time
 inside the allreduce calls ("comm"), the time packing and unpacking buckets ("pack"),
 comm's share of the step, and samples per second over all ranks. The machine is named
@@ -71,7 +71,8 @@ def worker(widths: list[int], batch: int, steps: int) -> None:
             totals.append(t3 - t0)
             comms.append(c)
             packs.append(t2 - t1 - c)
-    # The slowest rank decides the step time.
+    # Each rank's median step, and their mean over ranks (the ranks wait for each other at
+    # every allreduce, so they differ little).
     worst = comm.allreduce_host([statistics.median(totals)], "sum")  # sum/size is the mean over ranks
     if comm.rank == 0:
         print(json.dumps({

@@ -1089,14 +1089,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             import torch  # noqa: F401  (imported before pinning threads, so torch's pool is pinned too)
         except ImportError:
             pass
+    if args.cooldown is not None and args.cooldown < 0:
+        raise UsageError(f"--cooldown must be >= 0, got {args.cooldown}")
+    # Arguments are checked: only now change the process's thread pools (restored at the end).
     threads = set_threads(args.threads)
+    try:
+        return _run_and_report(args, specs, contenders, min_time, threads)
+    finally:
+        restore_threads()
+
+
+def _run_and_report(args: Any, specs: Any, contenders: Any, min_time: float, threads: dict[str, Any]) -> int:
     env = environment()
     print(f"deepcore bench: {_describe_env(env)}")
     if threads["requested"] is not None and threads["method"] == "env":
         print("  note: threadpoolctl is not installed, so --threads could not pin NumPy's BLAS; set "
               "OPENBLAS_NUM_THREADS/OMP_NUM_THREADS before starting, or pip install threadpoolctl")
-    if args.cooldown is not None and args.cooldown < 0:
-        raise UsageError(f"--cooldown must be >= 0, got {args.cooldown}")
     cooldown = default_cooldown() if args.cooldown is None else args.cooldown
     if args.suite == "tiny" and args.cooldown is None:
         cooldown = 0.0

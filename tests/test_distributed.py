@@ -718,3 +718,12 @@ def test_two_gpus_two_ranks_equal_one_process(tmp_path, monkeypatch):
     for case, (n, batch, kind, reg, epochs) in W.CASES.items():
         got = dict(np.load(tmp_path / f"{case}-rank0.npz"))
         _assert_close(got, _reference(n, batch * W.RANKS, kind, reg, epochs), case)
+
+
+def test_one_process_under_a_launcher_without_mpi4py_is_single(monkeypatch):
+    from deepcore.distributed import comm as comm_mod
+
+    monkeypatch.setenv("PMI_SIZE", "1")
+    monkeypatch.setattr(comm_mod, "_world", None)
+    monkeypatch.setattr(comm_mod, "_have_mpi4py", lambda: False)
+    assert comm_mod.init().size == 1

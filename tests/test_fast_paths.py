@@ -229,3 +229,25 @@ def test_a_float32_training_step_makes_no_float64_array(monkeypatch):
     for p in model.parameters():
         assert p.value.dtype == np.float32 and p.grad.dtype == np.float32
     assert all(s["momentum_buffer"].dtype == np.float32 for s in opt.state)
+
+
+def test_narrow_signed_labels_with_many_classes_are_still_checked():
+    """int8 label -1 read as unsigned is 255, inside 300 classes: the check must still refuse it."""
+    import deepcore as dc
+
+    logits = np.zeros((2, 300), dtype=np.float32)
+    for fn in (dc.losses.softmax_cross_entropy, dc.losses.multiclass_hinge):
+        with pytest.raises(ValueError, match=r"labels\[1\] = -1"):
+            fn(logits, np.array([3, -1], dtype=np.int8))
+
+
+def test_uint64_labels_take_the_fast_path():
+    import deepcore as dc
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((5, 4)).astype(np.float32)
+    y = np.array([0, 3, 1, 2, 3], dtype=np.uint64)
+    loss, grad = dc.losses.softmax_cross_entropy(logits, y)
+    ref, ref_grad = dc.losses.softmax_cross_entropy(logits, y.astype(np.int64))
+    np.testing.assert_array_equal(grad, ref_grad)
+    assert float(loss) == float(ref)

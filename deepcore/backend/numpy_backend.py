@@ -47,6 +47,10 @@ class NumpyBackend(Backend):
         if labels.size == 0:
             return True
         if labels.dtype.kind == "i":
+            if num_classes > np.iinfo(labels.dtype).max:
+                # Read as unsigned, -1 would be 2**bits - 1, not beyond so many classes:
+                # here every non-negative label is in range, so only the sign matters.
+                return bool(labels.min() >= 0)
             labels = labels.view(np.dtype(f"u{labels.dtype.itemsize}"))
         return int(labels.max()) < num_classes
 
@@ -225,7 +229,8 @@ class NumpyBackend(Backend):
         grad = np.subtract(logits, _row_max(logits), order="C")
         flat = grad.reshape(-1)  # a view: grad is C-contiguous
         target_idx = np.arange(0, n * c, c)
-        target_idx += labels
+        # Labels were checked to lie in [0, C); unsafe casting lets uint64 labels add to intp.
+        np.add(target_idx, labels, out=target_idx, casting="unsafe")
         target = flat[target_idx]
         np.exp(grad, out=grad)
         sum_e = grad.sum(axis=1)

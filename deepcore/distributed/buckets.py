@@ -11,6 +11,7 @@ buffer, reduced or broadcast in one call, and unflattened back.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -107,18 +108,30 @@ def broadcast_arrays(comm: Communicator, arrays: Sequence[Any], *, root: int = 0
 
 def broadcast_module(model: Any, comm: Communicator, *, root: int = 0, parameters: bool = True,
                      buffers: bool = True) -> None:
-    """Give every rank ``root``'s parameters and/or buffers (BatchNorm running statistics)."""
+    """Give every rank ``root``'s parameters (with the modules' extra state: dropout seeds and
+    positions, so all ranks draw the same masks) and/or buffers (BatchNorm running statistics)."""
     if comm.size == 1:
         return
     if parameters:
         params = model.parameters()
         for p, value in zip(params, broadcast_arrays(comm, [p.value for p in params], root=root), strict=True):
             p.value = value
+        model.load_extra_states(_broadcast_json(comm, model.extra_states(), root))
     if buffers:
         owned = [(owner, name, b) for _, owner in model._owners() for name, b in owner._buffers.items()]
         new = broadcast_arrays(comm, [b for _, _, b in owned], root=root)
         for (owner, name, _), value in zip(owned, new, strict=True):
             owner._set_buffer(name, value)
+
+
+def _broadcast_json(comm: Communicator, value: Any, root: int) -> Any:
+    """``root``'s JSON-able ``value`` on every rank: its length, then its UTF-8 bytes."""
+    data = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+    size = comm.broadcast(np.array([data.size], dtype=np.int64), root)
+    buf = np.zeros(int(size[0]), dtype=np.uint8)
+    if comm.rank == root:
+        buf[:] = data
+    return json.loads(comm.broadcast(buf, root).tobytes().decode())
 
 
 class GradientReducer:

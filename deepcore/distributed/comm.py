@@ -60,6 +60,12 @@ class DistributedError(RuntimeError):
     """Distributed training cannot start here (mpi4py missing under mpirun, no NCCL, ...)."""
 
 
+def _have_mpi4py() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mpi4py") is not None
+
+
 def launched_world_size() -> int | None:
     """The world size an MPI launcher announced in the environment; None when not launched by one.
 
@@ -384,7 +390,9 @@ def init(backend: str | None = None) -> Communicator:
         raise ValueError(f"init: backend must be None, 'auto', 'single', 'mpi' or 'nccl', got {backend!r}")
     if _world is None:
         launched = launched_world_size()
-        if backend == "single" or (backend is None and launched is None):
+        alone = launched is None or (launched <= 1 and not _have_mpi4py())
+        if backend == "single" or (backend is None and alone):
+            # One process under a launcher (srun with a PMI plug-in, say) has nothing to share.
             world: Communicator = _single
         else:
             try:
