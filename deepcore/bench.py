@@ -61,6 +61,9 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_int
+from .initializers import pytorch_default
+
 __all__ = [
     "CASES",
     "Result",
@@ -125,8 +128,7 @@ def set_threads(n: int | None) -> dict[str, Any]:
     global _first_limiter, _torch_threads_before
     method = "none"
     if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"threads must be a positive integer, got {n!r}")
+        check_int(n, "threads", "set_threads", 1)
         try:
             from threadpoolctl import threadpool_limits
 
@@ -411,9 +413,8 @@ def _init_weights(seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
     for fan_in, fan_out in zip(MLP[:-1], MLP[1:], strict=True):
-        bound = 1.0 / math.sqrt(fan_in)
-        out.append(rng.uniform(-bound, bound, (fan_out, fan_in)).astype(np.float32))
-        out.append(rng.uniform(-bound, bound, (fan_out,)).astype(np.float32))
+        out.append(pytorch_default(rng, (fan_out, fan_in), fan_in, fan_out).astype(np.float32))
+        out.append(pytorch_default(rng, (fan_out,), fan_in, fan_out).astype(np.float32))
     return out
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_int
 from ..backend import get_backend
 from .comm import Communicator
 
@@ -51,8 +52,7 @@ def plan_buckets(arrays: Sequence[Any], bucket_bytes: int = DEFAULT_BUCKET_BYTES
     """Indices of ``arrays`` per bucket: grouped by (backend, dtype, device) in order of first
     appearance, each group cut into consecutive runs of at most ``bucket_bytes`` (an array larger
     than that is a bucket alone). Every index appears exactly once."""
-    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
-        raise ValueError(f"plan_buckets: bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+    check_int(bucket_bytes, "bucket_bytes", "plan_buckets", 1)
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, a in enumerate(arrays):
         groups.setdefault(_key(a), []).append(i)

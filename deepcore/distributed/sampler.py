@@ -17,21 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_int
 from ..data import ArrayDataset
 from ..data.batching import epoch_order
 
 __all__ = ["ShardedBatches", "pad_to_multiple", "shard"]
 
 
-def _check(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"shard: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def pad_to_multiple(order: np.ndarray, size: int) -> np.ndarray:
     """``order`` extended to a multiple of ``size`` by repeating it from its start (DistributedSampler)."""
-    size = _check(size, "size", 1)
+    size = check_int(size, "size", "shard", 1)
     n = len(order)
     pad = -n % size
     if pad == 0 or n == 0:
@@ -41,8 +36,8 @@ def pad_to_multiple(order: np.ndarray, size: int) -> np.ndarray:
 
 def shard(order: np.ndarray, rank: int, size: int) -> np.ndarray:
     """Rank ``rank``'s indices of ``order``: ``pad_to_multiple(order, size)[rank::size]``."""
-    size = _check(size, "size", 1)
-    rank = _check(rank, "rank", 0)
+    size = check_int(size, "size", "shard", 1)
+    rank = check_int(rank, "rank", "shard", 0)
     if rank >= size:
         raise ValueError(f"shard: rank must be < size={size}, got {rank}")
     return pad_to_multiple(np.asarray(order), size)[rank::size]
@@ -60,7 +55,7 @@ class ShardedBatches:
         if not isinstance(dataset, ArrayDataset):
             raise TypeError(f"ShardedBatches: dataset must be an ArrayDataset, got {type(dataset).__name__}")
         self.dataset = dataset
-        self.batch_size = _check(batch_size, "batch_size", 1)
+        self.batch_size = check_int(batch_size, "batch_size", "shard", 1)
         self.indices = shard(epoch_order(len(dataset), seed=seed, epoch=epoch, shuffle=shuffle), rank, size)
         self.drop_last = bool(drop_last)
 
