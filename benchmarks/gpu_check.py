@@ -26,7 +26,7 @@ Stages, in order:
      IQR, rotating among >= 3 input sets, more for small shapes so the whole
      rotation is >= 4x the L2 cache); then the peak extra memory of the fused
      call, measured in a fresh CuPy memory pool;
-  f. the GPU tests (``pytest tests/test_cuda.py -m gpu``) in a subprocess with a
+  f. the GPU tests (``pytest tests/test_cuda.py tests/test_sce_kernel.py -m gpu``) in a subprocess with a
      timeout. They run last so they cannot disturb the timings.
 
 Without a usable GPU it prints why and exits 2 at once. ``--dry-run`` needs no
@@ -255,7 +255,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, str]]:
 
     # The GPU test suite.
     pt = results.get("pytest")
-    name = "pytest tests/test_cuda.py -m gpu"
+    name = "pytest tests/test_cuda.py tests/test_sce_kernel.py -m gpu"
     if not pt:
         out.append(_target(name, "FAIL", "not run"))
     elif pt.get("skipped"):
@@ -952,7 +952,8 @@ def run_case(g: Gpu, rec: Recorder, shape: tuple[int, int], dtype: str) -> dict[
 
 
 def run_pytest(results: dict[str, Any], out_dir: Path, timeout_s: float, quick: bool) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "tests/test_sce_kernel.py", "-m", "gpu", "-q",
+           "-p", "no:cacheprovider"]
     if quick:
         cmd += ["-k", "not large"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy
 
 __all__ = [
     "BLOCK_KERNEL_THREADS",
@@ -26,6 +29,7 @@ __all__ = [
     "WARP_KERNEL_THREADS",
     "fused_softmax_cross_entropy",
     "kernel_source",
+    "launch_softmax_cross_entropy",
 ]
 
 SCE_SOURCE = "softmax_cross_entropy.cu"
@@ -98,8 +102,8 @@ def _sce_module() -> Any:
 
 
 @functools.cache
-def _sce_function(kernel: str, logit_ctype: str, label_ctype: str) -> Any:
-    return _sce_module().get_function(f"{kernel}<{logit_ctype}, {label_ctype}>")
+def _sce_function(name_expression: str) -> Any:
+    return _sce_module().get_function(name_expression)
 
 
 def fused_softmax_cross_entropy(
@@ -126,8 +130,33 @@ def fused_softmax_cross_entropy(
     ``logits`` (which must then be C-contiguous).
     """
     import cupy
-    import numpy
 
+    return launch_softmax_cross_entropy(
+        cupy, _sce_function, logits, labels, class_weights=class_weights, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, reduction=reduction, inplace=inplace,
+    )
+
+
+def launch_softmax_cross_entropy(
+    xp: Any,
+    get_function: Callable[[str], Any],
+    logits: Any,
+    labels: Any,
+    *,
+    class_weights: Any | None = None,
+    ignore_index: int | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    inplace: bool = False,
+) -> tuple[Any, Any]:
+    """:func:`fused_softmax_cross_entropy` with the array module and the kernels passed in.
+
+    ``xp`` is ``cupy``, and ``get_function(name_expression)`` returns the
+    compiled kernel. The tests pass ``numpy`` and the CPU emulator's kernels
+    (tools/cuda_emulator) here, so everything on the host side (checks, the
+    mean's denominator, launch shapes, reductions) runs without a GPU exactly
+    as it does with one.
+    """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     eps = float(label_smoothing)
@@ -150,15 +179,15 @@ def fused_softmax_cross_entropy(
         if not logits.flags.c_contiguous:
             raise ValueError("inplace=True needs C-contiguous logits: the gradient would land in a copy")
     else:
-        logits = cupy.ascontiguousarray(logits)
+        logits = xp.ascontiguousarray(logits)
     if labels.dtype.name not in _LABEL_CTYPES:
-        labels = labels.astype(cupy.int64)  # uint64 above 2**63 wraps negative: still "out of range"
-    labels = cupy.ascontiguousarray(labels)
+        labels = labels.astype(xp.int64)  # uint64 above 2**63 wraps negative: still "out of range"
+    labels = xp.ascontiguousarray(labels)
     label_ctype = _LABEL_CTYPES[labels.dtype.name]
 
     weights = None
     if class_weights is not None:
-        weights = cupy.ascontiguousarray(class_weights, dtype=cupy.float32)
+        weights = xp.ascontiguousarray(class_weights, dtype=xp.float32)
         if weights.shape != (n_classes,):
             raise ValueError(f"class_weights must have shape ({n_classes},), got {weights.shape}")
 
@@ -173,20 +202,23 @@ def fused_softmax_cross_entropy(
         # for labels outside [0, C) so that a bad label also shows in "mean".
         in_range = (labels >= 0) & (labels < n_classes)
         if weights is not None and n_classes > 0:
-            w_y = weights[cupy.clip(labels, 0, n_classes - 1)]
+            w_y = weights[xp.clip(labels, 0, n_classes - 1)]
         else:
-            w_y = cupy.ones(n_rows, dtype=cupy.float32)
-        w_y = cupy.where(in_range, w_y, numpy.float32("nan"))
+            w_y = xp.ones(n_rows, dtype=xp.float32)
+        w_y = xp.where(in_range, w_y, numpy.float32("nan"))
         if ignore_index is not None:
-            w_y = cupy.where(labels == ignore, numpy.float32(0.0), w_y)
-        denominator = w_y.sum(dtype=cupy.float32)
-        scale = cupy.reciprocal(denominator.reshape(1))
+            w_y = xp.where(labels == ignore, numpy.float32(0.0), w_y)
+        denominator = w_y.sum(dtype=xp.float32)
+        # Every row ignored: 1/0 = inf and a NaN mean, as in PyTorch. errstate
+        # only matters to NumPy, when the tests run this with the CPU emulator.
+        with numpy.errstate(divide="ignore", invalid="ignore"):
+            scale = xp.reciprocal(denominator.reshape(1))
     else:
-        scale = cupy.ones(1, dtype=cupy.float32)
+        scale = xp.ones(1, dtype=xp.float32)
 
-    grad = logits if inplace else cupy.empty_like(logits)
-    loss_row = cupy.empty(n_rows, dtype=cupy.float32)
-    weight_row = cupy.empty(n_rows, dtype=cupy.float32)
+    grad = logits if inplace else xp.empty_like(logits)
+    loss_row = xp.empty(n_rows, dtype=xp.float32)
+    weight_row = xp.empty(n_rows, dtype=xp.float32)
 
     if n_rows > 0:
         if n_classes <= WARP_KERNEL_MAX_CLASSES:
@@ -196,7 +228,7 @@ def fused_softmax_cross_entropy(
         else:
             kernel, threads = "sce_block_per_row", BLOCK_KERNEL_THREADS
             blocks = min(n_rows, _MAX_GRID)
-        _sce_function(kernel, logit_ctype, label_ctype)(
+        get_function(f"{kernel}<{logit_ctype}, {label_ctype}>")(
             (blocks,),
             (threads,),
             (
@@ -217,7 +249,8 @@ def fused_softmax_cross_entropy(
 
     if reduction == "none":
         return loss_row.astype(logits.dtype), grad
-    total = loss_row.sum(dtype=cupy.float32)
+    total = loss_row.sum(dtype=xp.float32)
     if reduction == "mean":
-        total = total * scale[0]
+        with numpy.errstate(invalid="ignore"):
+            total = total * scale[0]
     return total.astype(logits.dtype), grad

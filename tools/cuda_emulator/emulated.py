@@ -1,0 +1,153 @@
+"""Run deepcore's CUDA kernels on the CPU, through ``emulator.h``, for machines without a GPU.
+
+:func:`build` compiles ``kernels/softmax_cross_entropy.cu`` with the host C++
+compiler against the emulator (every CUDA thread a fiber; see emulator.h) into
+a shared library. :class:`EmulatedModule` loads it and answers
+``get_function(name_expression)`` like ``cupy.RawModule``, and the returned
+kernel is called like a ``cupy.RawKernel``: ``kernel(grid, block, args)`` with
+NumPy arrays where CuPy would take device arrays. So the host wrapper in
+``deepcore/backend/cuda_kernels.py`` runs unchanged with ``xp=numpy``.
+
+Stricter than CuPy on purpose: every argument's type and dtype must be the one
+the template instance expects, and arrays must be C-contiguous, because CuPy
+would pass a wrong one through as a raw pointer and the kernel would read
+garbage. Needs a C++17 compiler with ``_Float16`` (GCC >= 12, Clang >= 15) and
+POSIX ``ucontext``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SCE_SOURCE = REPO / "kernels" / "softmax_cross_entropy.cu"
+_EMULATOR_SOURCES = (HERE / "emulator.h", HERE / "include" / "cuda_fp16.h", HERE / "include" / "cuda_bf16.h",
+                     HERE / "sce_launch.cpp")
+ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
+
+# CUDA type in a name expression -> NumPy dtype name of the array it points to.
+_CTYPE_DTYPES = {"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16",
+                 "int": "int32", "long long": "int64"}
+
+
+def find_compiler() -> str | None:
+    """``$CXX``, else the first of g++, c++, clang++ on PATH."""
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return next((found for name in ("g++", "c++", "clang++") if (found := shutil.which(name))), None)
+
+
+def build(out_dir: Path, *, source: Path = SCE_SOURCE, compiler: str | None = None) -> Path:
+    """Compile ``source`` (the softmax cross-entropy kernels, or a modified copy of them) against
+    the emulator into a shared library in ``out_dir``, reused while the sources are unchanged."""
+    compiler = compiler or find_compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set $CXX, or install g++)")
+    digest = hashlib.sha256(compiler.encode())
+    for path in (*_EMULATOR_SOURCES, Path(source)):
+        digest.update(path.read_bytes())
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lib = Path(out_dir) / f"libsce_emulated_{digest.hexdigest()[:16]}.so"
+    if lib.is_file():
+        return lib
+    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+    command = [compiler, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
+               "-Wno-unknown-pragmas", f"-I{HERE / 'include'}", f"-I{HERE}",
+               f'-DSCE_KERNEL_SOURCE="{Path(source).resolve()}"', str(HERE / "sce_launch.cpp"), "-o", str(tmp)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the kernel emulator failed ({' '.join(command)}):\n{done.stderr}")
+    os.replace(tmp, lib)  # atomic: a concurrent build never loads a half-written library
+    return lib
+
+
+class EmulatedModule:
+    """``cupy.RawModule`` stand-in over the emulator library at ``lib``.
+
+    ``order`` is the order in which each block's threads are run between
+    barriers ("forward", "reverse", or "shuffled" with ``seed``): a kernel whose
+    result changes with it reads or writes memory another thread touches
+    without a barrier in between.
+    """
+
+    def __init__(self, lib: Path, *, order: str = "forward", seed: int = 0) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {tuple(ORDERS)}, got {order!r}")
+        self._lib = ctypes.CDLL(str(lib))
+        self._lib.emu_sce_name.restype = ctypes.c_char_p
+        self._lib.emu_last_error.restype = ctypes.c_char_p
+        self._lib.emu_sce_launch.restype = ctypes.c_int
+        self._lib.emu_sce_launch.argtypes = [
+            ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+            *([ctypes.c_void_p] * 7), ctypes.c_longlong, ctypes.c_int, ctypes.c_longlong, ctypes.c_float,
+        ]
+        self._names = {self._lib.emu_sce_name(i).decode(): i for i in range(self._lib.emu_sce_count())}
+        self.order = order
+        self.seed = seed
+        self.launches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # (name, grid, block) log
+
+    @property
+    def name_expressions(self) -> tuple[str, ...]:
+        return tuple(self._names)
+
+    def get_function(self, name_expression: str) -> EmulatedKernel:
+        if name_expression not in self._names:
+            raise KeyError(f"no emulated kernel {name_expression!r}; have {sorted(self._names)}")
+        return EmulatedKernel(self, name_expression)
+
+
+class EmulatedKernel:
+    """One template instance; called as ``kernel(grid, block, args)`` like ``cupy.RawKernel``."""
+
+    def __init__(self, module: EmulatedModule, name: str) -> None:
+        self._module = module
+        self.name = name
+        template_args = name[name.index("<") + 1:-1].split(", ")
+        self._logit_dtype, self._label_dtype = (_CTYPE_DTYPES[t] for t in template_args)
+
+    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+        if len(grid) != 1 or len(block) != 1:
+            raise ValueError(f"only 1-D launches are emulated, got grid={grid} block={block}")
+        if len(args) != 11:
+            raise TypeError(f"{self.name} takes 11 arguments, got {len(args)}")
+        logits, labels, weights, scale, grad, loss_row, weight_row, n_rows, n_classes, ignore, eps = args
+        ptrs = [
+            _pointer("logits", logits, self._logit_dtype),
+            _pointer("labels", labels, self._label_dtype),
+            None if isinstance(weights, np.uint64) and weights == 0 else _pointer("class_weights", weights, "float32"),
+            _pointer("scale", scale, "float32"),
+            _pointer("grad", grad, self._logit_dtype),
+            _pointer("loss_row", loss_row, "float32"),
+            _pointer("weight_row", weight_row, "float32"),
+        ]
+        for label, value, kind in (("n_rows", n_rows, np.int64), ("n_classes", n_classes, np.int32),
+                                   ("ignore_index", ignore, np.int64), ("label_smoothing", eps, np.float32)):
+            if type(value) is not kind:
+                raise TypeError(f"{label} must be a {kind.__name__} scalar (CuPy passes Python numbers as "
+                                f"64-bit), got {type(value).__name__}")
+        module = self._module
+        module.launches.append((self.name, tuple(grid), tuple(block)))
+        rc = module._lib.emu_sce_launch(module._names[self.name], int(grid[0]), int(block[0]),
+                                        ORDERS[module.order], module.seed, *ptrs, int(n_rows), int(n_classes),
+                                        int(ignore), float(eps))
+        if rc != 0:
+            raise RuntimeError(f"{self.name}: {module._lib.emu_last_error().decode()}")
+
+
+def _pointer(label: str, a: Any, dtype: str) -> int:
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{label} must be an array, got {type(a).__name__}")
+    if a.dtype.name != dtype:
+        raise TypeError(f"{label} must be {dtype} for this instance, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{label} must be C-contiguous: the kernel indexes it as a dense buffer")
+    return a.ctypes.data
