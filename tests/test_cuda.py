@@ -91,3 +91,22 @@ def test_mlp_trains_on_cupy_and_moves_back():
     assert np.mean(model(x).argmax(axis=1) == y) > 0.9
     with pytest.raises(dc.BackendMismatchError, match="model.to"):
         dc.losses.softmax_cross_entropy(xg, np.zeros(len(y), dtype=np.int64))
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+def test_cupy_activations_and_updates_match_numpy(dtype):
+    """The fused elementwise kernels (float32/float64) and the reference path (float16) on the GPU."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(1000) * 4).astype(dtype)
+    dy = rng.standard_normal(1000).astype(dtype)
+    ref, gpu_b = dc.get_backend("numpy"), dc.get_backend("cupy")
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == "float16" else dict(rtol=1e-5, atol=1e-6)
+    for name, args in (("relu", (x,)), ("relu_backward", (dy, x)), ("leaky_relu", (x, 0.1)),
+                       ("leaky_relu_backward", (dy, x, 0.1)), ("sigmoid", (x,)),
+                       ("sigmoid_backward", (dy, ref.sigmoid(x))), ("tanh_backward", (dy, np.tanh(x)))):
+        gargs = tuple(cupy.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
+        got = getattr(gpu_b, name)(*gargs)
+        assert got.dtype == x.dtype, name
+        np.testing.assert_allclose(cupy.asnumpy(got), getattr(ref, name)(*args), err_msg=name, **tol)

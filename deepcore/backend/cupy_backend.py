@@ -16,9 +16,14 @@ import array_api_compat.cupy as cp_compat
 import cupy
 import numpy as np
 
-from .base import Array, Backend, _adam_scalars
+from . import elementwise_kernels as ek
+from .base import Array, Backend
+from .elementwise_kernels import ElementwiseSpec
 
 _FUSED_DTYPES = ("float32", "float16", "bfloat16")
+# The elementwise kernels compute in T: for half types the reference path, which
+# the array-API namespace evaluates with its own precision rules, stays in charge.
+_ELEMENTWISE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _require_device() -> None:
@@ -84,6 +89,33 @@ class CupyBackend(Backend):
             y += bias
         return y
 
+    # ------------------------------------------------------------ activations
+    # One kernel launch per activation and per backward, instead of the reference's
+    # chains of temporaries (sigmoid: abs, negate, exp, add, divide, where).
+
+    def relu(self, x: Array) -> Array:
+        return _launch(ek.RELU, x) if _fusable(x) else super().relu(x)
+
+    def relu_backward(self, dy: Array, x: Array) -> Array:
+        return _launch(ek.RELU_BACKWARD, dy, x) if _fusable(dy, x) else super().relu_backward(dy, x)
+
+    def leaky_relu(self, x: Array, slope: float) -> Array:
+        return _launch(ek.LEAKY_RELU, x, slope) if _fusable(x) else super().leaky_relu(x, slope)
+
+    def leaky_relu_backward(self, dy: Array, x: Array, slope: float) -> Array:
+        if not _fusable(dy, x):
+            return super().leaky_relu_backward(dy, x, slope)
+        return _launch(ek.LEAKY_RELU_BACKWARD, dy, x, slope)
+
+    def sigmoid(self, x: Array) -> Array:
+        return _launch(ek.SIGMOID, x) if _fusable(x) else super().sigmoid(x)
+
+    def sigmoid_backward(self, dy: Array, y: Array) -> Array:
+        return _launch(ek.SIGMOID_BACKWARD, dy, y) if _fusable(dy, y) else super().sigmoid_backward(dy, y)
+
+    def tanh_backward(self, dy: Array, y: Array) -> Array:
+        return _launch(ek.TANH_BACKWARD, dy, y) if _fusable(dy, y) else super().tanh_backward(dy, y)
+
     # ------------------------------------------------------------ loss cores
     def softmax_cross_entropy(self, logits: Array, labels: Array, *, reduction: str = "mean",
                               label_smoothing: float = 0.0, ignore_index: int | None = None,
@@ -117,82 +149,35 @@ class CupyBackend(Backend):
                                       nesterov=nesterov, weight_decay=weight_decay, first_step=first_step)
         # Kernels launch on the current device, which must be the parameter's.
         with value.device:
-            if momentum == 0.0:
-                _sgd_kernel()(grad, lr, weight_decay, value)
-                return value, buf
-            first = first_step or buf is None
-            if first:
-                buf = cupy.empty_like(value)  # written, never read, on the first step
-            _sgd_momentum_kernel()(grad, lr, weight_decay, momentum, 1.0 - dampening, int(nesterov), int(first),
-                                   value, buf)
-        return value, buf
+            return ek.sgd_update(cupy, _kernel, value, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
+                                 nesterov=nesterov, weight_decay=weight_decay, first_step=first_step)
 
     def adam_update(self, value: Array, grad: Array, m: Array, v: Array, *, step: int, lr: float, beta1: float,
                     beta2: float, eps: float, weight_decay: float, decoupled: bool) -> tuple[Array, Array, Array]:
         if value.dtype not in (cupy.float32, cupy.float64) or not (grad.dtype == m.dtype == v.dtype == value.dtype):
             return super().adam_update(value, grad, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                        weight_decay=weight_decay, decoupled=decoupled)
-        step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
-        l2 = 0.0 if decoupled else weight_decay
-        decay = 1.0 - lr * weight_decay if decoupled else 1.0
         with value.device:
-            _adam_kernel()(grad, l2, decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size, bc2_sqrt, value, m, v)
-        return value, m, v
-
-
-# Names n, i and a leading underscore are reserved inside ElementwiseKernel bodies.
-# Python-float scalars typed T are cast to the arrays' dtype, as PyTorch casts its
-# scalar arguments to the tensor's dtype.
-
-@functools.cache
-def _sgd_kernel() -> Any:
-    """``p -= lr (g + wd p)`` (the ``wd != 0`` test keeps an inf parameter from making NaN through 0 * inf)."""
-    return cupy.ElementwiseKernel(
-        "T g, T lr, T weight_decay",
-        "T p",
-        """
-        T d = g;
-        if (weight_decay != 0) d = d + weight_decay * p;
-        p = p - lr * d;
-        """,
-        "deepcore_sgd",
-    )
+            return ek.adam_update(_kernel, value, grad, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                  weight_decay=weight_decay, decoupled=decoupled)
 
 
 @functools.cache
-def _sgd_momentum_kernel() -> Any:
-    """SGD with a momentum buffer: ``buf = d`` on the first step else ``momentum buf + (1-dampening) d``."""
-    return cupy.ElementwiseKernel(
-        "T g, T lr, T weight_decay, T momentum, T one_minus_dampening, int32 nesterov, int32 first",
-        "T p, T buf",
-        """
-        T d = g;
-        if (weight_decay != 0) d = d + weight_decay * p;
-        T b = first ? d : buf * momentum + one_minus_dampening * d;
-        buf = b;
-        if (nesterov) d = d + momentum * b; else d = b;
-        p = p - lr * d;
-        """,
-        "deepcore_sgd_momentum",
-    )
+def _kernel(spec: ElementwiseSpec) -> Any:
+    return cupy.ElementwiseKernel(spec.in_params, spec.out_params, spec.body, spec.name)
 
 
-@functools.cache
-def _adam_kernel() -> Any:
-    """Adam/AdamW: ``l2`` is Adam's weight decay (0 for AdamW), ``decay`` AdamW's ``1 - lr wd`` (1 for Adam)."""
-    return cupy.ElementwiseKernel(
-        "T g, T l2, T decay, T one_minus_beta1, T beta2, T one_minus_beta2, T eps, T step_size, T bc2_sqrt",
-        "T p, T m, T v",
-        """
-        T d = g;
-        if (l2 != 0) d = d + l2 * p;
-        p = p * decay;
-        m = m + one_minus_beta1 * (d - m);
-        v = v * beta2 + one_minus_beta2 * d * d;
-        p = p - step_size * m / (sqrt(v) / bc2_sqrt + eps);
-        """,
-        "deepcore_adam",
-    )
+def _launch(spec: ElementwiseSpec, *args: Any) -> Array:
+    # An ElementwiseKernel runs on the current device, which must be the arrays'.
+    with args[0].device:
+        return _kernel(spec)(*args)
+
+
+def _fusable(*arrays: Array) -> bool:
+    """Same float32/float64 dtype and shape everywhere: what the kernels' single ``T`` and no broadcasting assume."""
+    first = arrays[0]
+    return first.dtype in _ELEMENTWISE_DTYPES and all(a.dtype == first.dtype and a.shape == first.shape
+                                                      for a in arrays[1:])
 
 
 class _on:
