@@ -39,6 +39,26 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(capsys):
     assert _load_check_kernels().main([]) == 0
     out = capsys.readouterr().out
     assert "no spills" in out and "sm_80" in out and "sm_90" in out
+    assert "sm_90  deepcore_adam<float>" in out  # the ElementwiseKernel bodies are compiled too
+
+
+def _nvrtc_loads() -> bool:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()) or not _nvrtc_loads(),
+                    reason="needs nvcc, and CuPy with libnvrtc")
+def test_kernels_compile_through_nvrtc_as_at_run_time(capsys):
+    """CuPy's NVRTC with the name expressions cuda_kernels.py hands it: no GPU needed."""
+    assert _load_check_kernels().main(["--nvrtc"]) == 0
+    out = capsys.readouterr().out
+    assert "sm_90  NVRTC softmax_cross_entropy.cu: 12 instance(s) ok" in out
 
 
 def test_cupy_backend_unavailable_reason_is_clear():

@@ -3,8 +3,9 @@
 
 For every ``kernels/*.cu`` this compiles every template instance that
 ``deepcore/backend/cuda_kernels.py`` lists in ``KERNEL_INSTANCES`` (the same
-instances NVRTC builds at run time) to a cubin for each target architecture,
-with ``ptxas -v``. It prints one line per kernel and architecture (registers,
+instances NVRTC builds at run time), and the ElementwiseKernel bodies of
+``deepcore/backend/elementwise_kernels.py`` for float and double, to a cubin
+for each target architecture, with ``ptxas -v``. It prints one line per kernel and architecture (registers,
 shared memory, stack frame, spill stores/loads) and exits 1 on any compile
 error, any register spill, or a template kernel that no instance covers.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 KERNELS_DIR = REPO / "kernels"
 CUDA_KERNELS_PY = REPO / "deepcore" / "backend" / "cuda_kernels.py"
+ELEMENTWISE_PY = REPO / "deepcore" / "backend" / "elementwise_kernels.py"
 # Ampere (A100) and Hopper (H100): the GPUs deepcore targets. Register use and
 # spills differ per architecture, so each is checked separately.
 DEFAULT_ARCHS = ("sm_80", "sm_90")
@@ -81,25 +83,55 @@ def find_nvcc(explicit: str | None = None) -> str | None:
     return None
 
 
-def load_instances() -> dict[str, tuple[str, ...]]:
-    """KERNEL_INSTANCES from cuda_kernels.py, loaded by path so that neither the
-    deepcore package nor CuPy has to import on the CI machine."""
-    spec = importlib.util.spec_from_file_location("_deepcore_cuda_kernels", CUDA_KERNELS_PY)
+def _load_by_path(name: str, path: Path):
+    """A module of deepcore loaded from its file, so that neither the deepcore package
+    nor CuPy has to import on the CI machine."""
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise RuntimeError(f"cannot load {CUDA_KERNELS_PY}")
+        raise RuntimeError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
-    return dict(module.KERNEL_INSTANCES)
+    return module
+
+
+def load_instances() -> dict[str, tuple[str, ...]]:
+    """KERNEL_INSTANCES from cuda_kernels.py."""
+    return dict(_load_by_path("_deepcore_cuda_kernels", CUDA_KERNELS_PY).KERNEL_INSTANCES)
+
+
+ELEMENTWISE_UNIT = "elementwise_kernels"  # how the generated unit is named in the report
+
+
+def elementwise_unit() -> tuple[str, tuple[str, ...]]:
+    """The CUDA backend's ElementwiseKernel bodies as __global__ templates over T (float and
+    double, the types the backend launches them with), bound as CuPy binds them: inputs by
+    value, outputs by reference. Returns the unit's text and its instances."""
+    specs = _load_by_path("_deepcore_elementwise_kernels", ELEMENTWISE_PY).ALL
+    fixed = {"int32": "int", "float32": "float", "float64": "double"}
+    lines, instances = [], []
+    for spec in specs:
+        params = spec.params()
+        args = ", ".join(f"{'' if out else 'const '}{fixed.get(t, t)}* {name}_p" for t, name, out in params)
+        lines += ["template <typename T>", f"__global__ void {spec.name}(long long _n, {args}) {{",
+                  "    const long long _i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;",
+                  "    if (_i >= _n) return;"]
+        for t, name, out in params:
+            ctype = fixed.get(t, t)
+            lines.append(f"    {ctype}& {name} = {name}_p[_i];" if out else f"    const {ctype} {name} = {name}_p[_i];")
+        lines += ["    {" + spec.body + "}", "}", ""]
+        instances += [f"{spec.name}<float>", f"{spec.name}<double>"]
+    return "\n".join(lines), tuple(instances)
 
 
 def template_kernels(source_text: str) -> set[str]:
     return set(_TEMPLATE_KERNEL.findall(source_text))
 
 
-def instance_unit(source: Path, instances: tuple[str, ...]) -> str:
-    """A translation unit that includes ``source`` and takes the address of each
-    instance, which makes nvcc instantiate and emit exactly those kernels."""
-    lines = [f'#include "{source.resolve()}"', ""]
+def instance_unit(source: Path | str, instances: tuple[str, ...]) -> str:
+    """A translation unit with ``source`` (a file to include, or the text itself) that takes
+    the address of each instance, which makes nvcc instantiate and emit exactly those kernels."""
+    lines = [f'#include "{source.resolve()}"' if isinstance(source, Path) else source, ""]
     if instances:
         # extern: a used-looking definition, so no "declared but never referenced" warning.
         lines.append("extern void* const deepcore_check_instances[];")
@@ -141,7 +173,7 @@ def demangle(names: list[str]) -> dict[str, str]:
     lines = out.stdout.splitlines()
     if out.returncode != 0 or len(lines) != len(names):
         return {n: n for n in names}
-    return dict(zip(names, lines))
+    return dict(zip(names, lines, strict=True))
 
 
 def short_name(demangled: str) -> str:
@@ -158,9 +190,11 @@ def short_name(demangled: str) -> str:
     return name
 
 
-def compile_one(nvcc: str, source: Path, instances: tuple[str, ...], arch: str, workdir: Path) -> CompileResult:
+def compile_one(nvcc: str, source: Path, instances: tuple[str, ...], arch: str, workdir: Path,
+                text: str | None = None) -> CompileResult:
+    """Compile the instances of ``source`` (or of ``text``, reported under ``source``'s name)."""
     unit = workdir / f"{source.stem}.{arch}.check.cu"
-    unit.write_text(instance_unit(source, instances), encoding="utf-8")
+    unit.write_text(instance_unit(source if text is None else text, instances), encoding="utf-8")
     cubin = workdir / f"{source.stem}.{arch}.cubin"
     cmd = [nvcc, *NVCC_FLAGS, "-cubin", f"-arch={arch}", "-o", str(cubin), str(unit)]
     try:
@@ -187,8 +221,10 @@ def nvrtc_check(source: Path, instances: tuple[str, ...], archs: tuple[str, ...]
     not a GPU. ``-I`` stands in for the CUDA include path CuPy adds itself."""
     try:
         from cupy_backends.cuda.libs import nvrtc
-    except ImportError as exc:
-        return [f"--nvrtc needs CuPy's NVRTC bindings: {exc}"]
+
+        nvrtc.getVersion()  # loads libnvrtc, which CuPy looks for only now
+    except Exception as exc:  # ImportError, or CUDA's library finder failing with its own error type
+        return [f"--nvrtc needs CuPy's NVRTC bindings and libnvrtc: {type(exc).__name__}: {exc}"]
     errors = []
     text = source.read_text(encoding="utf-8")
     for arch in archs:
@@ -240,12 +276,21 @@ def main(argv: list[str] | None = None) -> int:
     for name in sorted(set(registry) - {s.name for s in sources}):
         errors.append(f"KERNEL_INSTANCES lists {name}, which is not in {args.kernels_dir}")
 
+    # The ElementwiseKernel bodies are checked as one more unit: CuPy compiles them at run
+    # time inside its own wrapper, so a typo there would otherwise first show on a GPU.
+    ew_text, ew_instances = elementwise_unit()
+    ew_source = Path(f"{ELEMENTWISE_UNIT}.cu")
+    registry[ew_source.name] = ew_instances
+
+    def run(job: tuple[Path, str]) -> CompileResult:
+        source, arch = job
+        text = ew_text if source == ew_source else None
+        return compile_one(nvcc, source, registry.get(source.name, ()), arch, Path(tmp), text)
+
     with tempfile.TemporaryDirectory(prefix="check_kernels.") as tmp:
-        jobs = [(s, a) for s in sources for a in archs]
+        jobs = [(s, a) for s in [*sources, ew_source] for a in archs]
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-            results = list(
-                pool.map(lambda job: compile_one(nvcc, job[0], registry.get(job[0].name, ()), job[1], Path(tmp)), jobs)
-            )
+            results = list(pool.map(run, jobs))
 
     names = demangle(sorted({f.mangled for r in results for f in r.functions}))
     print(f"check_kernels: {nvcc}, archs {' '.join(archs)}")
@@ -261,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
             seen.add(f.name.replace(" ", ""))
             regs = "-" if f.registers is None else str(f.registers)
             label = f.name if f.entry else f"{f.name} (device fn)"
-            print(f"{res.arch:6} {label:44} {regs:>4} {f.smem:>5}B {f.stack:>4}B {f.spill_stores:>7}B {f.spill_loads:>7}B")
+            print(f"{res.arch:6} {label:44} {regs:>4} {f.smem:>5}B {f.stack:>4}B "
+                  f"{f.spill_stores:>7}B {f.spill_loads:>7}B")
             if f.spill_stores or f.spill_loads:
-                errors.append(f"{rel} [{res.arch}] {f.name}: spills {f.spill_stores} B stores / {f.spill_loads} B loads")
+                errors.append(f"{rel} [{res.arch}] {f.name}: spills {f.spill_stores} B stores / "
+                              f"{f.spill_loads} B loads")
         for inst in registry.get(rel, ()):
             if inst.replace(" ", "") not in seen:
                 errors.append(f"{rel} [{res.arch}]: no ptxas report for instance {inst}")
@@ -277,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         for e in errors:
             print(f"check_kernels: error: {e}")
         return 1
-    print(f"check_kernels: ok: {len(sources)} source(s) x {len(archs)} arch(s), no spills")
+    print(f"check_kernels: ok: {len(sources)} source(s) and the elementwise kernels x {len(archs)} arch(s), no spills")
     return 0
 
 

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .base import _adam_scalars
-
 __all__ = ["ACTIVATIONS", "ALL", "OPTIMIZERS", "ElementwiseSpec", "adam_update", "sgd_update"]
 
 
@@ -145,6 +143,9 @@ def sgd_update(xp: Any, kernel: Kernels, value: Any, grad: Any, buf: Any | None,
 def adam_update(kernel: Kernels, value: Any, grad: Any, m: Any, v: Any, *, step: int, lr: float, beta1: float,
                 beta2: float, eps: float, weight_decay: float, decoupled: bool) -> tuple[Any, Any, Any]:
     """``Backend.adam_update`` in one kernel launch, in place on ``value``, ``m`` and ``v``."""
+    # Imported here so that tools/check_kernels.py can load this file without the package.
+    from .base import _adam_scalars
+
     step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
     l2 = 0.0 if decoupled else weight_decay
     decay = 1.0 - lr * weight_decay if decoupled else 1.0
