@@ -130,3 +130,14 @@ def test_cupy_activations_and_updates_match_numpy(dtype):
         got = getattr(gpu_b, name)(*gargs)
         assert got.dtype == x.dtype, name
         np.testing.assert_allclose(cupy.asnumpy(got), getattr(ref, name)(*args), err_msg=name, **tol)
+    # Optimizer updates: the GPU may contract a*b+c into FMAs, so a tolerance, not bits.
+    p, g = (rng.standard_normal(1000).astype(dtype) for _ in range(2))
+    for update, kw in (("sgd_update", dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=False, weight_decay=1e-2,
+                                           first_step=False)),
+                       ("adam_update", dict(step=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2,
+                                            decoupled=True))):
+        state = [np.abs(rng.standard_normal(1000)).astype(dtype) for _ in range(1 if update == "sgd_update" else 2)]
+        want = getattr(ref, update)(p.copy(), g, *[s.copy() for s in state], **kw)
+        got = getattr(gpu_b, update)(cupy.asarray(p), cupy.asarray(g), *[cupy.asarray(s) for s in state], **kw)
+        for w, o in zip(want, got, strict=True):
+            np.testing.assert_allclose(cupy.asnumpy(o), w, err_msg=update, **tol)

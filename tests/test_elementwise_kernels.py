@@ -101,6 +101,12 @@ def test_updates_are_in_place(kernel):
     assert out is value and (value == 0.5).all() and (buf == 0.5).all()
 
 
+def _assert_same_zero_signs(got, want):
+    """allclose calls -0.0 and +0.0 equal; a NaN's sign means nothing."""
+    numbers = ~np.isnan(want)
+    np.testing.assert_array_equal(np.signbit(got[numbers]), np.signbit(want[numbers]))
+
+
 def _inputs(dtype):
     x = np.random.default_rng(2).standard_normal(64) * 4
     special = [0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 100.0, -100.0, 800.0, -800.0, np.inf, -np.inf, np.nan]
@@ -119,6 +125,7 @@ def test_activation_kernels_match_the_reference(kernel, dtype, name):
             want = getattr(REFERENCE, name)(x)
     assert got.dtype == x.dtype
     np.testing.assert_allclose(got, want, **TOL[dtype])  # NaN where the reference has NaN
+    _assert_same_zero_signs(got, want)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -135,6 +142,7 @@ def test_activation_backward_kernels_match_the_reference(kernel, dtype, name):
     else:
         got, want = kernel(spec)(dy, x), REFERENCE.relu_backward(dy, x)
     np.testing.assert_allclose(got, want, **TOL[dtype])
+    _assert_same_zero_signs(got, want)
 
 
 def test_sigmoid_saturates_without_overflow(kernel):

@@ -286,8 +286,11 @@ def test_extreme_logits(runner, c, smoothing):
 @pytest.mark.parametrize("c", [10, 4000])
 def test_labels_out_of_range_give_nan_rows_and_nan_mean(runner, c):
     """Unchecked bad labels (``validate=False`` upstream) must poison their rows, never read out of bounds."""
+    # NaN is the expected value here, so poison with something else.
     if isinstance(runner, Emulated):
-        runner.xp.poison = 7.0  # NaN is the expected value here, so poison with something else
+        runner.xp.poison = 7.0
+    else:
+        runner.poison = 7.0
     s = np.random.default_rng(0).standard_normal((4, c)).astype(np.float32)
     y = np.array([1, c, -1, 0])
     loss, grad = _run(runner, s, y, {}, reduction="none")
@@ -450,6 +453,31 @@ def test_emulator_reports_a_barrier_only_some_threads_reach(tmp_path):
     s, y, kw = _problem((2, 3000), "float32", {})
     with pytest.raises(RuntimeError, match="deadlock"):
         _run(Emulated(module), s, y, kw)
+
+
+def test_emulator_refuses_blocks_beyond_the_launch_bounds(lib):
+    """A GPU refuses a block larger than __launch_bounds__; so does the emulator."""
+    s, y = np.zeros((2, 2000), np.float32), np.zeros(2, np.int64)
+    out = (np.ones(1, np.float32), np.empty_like(s), np.empty(2, np.float32), np.empty(2, np.float32))
+    kernel = emulated.EmulatedModule(lib).get_function("sce_block_per_row<float, long long>")
+    with pytest.raises(RuntimeError, match="exceeds its __launch_bounds__ of 512"):
+        kernel((1,), (1024,), (s, y, np.uint64(0), *out, np.int64(2), np.int32(2000), np.int64(-1), np.float32(0)))
+
+
+def test_host_launch_shapes_match_the_kernels_launch_bounds():
+    source = ck.kernel_source(ck.SCE_SOURCE)
+    assert f"constexpr int kWarpKernelThreads = {ck.WARP_KERNEL_THREADS};" in source
+    assert f"constexpr int kBlockKernelThreads = {ck.BLOCK_KERNEL_THREADS};" in source
+
+
+def test_warp_kernel_keeps_its_barrier_before_in_place_writes():
+    """On a GPU a shuffle orders no memory: the __syncwarp() between lane 0's read of s_y and
+    the lanes' in-place writes is what does. The emulator cannot see it missing (its shuffles
+    are switch points), so the source is checked instead."""
+    source = ck.kernel_source(ck.SCE_SOURCE)
+    warp_kernel = source[source.index("sce_warp_per_row("):source.index("sce_block_per_row(")]
+    reads_sy = warp_kernel.index("to_float(x[y])")
+    assert reads_sy < warp_kernel.index("__syncwarp();") < warp_kernel.index("g[k] = from_float<T>(grad_at(")
 
 
 def test_rows_above_two_to_the_31_elements_use_64_bit_offsets():

@@ -85,9 +85,10 @@ ADAM = ElementwiseSpec(
 )
 
 # ----------------------------------------------------------------- activations
-# NaN in, NaN out, as in the reference: `x < 0 ? 0 : x` keeps a NaN where `x > 0 ? x : 0` would not.
+# NaN in, NaN out, as in the reference: `x < 0 ? 0 : x` keeps a NaN where `x > 0 ? x : 0` would not,
+# and `+ 0` turns -0.0 into +0.0 as the reference's maximum(x, 0) does.
 
-RELU = ElementwiseSpec("deepcore_relu", "T x", "T y", "y = x < (T)0 ? (T)0 : x;", "y = max(x, 0)")
+RELU = ElementwiseSpec("deepcore_relu", "T x", "T y", "y = x < (T)0 ? (T)0 : x + (T)0;", "y = max(x, 0)")
 
 RELU_BACKWARD = ElementwiseSpec(
     "deepcore_relu_backward", "T dy, T x", "T dx", "dx = x > (T)0 ? dy : (T)0;", "dx = dy [x > 0]")

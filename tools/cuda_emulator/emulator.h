@@ -11,6 +11,14 @@
 // different orders, accesses that depend on unsynchronised ordering.
 // What it cannot check: timing, the memory model between barriers, occupancy,
 // or CUDA's device math library (host expf/logf stand in for the device ones).
+// Two limits to keep in mind when reading a green run:
+// - A warp shuffle is a switch point here, so it orders memory like a barrier;
+//   on a GPU it orders nothing. A missing __syncwarp() between a read and an
+//   aliasing write of another lane does not show (tests check that the
+//   kernel's __syncwarp() is still there instead).
+// - __shared__ memory is a function-local static: a block starts with what the
+//   previous block left, not with garbage, so a read before the first write may
+//   pass here.
 #pragma once
 
 #include <algorithm>
@@ -21,6 +29,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include <ucontext.h>
 
@@ -233,5 +242,13 @@ inline int __float_as_int(float f) {
     std::memcpy(&i, &f, sizeof i);
     return i;
 }
-inline int min(int a, int b) { return a < b ? a : b; }
-inline int max(int a, int b) { return a > b ? a : b; }
+// CUDA overloads min/max for every arithmetic type; one template does the same
+// without narrowing (an int-only pair would silently truncate a long long).
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) {
+    return a < b ? a : b;
+}
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) {
+    return a > b ? a : b;
+}

@@ -3,6 +3,8 @@
 // (tools/cuda_emulator/emulated.py). SCE_KERNEL_SOURCE is the .cu's path.
 #include "emulator.h"
 
+#include <mutex>
+
 #include SCE_KERNEL_SOURCE
 
 namespace {
@@ -33,20 +35,23 @@ void run(void* p) {
 struct Instance {
     const char* name;  // the name expression cuda_kernels.py hands NVRTC
     void (*body)(void*);
+    unsigned max_threads;  // the kernel's __launch_bounds__: a GPU refuses a larger block
 };
 
-#define SCE_INSTANCES(KERNEL, BLOCK)                                              \
-    {KERNEL "<float, int>", run<float, int, BLOCK>},                              \
-    {KERNEL "<float, long long>", run<float, long long, BLOCK>},                  \
-    {KERNEL "<__half, int>", run<__half, int, BLOCK>},                            \
-    {KERNEL "<__half, long long>", run<__half, long long, BLOCK>},                \
-    {KERNEL "<__nv_bfloat16, int>", run<__nv_bfloat16, int, BLOCK>},             \
-    {KERNEL "<__nv_bfloat16, long long>", run<__nv_bfloat16, long long, BLOCK>}
+#define SCE_INSTANCES(KERNEL, BLOCK, MAX)                                              \
+    {KERNEL "<float, int>", run<float, int, BLOCK>, MAX},                              \
+    {KERNEL "<float, long long>", run<float, long long, BLOCK>, MAX},                  \
+    {KERNEL "<__half, int>", run<__half, int, BLOCK>, MAX},                            \
+    {KERNEL "<__half, long long>", run<__half, long long, BLOCK>, MAX},                \
+    {KERNEL "<__nv_bfloat16, int>", run<__nv_bfloat16, int, BLOCK>, MAX},             \
+    {KERNEL "<__nv_bfloat16, long long>", run<__nv_bfloat16, long long, BLOCK>, MAX}
 
-const Instance kInstances[] = {SCE_INSTANCES("sce_warp_per_row", false), SCE_INSTANCES("sce_block_per_row", true)};
+const Instance kInstances[] = {SCE_INSTANCES("sce_warp_per_row", false, sce::kWarpKernelThreads),
+                               SCE_INSTANCES("sce_block_per_row", true, sce::kBlockKernelThreads)};
 constexpr int kCount = sizeof(kInstances) / sizeof(kInstances[0]);
 
 thread_local std::string last_error;
+std::mutex launch_mutex;  // one launch at a time: the emulator's state and __shared__ statics are global
 
 }  // namespace
 
@@ -68,8 +73,15 @@ int emu_sce_launch(int instance, unsigned grid, unsigned block, int order, unsig
         last_error = "no kernel instance " + std::to_string(instance);
         return -1;
     }
+    if (block > kInstances[instance].max_threads) {
+        last_error = std::string(kInstances[instance].name) + ": block of " + std::to_string(block) +
+                     " threads exceeds its __launch_bounds__ of " + std::to_string(kInstances[instance].max_threads) +
+                     " (a GPU refuses this launch)";
+        return -1;
+    }
     SceArgs args{logits,   labels,     class_weights, scale,     grad,          loss_row,
                  weight_row, n_rows,   n_classes,     ignore_index, label_smoothing};
+    std::lock_guard<std::mutex> lock(launch_mutex);
     try {
         emu::launch(grid, block, static_cast<emu::Order>(order), seed, kInstances[instance].body, &args);
     } catch (const std::exception& exc) {
