@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 import pytest
 
 import deepcore as dc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(relative_path: str) -> ModuleType:
+    """A script under tools/ (not a package) as a module named after its file, loaded once."""
+    name = Path(relative_path).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before exec: dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def arr(backend: dc.Backend, a, dtype: str | None = None):

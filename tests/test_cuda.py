@@ -3,9 +3,7 @@ reaches the fused kernel, trains a model, and refuses mixed NumPy/CuPy inputs.""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +11,13 @@ import pytest
 
 import deepcore as dc
 from deepcore.backend.cuda_kernels import KERNEL_INSTANCES, kernel_source
+from tests.helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_check_kernels():
-    spec = importlib.util.spec_from_file_location("check_kernels", ROOT / "tools" / "check_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["check_kernels"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("tools/check_kernels.py")
 
 
 def test_every_kernel_source_is_found_and_listed():

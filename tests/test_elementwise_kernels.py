@@ -8,30 +8,16 @@ Backend's optimizer rules are themselves checked against PyTorch in tests/test_o
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import array_api_compat.numpy as np_compat
 import numpy as np
 import pytest
 
 from deepcore.backend import elementwise_kernels as ek
 from deepcore.backend.base import Backend
+from tests.helpers import load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "cuda_emulator" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-emulated = sys.modules.get("emulated") or _load("emulated")
-elementwise = _load("elementwise")
+emulated = load_tool("tools/cuda_emulator/emulated.py")
+elementwise = load_tool("tools/cuda_emulator/elementwise.py")
 REFERENCE = Backend(np_compat, name="reference")
 TOL = {"float32": dict(rtol=2e-6, atol=1e-7), "float64": dict(rtol=1e-14, atol=1e-300)}
 

@@ -10,10 +10,8 @@ on both sides, so an element the kernel never writes, or one it writes out of bo
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,23 +19,15 @@ import pytest
 
 import deepcore as dc
 from deepcore.backend import cuda_kernels as ck
+from tests.helpers import load_tool
 
-ROOT = Path(__file__).resolve().parents[1]
 try:
     import ml_dtypes
 except ImportError:  # bfloat16 cases skip
     ml_dtypes = None
 
 
-def _load_emulated():
-    spec = importlib.util.spec_from_file_location("emulated", ROOT / "tools" / "cuda_emulator" / "emulated.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["emulated"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-emulated = _load_emulated()
+emulated = load_tool("tools/cuda_emulator/emulated.py")
 _cupy = None
 if dc.available_backends()["cupy"] is True:
     import cupy as _cupy

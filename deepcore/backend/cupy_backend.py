@@ -144,7 +144,7 @@ class CupyBackend(Backend):
     def sgd_update(self, value: Array, grad: Array, buf: Array | None, *, lr: float, momentum: float,
                    dampening: float, nesterov: bool, weight_decay: float,
                    first_step: bool) -> tuple[Array, Array | None]:
-        if value.dtype not in (cupy.float32, cupy.float64) or grad.dtype != value.dtype:
+        if not _fusable(value, grad):
             return super().sgd_update(value, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
                                       nesterov=nesterov, weight_decay=weight_decay, first_step=first_step)
         # Kernels launch on the current device, which must be the parameter's.
@@ -154,7 +154,7 @@ class CupyBackend(Backend):
 
     def adam_update(self, value: Array, grad: Array, m: Array, v: Array, *, step: int, lr: float, beta1: float,
                     beta2: float, eps: float, weight_decay: float, decoupled: bool) -> tuple[Array, Array, Array]:
-        if value.dtype not in (cupy.float32, cupy.float64) or not (grad.dtype == m.dtype == v.dtype == value.dtype):
+        if not _fusable(value, grad, m, v):
             return super().adam_update(value, grad, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                        weight_decay=weight_decay, decoupled=decoupled)
         with value.device:

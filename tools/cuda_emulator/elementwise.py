@@ -19,8 +19,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,14 +31,15 @@ _FIXED = {"int32": ("int", np.dtype(np.int32)), "float32": ("float", np.dtype(np
           "float64": ("double", np.dtype(np.float64))}
 
 
-def _find_compiler() -> str | None:
-    module = sys.modules.get("emulated")  # emulated.py, where the tests have loaded it already
+def _emulated():
+    """The sibling emulated.py (find_compiler, compile_library), where the tests have loaded it already."""
+    module = sys.modules.get("emulated")
     if module is None:
         spec = importlib.util.spec_from_file_location("emulated", HERE / "emulated.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules["emulated"] = module
         spec.loader.exec_module(module)
-    return module.find_compiler()
+    return module
 
 
 def _ctype(param_type: str, t: str) -> str:
@@ -77,26 +76,12 @@ def source(specs) -> str:
 
 def build(out_dir: Path, specs, compiler: str | None = None) -> Path:
     """Compile ``specs`` into a shared library in ``out_dir`` (reused while the source is unchanged)."""
-    compiler = compiler or _find_compiler()
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set $CXX, or install g++)")
     text = source(specs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256((compiler + text).encode()).hexdigest()[:16]
-    lib = out_dir / f"libelementwise_{digest}.so"
-    if lib.is_file():
-        return lib
-    cpp = out_dir / f"elementwise_{digest}.cpp"
+    cpp = Path(out_dir) / f"elementwise_{hashlib.sha256(text.encode()).hexdigest()[:16]}.cpp"
+    cpp.parent.mkdir(parents=True, exist_ok=True)
     cpp.write_text(text)
-    tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    command = [compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-Wall", "-Werror",
-               "-Wno-unused-variable", str(cpp), "-o", str(tmp)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0:
-        raise RuntimeError(f"building the elementwise emulator failed ({' '.join(command)}):\n{done.stderr}")
-    os.replace(tmp, lib)
-    return lib
+    args = ["-ffp-contract=off", "-Wno-unused-variable", str(cpp)]
+    return _emulated().compile_library(out_dir, "elementwise", text.encode(), args, compiler)
 
 
 class EmulatedElementwise:

@@ -46,28 +46,33 @@ def find_compiler() -> str | None:
     return next((found for name in ("g++", "c++", "clang++") if (found := shutil.which(name))), None)
 
 
-def build(out_dir: Path, *, source: Path = SCE_SOURCE, compiler: str | None = None) -> Path:
-    """Compile ``source`` (the softmax cross-entropy kernels, or a modified copy of them) against
-    the emulator into a shared library in ``out_dir``, reused while the sources are unchanged."""
+def compile_library(out_dir: Path, stem: str, key: bytes, args: list[str], compiler: str | None = None) -> Path:
+    """``compiler -shared -fPIC <args>`` into ``out_dir/lib<stem>_<hash>.so``, where the hash is of
+    ``key`` (the sources) and the compiler: an unchanged build is reused, and the library is
+    written atomically, so a concurrent build never loads a half-written one."""
     compiler = compiler or find_compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set $CXX, or install g++)")
-    digest = hashlib.sha256(compiler.encode())
-    for path in (*_EMULATOR_SOURCES, Path(source)):
-        digest.update(path.read_bytes())
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    lib = Path(out_dir) / f"libsce_emulated_{digest.hexdigest()[:16]}.so"
+    lib = Path(out_dir) / f"lib{stem}_{hashlib.sha256(compiler.encode() + key).hexdigest()[:16]}.so"
     if lib.is_file():
         return lib
     tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-    command = [compiler, "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
-               "-Wno-unknown-pragmas", f"-I{HERE / 'include'}", f"-I{HERE}",
-               f'-DSCE_KERNEL_SOURCE="{Path(source).resolve()}"', str(HERE / "sce_launch.cpp"), "-o", str(tmp)]
+    command = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-Wall", "-Werror", *args, "-o", str(tmp)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
-        raise RuntimeError(f"building the kernel emulator failed ({' '.join(command)}):\n{done.stderr}")
-    os.replace(tmp, lib)  # atomic: a concurrent build never loads a half-written library
+        raise RuntimeError(f"building {stem} failed ({' '.join(command)}):\n{done.stderr}")
+    os.replace(tmp, lib)
     return lib
+
+
+def build(out_dir: Path, *, source: Path = SCE_SOURCE, compiler: str | None = None) -> Path:
+    """Compile ``source`` (the softmax cross-entropy kernels, or a modified copy of them) against
+    the emulator into a shared library in ``out_dir``, reused while the sources are unchanged."""
+    key = b"".join(path.read_bytes() for path in (*_EMULATOR_SOURCES, Path(source)))
+    args = ["-g", "-Wextra", "-Wno-unknown-pragmas", f"-I{HERE / 'include'}", f"-I{HERE}",
+            f'-DSCE_KERNEL_SOURCE="{Path(source).resolve()}"', str(HERE / "sce_launch.cpp")]
+    return compile_library(out_dir, "sce_emulated", key, args, compiler)
 
 
 class EmulatedModule:
