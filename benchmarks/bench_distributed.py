@@ -7,8 +7,9 @@ For each MLP (784-256-10 and 784-4096-4096-10, float32, SGD with momentum, per-r
 batch 128 of random MNIST-shaped data) it starts ``mpirun -n R`` for each
 configuration: 1 rank with 1 BLAS thread, 1 rank with 2 BLAS threads, 2 ranks with
 1 BLAS thread each. A step is what ``deepcore.train.fit`` does (except that its
-backward also forms the input gradient, which ``fit`` skips): forward, loss, backward, the bucketed gradient allreduce (:class:`deepcore.distributed.GradientReducer`,
-only with 2 ranks), optimizer step. Reported: the median step time, the median time
+backward also forms the input gradient, which ``fit`` skips): forward, loss, backward, the
+bucketed gradient allreduce (:class:`deepcore.distributed.GradientReducer`, only with 2 ranks),
+optimizer step. Reported: the median step time, the median time
 inside the allreduce calls ("comm"), the time packing and unpacking buckets ("pack"),
 comm's share of the step, and samples per second over all ranks. The machine is named
 in the output; compare rows from one run only.

@@ -25,9 +25,12 @@ def check_floating(backend: Backend, x: Array, name: str, fn: str, ndims: tuple[
 
 
 def check_int(value: Any, name: str, fn: str, low: int = 0) -> int:
-    """``value`` as an int (NumPy integers accepted, bools refused), at least ``low``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
-        want = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+    """``value`` as an int (NumPy integers accepted, bools refused), at least ``low``: TypeError
+    for what is not an integer, ValueError for one out of range, both naming ``fn`` and ``name``."""
+    want = {0: "a non-negative integer", 1: "a positive integer"}.get(low, f"an integer >= {low}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{fn}: {name} must be {want}, got {type(value).__name__} {value!r}")
+    if value < low:
         raise ValueError(f"{fn}: {name} must be {want}, got {value!r}")
     return int(value)
 
@@ -91,7 +94,8 @@ def check_values_in(backend: Backend, x: Array, name: str, fn: str, allowed: tup
     i = first_bad(backend, ~ok)
     if i is not None:
         idx = _unravel(i, tuple(x.shape))
-        raise ValueError(f"{fn}: {name} must take values in {{{', '.join(map(str, allowed))}}}, got {name}[{idx}] = {float(flat[i])}")
+        values = ", ".join(map(str, allowed))
+        raise ValueError(f"{fn}: {name} must take values in {{{values}}}, got {name}[{idx}] = {float(flat[i])}")
 
 
 def _unravel(i: int, shape: tuple[int, ...]) -> str:

@@ -243,9 +243,7 @@ def load_checkpoint(path: str | os.PathLike[str], model: Module | None = None, o
 def _restore(checkpoint: Checkpoint, model: Module, optimizer: Any) -> None:
     # load_state_dict checks before it assigns, but the later steps may still fail (extra states of
     # another architecture, an optimizer refusing its state): keep the very arrays to put back.
-    saved_params = [(p, p.value) for p in model.parameters()]
-    saved_buffers = [(owner, name, b) for _, owner in model._owners() for name, b in owner._buffers.items()]
-    saved_extra = model.extra_states()
+    saved = model.snapshot()
     try:
         model.load_state_dict(checkpoint.model_state)
         if checkpoint.model_extra_states:
@@ -253,11 +251,7 @@ def _restore(checkpoint: Checkpoint, model: Module, optimizer: Any) -> None:
         if optimizer is not None:
             optimizer.load_state_dict(checkpoint.optimizer_state)
     except BaseException:
-        for p, value in saved_params:
-            p.value = value
-        for owner, name, b in saved_buffers:
-            owner._set_buffer(name, b)
-        model.load_extra_states(saved_extra)
+        model.restore(saved)
         raise
 
 

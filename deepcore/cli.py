@@ -12,7 +12,7 @@ import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
@@ -24,26 +24,15 @@ from .backend import (
     get_backend,
     use_backend,
 )
+from .cli_errors import EXIT_FAILURE, EXIT_USAGE, OneLineParser, UsageError
+from .sysinfo import describe_blas
 
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-
-
-class UsageError(Exception):
-    """A bad command-line value, reported as one line with exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line (``deepcore: error: ...``), not usage plus error."""
-
-    def error(self, message: str) -> NoReturn:
-        command = self.prog.partition(" ")[2]
-        where = f"{command}: " if command else ""
-        self.exit(EXIT_USAGE, f"deepcore: error: {where}{message} (see {self.prog} --help)\n")
+BENCH_HELP = "time deepcore's backends against each other and PyTorch"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(with_bench="bench" in argv)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -62,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="deepcore", description="Train neural networks on NumPy or CuPy.")
+def _parser(with_bench: bool = True) -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="deepcore", description="Train neural networks on NumPy or CuPy.")
     parser.add_argument("--version", action="version", version=f"deepcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{train,info,demo,bench}")
 
@@ -104,9 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("."), help="where plots go (default: here)")
     d.set_defaults(run=_cmd_demo)
 
-    from .bench import add_parser as add_bench_parser
+    if with_bench:
+        from .bench.command import add_parser as add_bench_parser
 
-    add_bench_parser(sub)
+        add_bench_parser(sub)
+    else:  # listed in --help; the benchmark package is imported only when the command runs
+        sub.add_parser("bench", help=BENCH_HELP)
     return parser
 
 
@@ -249,7 +241,7 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
         get_backend(backend_name)
     except (UnknownBackendError, BackendUnavailableError) as exc:
         raise UsageError(f"--backend: {exc}") from None
-    say = (lambda _m: None) if args.quiet or not comm.is_root else print
+    report = (lambda _m: None) if args.quiet or not comm.is_root else print
 
     # Arguments are all checked: only now load (and perhaps download) the data; rank 0 first.
     with root_first(comm):
@@ -257,7 +249,8 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
                                    seed=args.seed, val_fraction=args.val_fraction)
     train_ds, val_ds = splits.train, splits.val
     in_features = splits.num_features
-    say(f"deepcore {__version__}: {splits.name}, {len(train_ds)} train / {0 if val_ds is None else len(val_ds)} val / "
+    n_val = 0 if val_ds is None else len(val_ds)
+    report(f"deepcore {__version__}: {splits.name}, {len(train_ds)} train / {n_val} val / "
         f"{len(splits.test)} test, {in_features} features, {splits.num_classes} classes; backend {backend_name}")
 
     with use_backend(backend_name):
@@ -281,10 +274,10 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
     save_checkpoint(ckpt, model, optimizer, epoch=args.epochs - 1,
                     extra={"history": history.to_dict(), "test": test, "args": _jsonable(vars(args))}
                     | ({"scheduler": schedule.state_dict()} if schedule is not None else {}))
-    png = training_curves(history, args.out / "curves.png", note=say)
+    png = training_curves(history, args.out / "curves.png", note=report)
     acc = f", test accuracy {test['accuracy']:.2%}" if "accuracy" in test else ""
     print(f"test loss {test['loss']:.4f}{acc}")
-    say(f"wrote {ckpt}, {history_path}" + (f", {png}" if png else ""))
+    report(f"wrote {ckpt}, {history_path}" + (f", {png}" if png else ""))
     comm.barrier()
     return 0
 
@@ -300,7 +293,7 @@ def collect_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "numpy": np.__version__,
-        "blas": _blas(),
+        "blas": describe_blas(),
         "backends": available_backends(),
     }
     if info["backends"].get("cupy") is True:
@@ -314,15 +307,6 @@ def collect_info() -> dict[str, Any]:
         except Exception:
             continue
     return info
-
-
-def _blas() -> str:
-    try:
-        cfg = np.show_config(mode="dicts")
-        blas = cfg["Build Dependencies"]["blas"]
-        return f"{blas.get('name', '?')} {blas.get('version', '')}".strip()
-    except Exception:
-        return "unknown"
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

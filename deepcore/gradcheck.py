@@ -67,7 +67,8 @@ def check_gradients(f: Callable[[dict[str, Array]], Any], inputs: dict[str, Arra
             numeric = (_scalar(f(plus)) - _scalar(f(minus))) / (2.0 * eps)
             label = "+".join(group)
             result.checks.append((label, analytic, numeric))
-            if not math.isfinite(analytic) or not abs(analytic - numeric) <= atol + rtol * max(abs(analytic), abs(numeric)):
+            tolerance = atol + rtol * max(abs(analytic), abs(numeric))
+            if not math.isfinite(analytic) or not abs(analytic - numeric) <= tolerance:
                 result.failures.append(
                     f"gradient of {label!r} disagrees with finite differences: analytic {analytic:.10g}, "
                     f"numeric {numeric:.10g} (eps={eps})"
@@ -82,8 +83,7 @@ def check_layer(layer: Module, x: Array, *, train: bool = False, seed: int = 0, 
     with a random ``g``. The layer runs in float64 for the check and is restored afterwards
     (parameters, gradients and buffers are the same objects as before)."""
     params = list(layer.named_parameters())
-    saved_params = [(p, p.value, p.grad) for _, p in params]
-    saved_buffers = [(owner, name, b) for _, owner in layer._owners() for name, b in owner._buffers.items()]
+    saved = layer.snapshot()
     try:
         layer.to(dtype="float64")
         x64 = _float64(x)
@@ -107,10 +107,7 @@ def check_layer(layer: Module, x: Array, *, train: bool = False, seed: int = 0, 
 
         return check_gradients(f, inputs, grads, seed=seed, **kwargs)
     finally:
-        for p, value, grad in saved_params:
-            p.value, p.grad = value, grad
-        for owner, name, b in saved_buffers:
-            owner._set_buffer(name, b)
+        layer.restore(saved)
 
 
 def check_loss(loss_fn: Callable[..., tuple[Array, Array]], pred: Array, target: Array, *, seed: int = 0,

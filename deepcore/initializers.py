@@ -45,7 +45,8 @@ SCHEMES: dict[str, tuple[Initializer, Initializer]] = {
 }
 
 
-def resolve(init: str | Initializer, owner: str) -> tuple[Initializer, Initializer]:
+def initializers_for(init: str | Initializer, owner: str) -> tuple[Initializer, Initializer]:
+    """``(weight initializer, bias initializer)`` for a scheme name; a callable gets zero biases."""
     if callable(init):
         return init, zeros
     if init not in SCHEMES:

@@ -71,7 +71,8 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mea
                                              ignore_index=ignore_index, class_weights=weights)
 
 
-def log_likelihood(probs: Array, labels: Array, *, reduction: str = "mean", validate: bool = True) -> tuple[Array, Array]:
+def log_likelihood(probs: Array, labels: Array, *, reduction: str = "mean",
+                   validate: bool = True) -> tuple[Array, Array]:
     """Negative log-likelihood of given probabilities: ``L_i = -log p_{i,y_i}``; ``dL/dp_{i,y_i} = -1/p_{i,y_i}``.
 
     PyTorch's ``nll_loss`` takes log-probabilities instead: ``nll_loss(log(p), y)``.

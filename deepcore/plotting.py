@@ -40,7 +40,7 @@ def training_curves(history: History, path: str | Path, note: Callable[[str], No
     epochs = history["epoch"]
     fig = Figure(figsize=(10, 3.6))
     axes = fig.subplots(1, 2)
-    for ax, key in zip(axes, ("loss", "accuracy")):
+    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = history[prefix + key]
             if values:
@@ -63,7 +63,7 @@ def overfitting(orders: Sequence[int], train_err: Sequence[float], test_err: Seq
     left, right = fig.subplots(1, 2)
     left.scatter(curve["x_train"], curve["y_train"], s=14, label="train")
     left.scatter(curve["x_test"], curve["y_test"], s=14, marker="x", label="test")
-    for order, ys in zip(orders, curve["fits"]):
+    for order, ys in zip(orders, curve["fits"], strict=True):
         left.plot(curve["grid"], ys, label=f"order {order}")
     left.set_ylim(-2, 2)
     left.legend(fontsize=7)

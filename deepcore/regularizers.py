@@ -111,7 +111,7 @@ class Regularizer:
             backend = get_backend(p.value)
             updates.append((p, self._dr(backend.xp, p.value) * self.lam, backend))
         for p, g, backend in updates:
-            p.accumulate(g, backend)
+            p.accumulate_grad(g, backend)
 
     def __call__(self, params: Params) -> Array:
         """``add_gradient(params)`` and return ``penalty(params)``."""

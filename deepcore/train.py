@@ -47,7 +47,7 @@ __all__ = [
     "evaluate",
     "fit",
     "predict",
-    "resolve_loss",
+    "get_loss",
 ]
 
 LossFn = Callable[..., tuple[Array, Array]]
@@ -151,7 +151,8 @@ class EarlyStopping(Callback):
             model.load_state_dict(self._best_state)
 
 
-def resolve_loss(loss: str | LossFn) -> LossFn:
+def get_loss(loss: str | LossFn) -> LossFn:
+    """The loss function named ``loss`` (a key of :data:`LOSSES`), or ``loss`` itself if callable."""
     if callable(loss):
         return loss
     if loss not in LOSSES:
@@ -230,7 +231,7 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
       (``MPI_Abort``) instead of leaving the other ranks waiting forever.
     """
     # Every argument is checked here, before the model, optimizer or any file changes.
-    loss_fn = resolve_loss(loss)
+    loss_fn = get_loss(loss)
     loss_kwargs = _loss_kwargs(loss_kwargs, "fit")
     check_int(epochs, "epochs", "fit", 0)
     check_int(batch_size, "batch_size", "fit", 1)
@@ -242,15 +243,15 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"fit: resume={str(resume)!r} is not a checkpoint file")
     distributed = comm.size > 1
-    say = log or (print if verbose else (lambda _msg: None))
+    emit = log or (print if verbose else (lambda _msg: None))
     if not comm.is_root:
-        say, verbose = (lambda _msg: None), False
+        emit, verbose = (lambda _msg: None), False
     params = model.parameters()
     history = History()
     start = 0
     if resume is not None:
         start, history = _resume(Path(resume), model, optimizer, scheduler)
-        say(f"resumed from {resume} at epoch {start + 1}")
+        emit(f"resumed from {resume} at epoch {start + 1}")
 
     reducer = None
     if distributed:
@@ -299,7 +300,7 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
             scheduler.step()
         logs["time"] = time.perf_counter() - t0
         history.epochs.append(logs)
-        say(_format_logs(logs, epochs))
+        emit(_format_logs(logs, epochs))
         stop = any(bool(cb.on_epoch_end(epoch, logs, model)) for cb in callbacks)
         if distributed:
             stop = bool(comm.allreduce_host([float(stop)])[0] > 0)
@@ -308,7 +309,7 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
                 _save(Path(checkpoint), model, optimizer, scheduler, epoch, history)
             comm.barrier()
         if stop:
-            say(f"early stop after epoch {epoch + 1}")
+            emit(f"early stop after epoch {epoch + 1}")
             break
     for cb in callbacks:
         cb.on_train_end(model)
@@ -320,8 +321,7 @@ def _step(model: Module, loss_fn: LossFn, loss_kwargs: dict[str, Any], optimizer
           history: History, reducer: GradientReducer | None = None) -> tuple[float, int | None]:
     # Buffers (BatchNorm statistics) are replaced, never mutated, by a forward pass, and
     # extra states are plain values, so keeping references is enough to undo this step.
-    buffers = [(owner, name, b) for _, owner in model._owners() for name, b in owner._buffers.items()]
-    extra = model.extra_states()
+    before = model.snapshot()
     optimizer.zero_grad()
     # Divergence is detected below and reported with its epoch and step, so NumPy's own
     # overflow warnings along the way would only be noise.
@@ -339,9 +339,7 @@ def _step(model: Module, loss_fn: LossFn, loss_kwargs: dict[str, Any], optimizer
     # see the same value and stop together below if it is not finite.
     loss_value = float(value) if reducer is None else reducer.reduce(value)
     if not math.isfinite(loss_value):
-        for owner, name, b in buffers:
-            owner._set_buffer(name, b)
-        model.load_extra_states(extra)
+        model.restore(before)
         optimizer.zero_grad()
         raise TrainingDiverged(
             f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; training stopped and the model "
@@ -364,7 +362,7 @@ def evaluate(model: Module, loss: str | LossFn, data: Any, *, batch_size: int = 
              loss_kwargs: dict[str, Any] | None = None) -> dict[str, float]:
     """The loss (its "mean" over the whole data set, so ``ignore_index`` and class weights count
     as in training) and, for class labels, the accuracy over the non-ignored rows, in inference mode."""
-    loss_fn = resolve_loss(loss)
+    loss_fn = get_loss(loss)
     kwargs = _loss_kwargs(loss_kwargs, "evaluate")
     check_int(batch_size, "batch_size", "evaluate", 1)
     ds = _as_dataset(data, "data")

@@ -5,19 +5,21 @@
 // class_weights is null) and label smoothing eps:
 //   lse            = log(sum_k exp(s_k))
 //   loss_row[i]    = (1-eps) w_y (lse - s_y) + (eps/C) sum_k w_k (lse - s_k)
-//   weight_row[i]  = w_y
 //   grad[i,k]      = scale * (p_k ((1-eps) w_y + (eps/C) W) - (1-eps) w_y [k==y] - (eps/C) w_k)
 // with p_k = exp(s_k - lse), W = sum_k w_k and scale read from device memory so
-// the host never waits for the mean's denominator. A row whose label equals
+// the host never waits for the mean's denominator (the host derives it from the
+// labels, so the kernel writes no per-row weight). A row whose label equals
 // ignore_index gets zeros; a label outside [0, C) gets NaN everywhere (and no
 // out-of-bounds access) so an unchecked bad label cannot pass silently.
 //
 // Compiled at run time by NVRTC (cupy.RawModule) and by nvcc for the CI compile
 // check, so the only headers are the two NVRTC can always find.
 //
-// `grad` may alias `logits` (in-place backward). That is why neither pointer is
-// __restrict__ nor read through the read-only cache, and why every row passes a
-// warp/block barrier between its last read and its first write.
+// `grad` may be the same buffer as `logits`: a caller whose logits are dead after
+// the loss can pass it twice and save an N x C allocation. So neither pointer is
+// __restrict__ nor read through the read-only cache, and every row passes a
+// warp/block barrier between its last read and its first write (after it, a
+// thread reads only the elements it then overwrites itself).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -193,9 +195,8 @@ __device__ __forceinline__ float class_weight(const float* __restrict__ w, long 
 template <typename T, typename L>
 __global__ void __launch_bounds__(sce::kWarpKernelThreads, sce::kWarpKernelMinBlocks)
 sce_warp_per_row(const T* logits, const L* __restrict__ labels, const float* __restrict__ class_weights,
-                 const float* __restrict__ scale, T* grad, float* __restrict__ loss_row,
-                 float* __restrict__ weight_row, long long n_rows, int n_classes, long long ignore_index,
-                 float label_smoothing) {
+                 const float* __restrict__ scale, T* grad, float* __restrict__ loss_row, long long n_rows,
+                 int n_classes, long long ignore_index, float label_smoothing) {
     using namespace sce;
     const int lane = threadIdx.x % kWarp;
     const int warps_per_block = blockDim.x / kWarp;
@@ -215,10 +216,7 @@ sce_warp_per_row(const T* logits, const L* __restrict__ labels, const float* __r
         if (y == ignore_index || y < 0 || y >= n_classes) {
             const float fill = y == ignore_index ? 0.f : quiet_nan();
             for (int k = lane; k < n_classes; k += kWarp) g[k] = from_float<T>(fill);
-            if (lane == 0) {
-                loss_row[row] = fill;
-                weight_row[row] = fill;
-            }
+            if (lane == 0) loss_row[row] = fill;
             continue;  // warp-uniform: the whole warp shares `y`
         }
 
@@ -230,21 +228,19 @@ sce_warp_per_row(const T* logits, const L* __restrict__ labels, const float* __r
         }
         const float sy = lane == 0 ? to_float(x[y]) : 0.f;
         st = warp_allreduce(st, smooth);
-        // Orders every lane's reads of this row (s_y included) before any in-place write.
+        // Orders every lane's reads of this row (lane 0's s_y included) before any lane's
+        // write when grad aliases logits. The shuffles around it do not: they order no memory.
         __syncwarp();
         // Lanes may differ in the last bit after the butterfly; use lane 0's values everywhere.
         const float m = __shfl_sync(kFullMask, st.m, 0);
         const float se = __shfl_sync(kFullMask, st.se, 0);
         const float ws = smooth ? __shfl_sync(kFullMask, st.ws, 0) : 0.f;
         const float wy = class_weight(class_weights, y);
-        if (lane == 0) {
-            loss_row[row] = row_loss(st, sy, wy, eps, eps_c, smooth);
-            weight_row[row] = wy;
-        }
-        const GradCoef gc = grad_coef(m, logf(se), ws, wy, eps, eps_c, sc, smooth);
+        if (lane == 0) loss_row[row] = row_loss(st, sy, wy, eps, eps_c, smooth);
+        const GradCoef coef = grad_coef(m, logf(se), ws, wy, eps, eps_c, sc, smooth);
         for (int k = lane; k < n_classes; k += kWarp) {
             const float wk = smooth ? class_weight(class_weights, k) : 0.f;
-            g[k] = from_float<T>(grad_at(gc, to_float(x[k]), wk, k == y));
+            g[k] = from_float<T>(grad_at(coef, to_float(x[k]), wk, k == y));
         }
     }
 }
@@ -255,14 +251,13 @@ sce_warp_per_row(const T* logits, const L* __restrict__ labels, const float* __r
 template <typename T, typename L>
 __global__ void __launch_bounds__(sce::kBlockKernelThreads, sce::kBlockKernelMinBlocks)
 sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __restrict__ class_weights,
-                  const float* __restrict__ scale, T* grad, float* __restrict__ loss_row,
-                  float* __restrict__ weight_row, long long n_rows, int n_classes, long long ignore_index,
-                  float label_smoothing) {
+                  const float* __restrict__ scale, T* grad, float* __restrict__ loss_row, long long n_rows,
+                  int n_classes, long long ignore_index, float label_smoothing) {
     using namespace sce;
     using V = Vec16<T>;
     constexpr int VN = V::N;
-    __shared__ float part[4][kBlockKernelThreads / kWarp];
-    __shared__ float fin[3];
+    __shared__ float warp_stats[4][kBlockKernelThreads / kWarp];
+    __shared__ float row_stats[3];
 
     const int tid = threadIdx.x;
     const int nthreads = blockDim.x;
@@ -284,16 +279,13 @@ sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __
         if (y == ignore_index || y < 0 || y >= n_classes) {
             const float fill = y == ignore_index ? 0.f : quiet_nan();
             for (int k = tid; k < n_classes; k += nthreads) g[k] = from_float<T>(fill);
-            if (tid == 0) {
-                loss_row[row] = fill;
-                weight_row[row] = fill;
-            }
+            if (tid == 0) loss_row[row] = fill;
             continue;  // block-uniform: the whole block shares `y`
         }
 
         // Elements before the first 16-byte boundary of this row (0 when aligned).
-        const int mis = static_cast<int>((reinterpret_cast<unsigned long long>(x) % 16) / sizeof(T));
-        const int head = min(mis == 0 ? 0 : VN - mis, n_classes);
+        const int misaligned = static_cast<int>((reinterpret_cast<unsigned long long>(x) % 16) / sizeof(T));
+        const int head = min(misaligned == 0 ? 0 : VN - misaligned, n_classes);
         const int nvec = (n_classes - head) / VN;
         const int tail = head + nvec * VN;
 
@@ -326,45 +318,44 @@ sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __
         // ---- block reduction: warp butterflies, then warp 0 over the per-warp partials ----
         st = warp_allreduce(st, smooth);
         if (lane == 0) {
-            part[0][warp] = st.m;
-            part[1][warp] = st.se;
-            part[2][warp] = st.sw;
-            part[3][warp] = st.ws;
+            warp_stats[0][warp] = st.m;
+            warp_stats[1][warp] = st.se;
+            warp_stats[2][warp] = st.sw;
+            warp_stats[3][warp] = st.ws;
         }
-        // Also orders every read of this row (s_y included) before any in-place write.
+        // Also orders every read of this row (s_y included) before any write to an aliasing grad.
         __syncthreads();
         if (warp == 0) {
             RowStats t = stats_identity();
             if (lane < nwarps) {
-                t.m = part[0][lane];
-                t.se = part[1][lane];
-                t.sw = part[2][lane];
-                t.ws = part[3][lane];
+                t.m = warp_stats[0][lane];
+                t.se = warp_stats[1][lane];
+                t.sw = warp_stats[2][lane];
+                t.ws = warp_stats[3][lane];
             }
             t = warp_allreduce(t, smooth);
             if (lane == 0) {
                 const float wy = class_weight(class_weights, y);
                 loss_row[row] = row_loss(t, sy, wy, eps, eps_c, smooth);
-                weight_row[row] = wy;
-                fin[0] = t.m;
-                fin[1] = t.se;
-                fin[2] = t.ws;
+                row_stats[0] = t.m;
+                row_stats[1] = t.se;
+                row_stats[2] = t.ws;
             }
         }
         __syncthreads();
-        // The next row's writes to part/fin happen only after its first barrier,
-        // which every thread reaches after reading fin below, so no third barrier.
+        // The next row's writes to warp_stats/row_stats happen only after its first barrier,
+        // which every thread reaches after reading row_stats below, so no third barrier.
 
         // ---- write pass ----
         const float wy = class_weight(class_weights, y);
-        const GradCoef gc = grad_coef(fin[0], logf(fin[1]), fin[2], wy, eps, eps_c, sc, smooth);
+        const GradCoef coef = grad_coef(row_stats[0], logf(row_stats[1]), row_stats[2], wy, eps, eps_c, sc, smooth);
         const bool w_needed = smooth && has_w;
         if (tid < head) {
             const float wk = w_needed ? __ldg(class_weights + tid) : 1.f;
-            g[tid] = from_float<T>(grad_at(gc, to_float(x[tid]), wk, tid == y));
+            g[tid] = from_float<T>(grad_at(coef, to_float(x[tid]), wk, tid == y));
         }
         // Vector stores need grad's row to share logits' alignment (always true
-        // in place, and for fresh allocations whenever C * sizeof(T) % 16 == 0).
+        // when grad aliases logits, and for fresh allocations whenever C * sizeof(T) % 16 == 0).
         const bool g_vec_ok = (reinterpret_cast<unsigned long long>(g) % 16) ==
                               (reinterpret_cast<unsigned long long>(x) % 16);
         V* gvec = reinterpret_cast<V*>(g + head);
@@ -375,7 +366,7 @@ sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __
 #pragma unroll
             for (int j = 0; j < VN; ++j) {
                 const float wk = w_needed ? __ldg(class_weights + k0 + j) : 1.f;
-                out.v[j] = from_float<T>(grad_at(gc, to_float(raw.v[j]), wk, k0 + j == y));
+                out.v[j] = from_float<T>(grad_at(coef, to_float(raw.v[j]), wk, k0 + j == y));
             }
             if (g_vec_ok) {
                 gvec[v] = out;
@@ -386,7 +377,7 @@ sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __
         }
         for (int k = tail + tid; k < n_classes; k += nthreads) {
             const float wk = w_needed ? __ldg(class_weights + k) : 1.f;
-            g[k] = from_float<T>(grad_at(gc, to_float(x[k]), wk, k == y));
+            g[k] = from_float<T>(grad_at(coef, to_float(x[k]), wk, k == y));
         }
     }
 }

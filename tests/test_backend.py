@@ -186,8 +186,8 @@ def test_softmax_and_log_softmax_are_stable(backend):
     np.testing.assert_allclose(p[0], [1.0, 0.0, 0.0], atol=1e-7)
     np.testing.assert_allclose(lp[0], [0.0, -1e4, -2e4], rtol=1e-6)
     np.testing.assert_allclose(p[2], [1 / 3] * 3, rtol=1e-6)
-    np.testing.assert_allclose(to_np(backend.softmax(x, axis=0))[:, 1], np.exp(s[:, 1] - np.log(np.exp(s[:, 1] - 2).sum()) - 2),
-                               rtol=1e-5)
+    expected = np.exp(s[:, 1] - np.log(np.exp(s[:, 1] - 2).sum()) - 2)
+    np.testing.assert_allclose(to_np(backend.softmax(x, axis=0))[:, 1], expected, rtol=1e-5)
 
 
 def test_softmax_backward_is_the_jacobian(backend):
@@ -268,7 +268,8 @@ def test_entry_point_plugins_register_backends(monkeypatch):
     sys.modules["fake_plugin_module"].plugin = plugin
     broken = EntryPoint("broken_plugin", "fake_plugin_module:missing", registry.ENTRY_POINT_GROUP)
     good = EntryPoint("plugin_strict", "fake_plugin_module:plugin", registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: [good, broken] if group == registry.ENTRY_POINT_GROUP else [])
+    monkeypatch.setattr("importlib.metadata.entry_points",
+                        lambda group: [good, broken] if group == registry.ENTRY_POINT_GROUP else [])
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
     try:
         assert dc.get_backend("plugin_strict").name == "plugin_strict"

@@ -3,13 +3,17 @@ reaches the fused kernel, trains a model, and refuses mixed NumPy/CuPy inputs.""
 
 from __future__ import annotations
 
+import importlib.abc
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import deepcore as dc
+from deepcore.backend import registry
 from deepcore.backend.cuda_kernels import KERNEL_INSTANCES, kernel_source
 from tests.helpers import load_tool
 
@@ -56,11 +60,62 @@ def test_kernels_compile_through_nvrtc_as_at_run_time(capsys):
     assert "sm_90  NVRTC softmax_cross_entropy.cu: 12 instance(s) ok" in out
 
 
-def test_cupy_backend_unavailable_reason_is_clear():
-    status = dc.available_backends()["cupy"]
-    if status is True:
-        pytest.skip("CUDA works here")
-    assert "cupy" in status.lower() or "cuda" in status.lower()
+class _RefuseImport(importlib.abc.MetaPathFinder):
+    """A meta-path finder that makes ``import <name>`` raise ImportError(message)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name, self.message = name, message
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self.name:
+            raise ImportError(self.message)
+        return None
+
+
+def _probe_cupy(monkeypatch, cupy_module=None, refuse: str | None = None) -> str | bool:
+    """``available_backends()["cupy"]`` from a fresh registry entry (the registry keeps the first
+    probe's result), with ``import cupy`` giving ``cupy_module`` or raising ImportError(``refuse``)."""
+    hidden = [m for m in sys.modules if m == "cupy" or m.startswith("cupy.")]
+    for name in (*hidden, "deepcore.backend.cupy_backend", "array_api_compat.cupy"):
+        # setitem first, so that undoing also drops what the probe imports under these names.
+        monkeypatch.setitem(sys.modules, name, None)
+        monkeypatch.delitem(sys.modules, name)
+    if refuse is not None:
+        monkeypatch.setattr(sys, "meta_path", [_RefuseImport("cupy", refuse), *sys.meta_path])
+    else:
+        monkeypatch.setitem(sys.modules, "cupy", cupy_module)
+        # array_api_compat.cupy needs a real CuPy; the backend only touches it once a device is found.
+        monkeypatch.setitem(sys.modules, "array_api_compat.cupy", types.ModuleType("array_api_compat.cupy"))
+    fresh = registry._Entry("cupy", registry._cupy, registry._registry["cupy"].namespaces)
+    monkeypatch.setitem(registry._registry, "cupy", fresh)
+    return dc.available_backends()["cupy"]
+
+
+def _fake_cupy(get_device_count) -> types.ModuleType:
+    fake = types.ModuleType("cupy")
+    fake.__version__ = "99.1"
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
+    return fake
+
+
+def test_cupy_backend_unavailable_reason_names_the_import_error(monkeypatch):
+    message = "libcudart.so.12: cannot open shared object file (planted by the test)"
+    reason = _probe_cupy(monkeypatch, refuse=message)
+    assert isinstance(reason, str) and message in reason
+    assert "pip install 'deepcore[cuda12]' or 'deepcore[cuda13]'" in reason
+    with pytest.raises(dc.BackendUnavailableError, match=r"backend 'cupy' is not available: .*planted by the test"):
+        dc.get_backend("cupy")
+
+
+def test_cupy_backend_unavailable_reason_names_the_cuda_error(monkeypatch):
+    def no_driver():
+        raise RuntimeError("cudaErrorInsufficientDriver: planted by the test")
+
+    reason = _probe_cupy(monkeypatch, _fake_cupy(no_driver))
+    assert reason == ("CuPy 99.1 is installed but CUDA is not usable: "
+                      "cudaErrorInsufficientDriver: planted by the test")
+    reason = _probe_cupy(monkeypatch, _fake_cupy(lambda: 0))
+    assert reason == "CuPy 99.1 is installed but no CUDA device is visible"
 
 
 # --------------------------------------------------------------- on a GPU

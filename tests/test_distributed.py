@@ -428,7 +428,7 @@ def test_gradient_reducer_averages_in_few_messages_and_keeps_missing_grads_missi
 def test_broadcast_module_gives_everyone_rank_0s_state():
     def work(comm):
         model = nn.Sequential(nn.Linear(3, 4, seed=comm.rank), nn.BatchNorm1d(4))
-        model[1]._set_buffer("running_mean", np.full(4, float(comm.rank), np.float32))
+        model[1].running_mean = np.full(4, float(comm.rank), np.float32)
         broadcast_module(model, comm)
         return W.params_of(model)
 

@@ -40,7 +40,7 @@ class Scale(nn.Module):
 
         def backward(dy):
             g = backend.xp.sum(dy * x, axis=0)
-            a.accumulate(g * 0.5 if self.wrong else g, backend)
+            a.accumulate_grad(g * 0.5 if self.wrong else g, backend)
             return dy * a.value
 
         return x * a.value, backward

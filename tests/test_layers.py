@@ -242,7 +242,7 @@ def test_shape_errors_name_the_layer(backend):
 
 @pytest.mark.parametrize("make, match", [
     (lambda: nn.Linear(0, 3), "in_features must be a positive integer, got 0"),
-    (lambda: nn.Linear(3, 2.5), "out_features must be a positive integer, got 2.5"),
+    (lambda: nn.Linear(3, 2.5), "out_features must be a positive integer, got float 2.5"),
     (lambda: nn.Dropout(1.5), r"p must be a probability in \[0, 1\], got 1.5"),
     (lambda: nn.BatchNorm1d(4, momentum=2), r"momentum must be in \[0, 1\] or None, got 2"),
     (lambda: nn.Sequential(nn.ReLU(), "relu"), "layer 1 must be a deepcore.nn.Module, got str"),

@@ -38,7 +38,8 @@ def test_binary_hinge_by_hand(backend):
     loss, grad = L.binary_hinge(s, y, reduction="none")
     np.testing.assert_allclose(to_np(loss), [0.0, 0.5, 0.7, 3.0])
     np.testing.assert_allclose(to_np(grad), [0.0, -1.0, 1.0, -1.0])
-    loss, grad = L.binary_hinge(arr(backend, [[0.5], [2.0]], "float64"), arr(backend, [1.0, -1.0], "float64"), margin=2.0)
+    scores, targets = arr(backend, [[0.5], [2.0]], "float64"), arr(backend, [1.0, -1.0], "float64")
+    loss, grad = L.binary_hinge(scores, targets, margin=2.0)
     assert float(loss) == pytest.approx((1.5 + 4.0) / 2)
     assert tuple(grad.shape) == (2, 1)
     np.testing.assert_allclose(to_np(grad), [[-0.5], [0.5]])
@@ -317,7 +318,20 @@ def test_value_checks_of_other_losses(backend):
         L.l1_loss([1.0], arr(backend, [1.0], "float64"))
 
 
-def test_validate_false_skips_value_checks():
-    p = np.array([[0.5, 0.5]])
-    L.binary_cross_entropy(p, np.array([[2.0, 0.0]]), validate=False)
-    L.binary_hinge(np.array([0.5]), np.array([0]), validate=False)
+def test_validate_false_skips_value_checks_and_computes_the_formula():
+    """Out-of-range targets are refused by default; with validate=False the formula is applied
+    as written (worked by hand below), which is what skipping the check means."""
+    p, z = np.array([[0.5, 0.25]]), np.array([[2.0, 0.0]])
+    with pytest.raises(ValueError, match="targets must be in"):
+        L.binary_cross_entropy(p, z)
+    loss, grad = L.binary_cross_entropy(p, z, validate=False)
+    # -[2 log 0.5 + (1 - 2) log 0.5] - [0 + log 0.75] = -log 0.5 - log 0.75
+    np.testing.assert_allclose(loss, -np.log(0.5) - np.log(0.75), rtol=1e-12)
+    # d/dp of -[z log p + (1 - z) log(1 - p)] = -z/p + (1 - z)/(1 - p)
+    np.testing.assert_allclose(grad, [[-2 / 0.5 - 1 / 0.5, 1 / 0.75]], rtol=1e-12)
+    with pytest.raises(ValueError, match="targets must take values in"):
+        L.binary_hinge(np.array([0.5]), np.array([0]))
+    loss, grad = L.binary_hinge(np.array([0.5, 0.25]), np.array([0, 2]), validate=False)
+    # max(0, 1 - y s) = 1 and 0.5, both active; the mean's dL/ds = -y / N
+    np.testing.assert_allclose(loss, 0.75)
+    np.testing.assert_allclose(grad, [0.0, -1.0])

@@ -56,7 +56,7 @@ def _make(name: str, params, **kw) -> optim.Optimizer:
 
 
 def _set_grads(backend, params, grads, dtype: str) -> None:
-    for p, g in zip(params, grads):
+    for p, g in zip(params, grads, strict=True):
         p.grad = None if g is None else arr(backend, g, dtype)
 
 
@@ -67,7 +67,7 @@ def _snapshot(opt: optim.Optimizer) -> tuple[list[np.ndarray], dict]:
 
 def _assert_same(before, after) -> None:
     (v0, s0), (v1, s1) = before, after
-    for a, b in zip(v0, v1):
+    for a, b in zip(v0, v1, strict=True):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
     assert s0.keys() == s1.keys()
     for k in s0:
@@ -93,11 +93,11 @@ def test_trajectory_matches_torch(backend, name, kw, dtype):
     topt = getattr(torch.optim, tname)(tparams, foreach=False, **kw)
     for step_grads in grads:
         _set_grads(backend, params, step_grads, dtype)
-        for tp, g in zip(tparams, step_grads):
+        for tp, g in zip(tparams, step_grads, strict=True):
             tp.grad = None if g is None else torch.tensor(g, dtype=tdt)
         opt.step()
         topt.step()
-        for i, (p, tp) in enumerate(zip(params, tparams)):
+        for i, (p, tp) in enumerate(zip(params, tparams, strict=True)):
             assert dtype_name(p.value) == dtype
             np.testing.assert_allclose(to_np(p.value), tp.detach().numpy(), **TOL[dtype], err_msg=f"param {i}")
             tstate = topt.state.get(tp, {})

@@ -33,7 +33,7 @@ def test_two_layer_mlp_learns_spirals_on_each_backend(backend):
     x, y = arr(backend, x_np, "float32"), arr(backend, y_np, "int64")
     model = nn.Sequential(nn.Linear(2, 64, init="he", seed=0), nn.ReLU(), nn.Linear(64, 3, seed=1))
     first = None
-    for step in range(400):
+    for _ in range(400):
         logits, backward = model.forward(x, train=True)
         loss, dlogits = dc.losses.softmax_cross_entropy(logits, y)
         backward(dlogits)

@@ -74,7 +74,7 @@ class Backend:
     def astype(self, x: Array, dtype: Any) -> Array:
         return x if x.dtype == dtype else self.xp.astype(x, dtype)
 
-    def accumulate(self, acc: Array, value: Array) -> Array:
+    def add_into(self, acc: Array, value: Array) -> Array:
         """``acc + value`` in place where the library allows it; ``value`` cast to ``acc``'s dtype."""
         acc += self.astype(value, acc.dtype)
         return acc
@@ -89,23 +89,10 @@ class Backend:
         xp = self.xp
         return dtype if dtype in (xp.float32, xp.float64) else xp.float32
 
-    def result_float_dtype(self, *arrays: Array) -> Any:
-        return self.xp.result_type(*arrays)
-
     # ----------------------------------------------------------------- random
     def make_rng(self, seed: int | None) -> Any:
         """A generator for this backend; the base draws on the host with NumPy and moves the result."""
         return np.random.default_rng(seed)
-
-    def random_uniform(self, rng: Any, shape: tuple[int, ...], *, low: float = 0.0, high: float = 1.0,
-                       dtype: Any = None, device: Any = None) -> Array:
-        a = rng.uniform(low, high, size=shape)
-        return self.from_numpy(a, dtype=dtype or self.default_float(), device=device)
-
-    def random_normal(self, rng: Any, shape: tuple[int, ...], *, mean: float = 0.0, std: float = 1.0,
-                      dtype: Any = None, device: Any = None) -> Array:
-        a = rng.normal(mean, std, size=shape)
-        return self.from_numpy(a, dtype=dtype or self.default_float(), device=device)
 
     def dropout_mask(self, rng: Any, shape: tuple[int, ...], p: float, *, dtype: Any, device: Any = None) -> Array:
         """Inverted-dropout mask: ``1/(1-p)`` where kept (probability ``1-p``), 0 where dropped."""
@@ -323,7 +310,8 @@ class Backend:
 
     def binary_cross_entropy_with_logits(self, scores: Array, targets: Array, *,
                                          reduction: str = "mean") -> tuple[Array, Array]:
-        """Binary cross-entropy on ``σ(s)`` from the scores: ``max(s,0) - s z + log(1 + e^{-|s|})``; grad ``σ(s) - z``."""
+        """Binary cross-entropy on ``σ(s)`` from the scores: ``max(s,0) - s z + log(1 + e^{-|s|})``;
+        grad ``σ(s) - z``."""
         xp = self.xp
         out_dtype = scores.dtype
         dt = self.compute_dtype(scores.dtype)

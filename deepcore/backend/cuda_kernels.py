@@ -114,7 +114,6 @@ def fused_softmax_cross_entropy(
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
-    inplace: bool = False,
 ) -> tuple[Any, Any]:
     """Loss and d(loss)/d(logits) of PyTorch's ``cross_entropy`` in one fused pass.
 
@@ -126,14 +125,13 @@ def fused_softmax_cross_entropy(
     ``logits`` is a 2-D CuPy array of float32, float16 or bfloat16, ``labels`` a
     1-D integer array. Returns ``(loss, grad)`` on the device without waiting
     for it: ``loss`` is 0-d (or per row for "none") and ``grad`` has the shape
-    and dtype of ``logits``. With ``inplace=True`` the gradient overwrites
-    ``logits`` (which must then be C-contiguous).
+    and dtype of ``logits``; ``logits`` is left unchanged.
     """
     import cupy
 
     return launch_softmax_cross_entropy(
         cupy, _sce_function, logits, labels, class_weights=class_weights, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, reduction=reduction, inplace=inplace,
+        label_smoothing=label_smoothing, reduction=reduction,
     )
 
 
@@ -147,7 +145,6 @@ def launch_softmax_cross_entropy(
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
-    inplace: bool = False,
 ) -> tuple[Any, Any]:
     """:func:`fused_softmax_cross_entropy` with the array module and the kernels passed in.
 
@@ -175,11 +172,7 @@ def launch_softmax_cross_entropy(
     if n_classes >= 2**31:
         raise ValueError(f"at most 2**31 - 1 classes are supported, got {n_classes}")
 
-    if inplace:
-        if not logits.flags.c_contiguous:
-            raise ValueError("inplace=True needs C-contiguous logits: the gradient would land in a copy")
-    else:
-        logits = xp.ascontiguousarray(logits)
+    logits = xp.ascontiguousarray(logits)
     if labels.dtype.name not in _LABEL_CTYPES:
         labels = labels.astype(xp.int64)  # uint64 above 2**63 wraps negative: still "out of range"
     labels = xp.ascontiguousarray(labels)
@@ -196,10 +189,10 @@ def launch_softmax_cross_entropy(
     ignore = numpy.int64(numpy.iinfo(numpy.int64).min if ignore_index is None else int(ignore_index))
 
     if reduction == "mean":
-        # The denominator is sum(weight_row), but the gradient pass already needs
-        # 1/denominator, so it comes from the labels alone, on the device, with
-        # weight_row's rules: w_y (1 without weights), 0 for ignored rows, NaN
-        # for labels outside [0, C) so that a bad label also shows in "mean".
+        # The denominator is sum w_y over the rows, but the gradient pass already
+        # needs 1/denominator, so it comes from the labels alone, on the device:
+        # w_y (1 without weights), 0 for ignored rows, NaN for labels outside
+        # [0, C) so that a bad label also shows in "mean".
         in_range = (labels >= 0) & (labels < n_classes)
         if weights is not None and n_classes > 0:
             w_y = weights[xp.clip(labels, 0, n_classes - 1)]
@@ -216,9 +209,10 @@ def launch_softmax_cross_entropy(
     else:
         scale = xp.ones(1, dtype=xp.float32)
 
-    grad = logits if inplace else xp.empty_like(logits)
+    # The kernel could write grad over logits (it is alias-safe), but logits may
+    # be the caller's array, so the gradient always gets its own buffer.
+    grad = xp.empty_like(logits)
     loss_row = xp.empty(n_rows, dtype=xp.float32)
-    weight_row = xp.empty(n_rows, dtype=xp.float32)
 
     if n_rows > 0:
         if n_classes <= WARP_KERNEL_MAX_CLASSES:
@@ -239,7 +233,6 @@ def launch_softmax_cross_entropy(
                 scale,
                 grad,
                 loss_row,
-                weight_row,
                 numpy.int64(n_rows),
                 numpy.int32(n_classes),
                 ignore,

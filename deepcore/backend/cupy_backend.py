@@ -42,17 +42,17 @@ class CupyBackend(Backend):
 
     # ------------------------------------------------------------------ arrays
     def asarray(self, obj: Any, *, dtype: Any = None, device: Any = None) -> Array:
-        with _on(device):
+        with _using_device(device):
             return cupy.asarray(obj, dtype=dtype)
 
     def to_numpy(self, x: Array) -> np.ndarray:
         return cupy.asnumpy(x)
 
     def from_numpy(self, a: np.ndarray, *, dtype: Any = None, device: Any = None) -> Array:
-        with _on(device):
+        with _using_device(device):
             return cupy.array(a, dtype=dtype, copy=True, order="C")
 
-    def accumulate(self, acc: Array, value: Array) -> Array:
+    def add_into(self, acc: Array, value: Array) -> Array:
         cupy.add(acc, value, out=acc, casting="same_kind")
         return acc
 
@@ -60,20 +60,8 @@ class CupyBackend(Backend):
     def make_rng(self, seed: int | None) -> Any:
         return cupy.random.default_rng(seed)
 
-    def random_uniform(self, rng: Any, shape: tuple[int, ...], *, low: float = 0.0, high: float = 1.0,
-                       dtype: Any = None, device: Any = None) -> Array:
-        with _on(device):
-            u = rng.random(shape, dtype=cupy.float32 if dtype in (None, cupy.float32) else cupy.float64)
-            return (u * (high - low) + low).astype(dtype or cupy.float32, copy=False)
-
-    def random_normal(self, rng: Any, shape: tuple[int, ...], *, mean: float = 0.0, std: float = 1.0,
-                      dtype: Any = None, device: Any = None) -> Array:
-        with _on(device):
-            z = rng.standard_normal(shape, dtype=cupy.float32 if dtype in (None, cupy.float32) else cupy.float64)
-            return (z * std + mean).astype(dtype or cupy.float32, copy=False)
-
     def dropout_mask(self, rng: Any, shape: tuple[int, ...], p: float, *, dtype: Any, device: Any = None) -> Array:
-        with _on(device):
+        with _using_device(device):
             if p >= 1.0:
                 return cupy.zeros(shape, dtype=dtype)
             keep = rng.random(shape, dtype=cupy.float32) >= p
@@ -180,8 +168,8 @@ def _fusable(*arrays: Array) -> bool:
                                                       for a in arrays[1:])
 
 
-class _on:
-    """``with _on(device)``: make ``device`` current for allocations (a no-op for None)."""
+class _using_device:
+    """``with _using_device(device)``: make ``device`` current for allocations (a no-op for None)."""
 
     def __init__(self, device: Any) -> None:
         self._ctx = None if device is None else cupy.cuda.Device(getattr(device, "id", device))

@@ -61,16 +61,11 @@ class NumpyBackend(Backend):
         self._check_device(device)
         return np.array(a, dtype=dtype, copy=True, order="C")
 
-    def accumulate(self, acc: np.ndarray, value: np.ndarray) -> np.ndarray:
+    def add_into(self, acc: np.ndarray, value: np.ndarray) -> np.ndarray:
         np.add(acc, value, out=acc, casting="same_kind")
         return acc
 
     # ----------------------------------------------------------------- random
-    def random_uniform(self, rng: np.random.Generator, shape: tuple[int, ...], *, low: float = 0.0,
-                       high: float = 1.0, dtype: Any = None, device: Any = None) -> np.ndarray:
-        self._check_device(device)
-        return rng.uniform(low, high, size=shape).astype(dtype or np.float32, copy=False)
-
     def dropout_mask(self, rng: np.random.Generator, shape: tuple[int, ...], p: float, *, dtype: Any,
                      device: Any = None) -> np.ndarray:
         self._check_device(device)
@@ -145,31 +140,36 @@ class NumpyBackend(Backend):
     def softmax_cross_entropy(self, logits: np.ndarray, labels: np.ndarray, *, reduction: str = "mean",
                               label_smoothing: float = 0.0, ignore_index: int | None = None,
                               class_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The base formula in one buffer: the gradient array holds shifted logits, then their
-        exponentials, then the scaled gradient, so no other (N, C) temporary is made."""
-        if (ignore_index is None and class_weights is None and label_smoothing == 0.0
-                and logits.dtype in _FAST_FLOATS and logits.shape[0] > 0
-                and self.labels_in_range(labels, logits.shape[1])):
-            return self._plain_softmax_cross_entropy(logits, labels, reduction)
+        """The reference formula (:meth:`Backend.softmax_cross_entropy`) in one buffer: the gradient
+        array holds the shifted logits, then their exponentials, then ``dL/ds``, so no other (N, C)
+        temporary is made. Per-row weights and masks are built only when weights, ignored rows or
+        out-of-range labels call for them; in the common case (none of these, a training step's
+        128 x 10) the fixed cost of each NumPy call is what counts, and a factor of exactly one is
+        skipped rather than multiplied, which leaves every bit as it is."""
         eps = float(label_smoothing)
         out_dtype = logits.dtype
-        dt = self.compute_dtype(logits.dtype)
+        dt = np.dtype(self.compute_dtype(logits.dtype))
         n, c = logits.shape
-        rows = np.arange(n)
         valid = None if ignore_index is None else labels != ignore_index
-        # Labels outside [0, C) (possible with validate=False) must not index out of bounds
-        # or wrap around; their rows become NaN below.
-        bad = (labels < 0) | (labels >= c)
-        if valid is not None:
-            bad &= valid
-        bad = bad if bad.any() else None
-        keep = valid
-        if bad is not None:
-            keep = ~bad if keep is None else keep & ~bad
-        safe = labels if keep is None else np.where(keep, labels, 0)
+        bad = None
+        safe = labels
+        if not self.labels_in_range(labels, c):
+            # Possible with validate=False: such labels must not index out of bounds or wrap
+            # around; their rows become NaN below.
+            bad = (labels < 0) | (labels >= c)
+            if valid is not None:
+                bad &= valid
+            bad = bad if bad.any() else None
+        keep = valid if bad is None else (~bad if valid is None else valid & ~bad)
+        if keep is not None:
+            safe = np.where(keep, labels, 0)
 
-        grad = np.subtract(logits, logits.max(axis=1, keepdims=True), dtype=dt)
-        target = grad[rows, safe]
+        grad = np.subtract(logits, _row_max(logits), dtype=dt, order="C")
+        flat = grad.reshape(-1)  # a view: grad is C-contiguous
+        target_idx = np.arange(0, n * c, c)
+        # safe labels lie in [0, C); unsafe casting lets uint64 labels add to intp.
+        np.add(target_idx, safe, out=target_idx, casting="unsafe")
+        target = flat[target_idx]
         w = None if class_weights is None else np.asarray(class_weights, dtype=dt)
         if eps > 0.0:
             weighted_sum = grad.sum(axis=1) if w is None else grad @ w
@@ -177,16 +177,20 @@ class NumpyBackend(Backend):
         sum_e = grad.sum(axis=1)
         log_z = np.log(sum_e)
 
+        # w_y: the target's weight per row (None: all ones); w_sum: sum_k w_k.
         if w is None:
-            w_y = np.ones(n, dtype=dt) if valid is None else valid.astype(dt)
+            w_y = None if valid is None else valid.astype(dt)
             w_sum = float(c)
         else:
             w_y = w[safe]
             if valid is not None:
                 w_y *= valid
             w_sum = float(w.sum(dtype=np.float64))
-        per_sample = (1.0 - eps) * w_y * (log_z - target)
-        row_scale = (1.0 - eps) * w_y
+        per_sample = log_z - target
+        row_scale = None  # the gradient's per-row factor on p (None: all ones)
+        if w_y is not None or eps > 0.0:
+            row_scale = (1.0 - eps) * (np.ones(n, dtype=dt) if w_y is None else w_y)
+            per_sample *= row_scale
         if eps > 0.0:
             smooth = w_sum * log_z - weighted_sum
             if valid is not None:
@@ -195,12 +199,16 @@ class NumpyBackend(Backend):
             row_scale += (eps / c) * w_sum * (1.0 if valid is None else valid)
 
         if reduction == "mean":
-            denom = n if valid is None and w is None else float(w_y.sum(dtype=np.float64))
+            denom = n if w_y is None else float(w_y.sum(dtype=np.float64))
             scale = 1.0 / denom if denom != 0 else float("nan")
         else:
             scale = 1.0
-        grad *= (row_scale * scale / sum_e).astype(dt, copy=False)[:, None]
-        grad[rows, safe] -= ((1.0 - eps) * scale) * w_y
+        if row_scale is None:
+            grad *= np.divide(dt.type(scale), sum_e)[:, None]
+        else:
+            grad *= (row_scale * scale / sum_e).astype(dt, copy=False)[:, None]
+        target_step = (1.0 - eps) * scale
+        flat[target_idx] -= dt.type(target_step) if w_y is None else (target_step * w_y).astype(dt, copy=False)
         if eps > 0.0:
             smooth_grad = (eps / c) * scale * (1.0 if w is None else w)
             if valid is None:
@@ -214,36 +222,9 @@ class NumpyBackend(Backend):
             per_sample[bad] = np.nan
 
         if reduction == "none":
-            loss = per_sample
-        else:
-            loss = np.asarray(per_sample.sum(dtype=np.float64) * scale)
-        return loss.astype(out_dtype, copy=False), grad.astype(out_dtype, copy=False)
-
-    def _plain_softmax_cross_entropy(self, logits: np.ndarray, labels: np.ndarray,
-                                     reduction: str) -> tuple[np.ndarray, np.ndarray]:
-        """The common case (no weights, smoothing or ignored rows; labels in range) of the method
-        above, with the same arithmetic in the same order and none of the per-row weight and
-        mask arrays: at a training step's sizes (128 x 10) the fixed cost of each NumPy call is
-        what counts, so the row maximum and the target entries take the cheapest route."""
-        n, c = logits.shape
-        grad = np.subtract(logits, _row_max(logits), order="C")
-        flat = grad.reshape(-1)  # a view: grad is C-contiguous
-        target_idx = np.arange(0, n * c, c)
-        # Labels were checked to lie in [0, C); unsafe casting lets uint64 labels add to intp.
-        np.add(target_idx, labels, out=target_idx, casting="unsafe")
-        target = flat[target_idx]
-        np.exp(grad, out=grad)
-        sum_e = grad.sum(axis=1)
-        per_sample = np.log(sum_e)
-        per_sample -= target
-        scale = 1.0 / n if reduction == "mean" else 1.0
-        # float32(scale) / sum_e, then float32(scale) off the target: the reference's
-        # row_scale (ones) * scale / sum_e and (1 - 0) * scale * w_y (ones).
-        grad *= np.divide(logits.dtype.type(scale), sum_e)[:, None]
-        flat[target_idx] = flat[target_idx] - logits.dtype.type(scale)
-        if reduction == "none":
-            return per_sample, grad
-        return np.array(per_sample.sum(dtype=np.float64) * scale, dtype=logits.dtype), grad
+            return per_sample.astype(out_dtype, copy=False), grad.astype(out_dtype, copy=False)
+        loss = np.array(per_sample.sum(dtype=np.float64) * scale, dtype=out_dtype)
+        return loss, grad.astype(out_dtype, copy=False)
 
     # ------------------------------------------------------ optimizer updates
     # Same rules as the reference, written into the existing arrays with out= so
@@ -330,7 +311,6 @@ class NumpyBackend(Backend):
         return value, m, v
 
 
-_FAST_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 #: Elements per block of rows where a row-wise pass runs block by block (256 KiB of float32).
 _BLOCK_ELEMS = 65536
 

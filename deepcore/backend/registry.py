@@ -196,13 +196,13 @@ def _default() -> Backend:
     name = os.environ.get(ENV_VAR)
     if name:
         try:
-            return resolve(name)
+            return backend_for(name)
         except UnknownBackendError as exc:
             raise UnknownBackendError(f"{ENV_VAR}={name!r}: {exc}") from None
     return _by_name("numpy")
 
 
-def resolve(spec: Any) -> Backend:
+def backend_for(spec: Any) -> Backend:
     """A Backend from a name, a module, a Backend, or an array-API namespace."""
     if isinstance(spec, Backend):
         return spec
@@ -230,7 +230,7 @@ def get_backend(obj: Any = None, *more: Array) -> Backend:
     if obj is None:
         return _default()
     if isinstance(obj, (str, ModuleType, Backend)):
-        return resolve(obj)
+        return backend_for(obj)
     if more:
         return backend_of(obj, *more)
     return _for_array(obj)
@@ -275,7 +275,7 @@ def _mismatch_message(arrays: Any, names: Any, i: int, j: int, a: Backend, b: Ba
 @contextlib.contextmanager
 def use_backend(spec: Any) -> Iterator[Backend]:
     """Within the block, new parameters and ``get_backend()`` use ``spec``."""
-    backend = resolve(spec)
+    backend = backend_for(spec)
     token = _current.set(backend)
     try:
         yield backend
@@ -285,7 +285,7 @@ def use_backend(spec: Any) -> Iterator[Backend]:
 
 def to_backend(x: Array, target: Any, *, device: Any = None) -> Array:
     """``x`` moved to the backend ``target`` (name, module or Backend), as a new array."""
-    dst = resolve(target)
+    dst = backend_for(target)
     src = _for_array(x)
     if src is dst:
         if device is None or src.device(x) == device:
@@ -302,8 +302,12 @@ def _numpy() -> Backend:
 
 
 def _cupy() -> Backend:
-    from .cupy_backend import CupyBackend
-
+    try:
+        from .cupy_backend import CupyBackend
+    except ImportError as exc:
+        raise BackendUnavailableError(f"CuPy cannot be imported ({exc}); install it with "
+                                      f"pip install 'deepcore[cuda12]' or 'deepcore[cuda13]' to match "
+                                      f"the CUDA driver") from exc
     return CupyBackend()
 
 

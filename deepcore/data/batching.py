@@ -13,26 +13,20 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_int
 from ..backend import get_backend, to_backend
 from .datasets import ArrayDataset
 
 __all__ = ["BatchIterator", "batches", "epoch_order"]
 
 
-def _check_int(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"batches: {name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"batches: {name} must be >= {low}, got {value!r}")
-    return int(value)
-
-
 def epoch_order(n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True) -> np.ndarray:
     """The sample order of one epoch: ``default_rng([seed, epoch]).permutation(n)``, or ``arange(n)``."""
-    n = _check_int(n, "n", 0)
+    n = check_int(n, "n", "epoch_order", 0)
     if not shuffle:
         return np.arange(n)
-    return np.random.default_rng([_check_int(seed, "seed", 0), _check_int(epoch, "epoch", 0)]).permutation(n)
+    seed, epoch = check_int(seed, "seed", "epoch_order", 0), check_int(epoch, "epoch", "epoch_order", 0)
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 class BatchIterator:
@@ -51,17 +45,17 @@ class BatchIterator:
         if not isinstance(dataset, ArrayDataset):
             raise TypeError(f"batches: dataset must be an ArrayDataset, got {type(dataset).__name__}")
         self.dataset = dataset
-        self.batch_size = _check_int(batch_size, "batch_size", 1)
+        self.batch_size = check_int(batch_size, "batch_size", "batches", 1)
         self.shuffle = bool(shuffle)
-        self.seed = _check_int(seed, "seed", 0)
-        self.epoch = _check_int(epoch, "epoch", 0)
+        self.seed = check_int(seed, "seed", "batches", 0)
+        self.epoch = check_int(epoch, "epoch", "batches", 0)
         self.drop_last = bool(drop_last)
         # Resolved now so an unknown backend name fails here, not in the middle of an epoch.
         self.backend = None if backend is None else get_backend(backend)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order of ``epoch`` from the next iteration on."""
-        self.epoch = _check_int(epoch, "epoch", 0)
+        self.epoch = check_int(epoch, "epoch", "batches", 0)
 
     def __len__(self) -> int:
         n = len(self.dataset)

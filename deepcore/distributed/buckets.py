@@ -118,10 +118,8 @@ def broadcast_module(model: Any, comm: Communicator, *, root: int = 0, parameter
             p.value = value
         model.load_extra_states(_broadcast_json(comm, model.extra_states(), root))
     if buffers:
-        owned = [(owner, name, b) for _, owner in model._owners() for name, b in owner._buffers.items()]
-        new = broadcast_arrays(comm, [b for _, _, b in owned], root=root)
-        for (owner, name, _), value in zip(owned, new, strict=True):
-            owner._set_buffer(name, value)
+        named = dict(model.named_buffers())
+        model.set_buffers(dict(zip(named, broadcast_arrays(comm, list(named.values()), root=root), strict=True)))
 
 
 def _broadcast_json(comm: Communicator, value: Any, root: int) -> Any:

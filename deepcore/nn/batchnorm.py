@@ -99,8 +99,8 @@ class BatchNorm1d(Module):
         def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
             check_grad_shape(self, dy, shape)
             if weight is not None:
-                weight.accumulate(xp.sum(dy * x_hat, axis=axes), backend)
-                bias.accumulate(xp.sum(dy, axis=axes), backend)
+                weight.accumulate_grad(xp.sum(dy * x_hat, axis=axes), backend)
+                bias.accumulate_grad(xp.sum(dy, axis=axes), backend)
             if not need_input_grad:
                 return None
             g = dy * per_channel(weight.value) if weight is not None else dy
@@ -118,6 +118,6 @@ class BatchNorm1d(Module):
         factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
         unbiased = var * (count / (count - 1))
         rm, rv = self.running_mean, self.running_var
-        self._set_buffer("running_mean", backend.astype((1.0 - factor) * rm + factor * backend.astype(mean, rm.dtype), rm.dtype))
-        self._set_buffer("running_var", backend.astype((1.0 - factor) * rv + factor * backend.astype(unbiased, rv.dtype), rv.dtype))
-        self._set_buffer("num_batches_tracked", xp.asarray(tracked, dtype=self.num_batches_tracked.dtype))
+        self.running_mean = backend.astype((1.0 - factor) * rm + factor * backend.astype(mean, rm.dtype), rm.dtype)
+        self.running_var = backend.astype((1.0 - factor) * rv + factor * backend.astype(unbiased, rv.dtype), rv.dtype)
+        self.num_batches_tracked = xp.asarray(tracked, dtype=self.num_batches_tracked.dtype)

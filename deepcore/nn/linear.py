@@ -33,7 +33,7 @@ class Linear(Module):
         super().__init__()
         self.in_features = check_int(in_features, "in_features", "Linear", 1)
         self.out_features = check_int(out_features, "out_features", "Linear", 1)
-        w_init, b_init = _init.resolve(init, "Linear")
+        w_init, b_init = _init.initializers_for(init, "Linear")
         backend = get_backend()
         dt = backend.dtype_from_name(dtype) if isinstance(dtype, str) else dtype
         rng = host_generator(check_seed(seed, "Linear"))
@@ -67,9 +67,9 @@ class Linear(Module):
             dy2 = dy if dy.ndim == 2 else backend.xp.reshape(dy, (-1, self.out_features))
             dx, dw, db = backend.linear_backward(dy2, x2, weight.value, need_dx=need_input_grad,
                                                  need_bias=bias is not None)
-            weight.accumulate(dw, backend)
+            weight.accumulate_grad(dw, backend)
             if bias is not None:
-                bias.accumulate(db, backend)
+                bias.accumulate_grad(db, backend)
             if dx is None:
                 return None
             return dx if len(in_shape) == 2 else backend.xp.reshape(dx, in_shape)

@@ -15,6 +15,7 @@ without ``requires_grad``; the default, ``True``, is the plain ``dx = backward(d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from ..backend import Backend, BackendMismatchError, backend_of, get_backend, to_backend
@@ -59,7 +60,7 @@ class Param:
         """Forget the gradient (``grad = None``, as PyTorch's ``set_to_none=True``)."""
         self.grad = None
 
-    def accumulate(self, g: Array, backend: Backend) -> None:
+    def accumulate_grad(self, g: Array, backend: Backend) -> None:
         """Add ``g`` into ``grad``, cast to the parameter's dtype.
 
         ``g`` must be a fresh array the caller no longer uses: the first
@@ -68,7 +69,7 @@ class Param:
         if self.grad is None:
             self.grad = backend.astype(g, self.value.dtype)
         else:
-            self.grad = backend.accumulate(self.grad, g)
+            self.grad = backend.add_into(self.grad, g)
 
     def __repr__(self) -> str:
         return f"Param(name={self.name!r}, shape={self.shape}, dtype={self.dtype})"
@@ -96,6 +97,10 @@ class Module:
     def __setattr__(self, name: str, value: Any) -> None:
         if "_params" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting {name!r}")
+        if name in self._buffers and not isinstance(value, (Param, Module)):
+            self._buffers[name] = value  # as PyTorch: assigning to a buffer's name replaces the buffer
+            object.__setattr__(self, name, value)
+            return
         for table in (self._params, self._children, self._buffers):
             table.pop(name, None)
         if isinstance(value, Param):
@@ -106,10 +111,11 @@ class Module:
         object.__setattr__(self, name, value)
 
     def register_buffer(self, name: str, value: Array) -> None:
-        self._buffers[name] = value
-        object.__setattr__(self, name, value)
-
-    def _set_buffer(self, name: str, value: Array) -> None:
+        """Register ``value`` as state that is saved and moved with the module but not trained
+        (BatchNorm's running statistics). Later ``self.name = new`` replaces the buffer."""
+        if name in self._params or name in self._children:
+            raise KeyError(f"register_buffer: {name!r} is already a parameter or submodule of "
+                           f"{type(self).__name__}")
         self._buffers[name] = value
         object.__setattr__(self, name, value)
 
@@ -126,24 +132,52 @@ class Module:
         return iter(self._children.values())
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Param]]:
-        for name, p in self._params.items():
-            yield prefix + name, p
-        for cname, child in self._children.items():
-            yield from child.named_parameters(f"{prefix}{cname}.")
+        """Every parameter by dotted path (``"0.weight"``), this module's first; ``prefix`` goes in front."""
+        for path, module in self.named_modules(prefix):
+            for name, p in module._params.items():
+                yield (f"{path}.{name}" if path else name), p
 
     def parameters(self) -> list[Param]:
         return [p for _, p in self.named_parameters()]
 
     def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Array]]:
-        for name, b in self._buffers.items():
-            yield prefix + name, b
-        for cname, child in self._children.items():
-            yield from child.named_buffers(f"{prefix}{cname}.")
+        """Every buffer by dotted path (``"1.running_mean"``), in the order of :meth:`named_modules`."""
+        for path, module in self.named_modules(prefix):
+            for name, b in module._buffers.items():
+                yield (f"{path}.{name}" if path else name), b
 
-    def _owners(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """This module (named ``prefix``, ``""`` by default) and every submodule, by dotted path."""
         yield prefix, self
         for cname, child in self._children.items():
-            yield from child._owners(f"{prefix}{cname}.")
+            yield from child.named_modules(f"{prefix}.{cname}" if prefix else cname)
+
+    def set_buffers(self, values: dict[str, Array]) -> None:
+        """Replace buffers by dotted name with the given arrays themselves (no copy, no conversion;
+        :meth:`load_state_dict` converts). Every name is checked before any buffer changes."""
+        owners = {(f"{path}.{bname}" if path else bname): (module, bname)
+                  for path, module in self.named_modules() for bname in module._buffers}
+        unknown = sorted(set(values) - set(owners))
+        if unknown:
+            raise KeyError(f"set_buffers: no buffer named {unknown}; buffers: {sorted(owners)}")
+        for name, value in values.items():
+            module, bname = owners[name]
+            setattr(module, bname, value)
+
+    def snapshot(self) -> ModuleSnapshot:
+        """What :meth:`restore` puts back: every parameter's value and grad, every buffer and the
+        extra states, as references (no copies). That undoes anything that replaces arrays (a
+        forward pass's buffer updates, :meth:`load_state_dict`, :meth:`to`), not in-place writes
+        such as an optimizer step."""
+        return ModuleSnapshot([(p, p.value, p.grad) for p in self.parameters()], dict(self.named_buffers()),
+                              self.extra_states())
+
+    def restore(self, snapshot: ModuleSnapshot) -> None:
+        """Put back what :meth:`snapshot` took."""
+        for p, value, grad in snapshot.params:
+            p.value, p.grad = value, grad
+        self.set_buffers(snapshot.buffers)
+        self.load_extra_states(snapshot.extra_states)
 
     def get_extra_state(self) -> Any:
         """JSON-able state outside arrays (a random stream's position); None when there is none."""
@@ -154,10 +188,10 @@ class Module:
 
     def extra_states(self) -> dict[str, Any]:
         """``get_extra_state()`` of every submodule that has one, by dotted path ('' for self)."""
-        return {path.rstrip("."): st for path, m in self._owners() if (st := m.get_extra_state()) is not None}
+        return {path: st for path, m in self.named_modules() if (st := m.get_extra_state()) is not None}
 
     def load_extra_states(self, states: dict[str, Any]) -> None:
-        owners = {path.rstrip("."): m for path, m in self._owners()}
+        owners = dict(self.named_modules())
         unknown = sorted(set(states) - set(owners))
         if unknown:
             raise KeyError(f"load_extra_states: no submodule at {unknown}")
@@ -210,13 +244,11 @@ class Module:
             target = get_backend(old)
             value = to_backend(new, target, device=target.device(old)) if not _is_same(new, target) else new
             converted[name] = target.xp.asarray(target.astype(value, old.dtype), copy=True)
-        for prefix, owner in self._owners():
-            for pname, p in owner._params.items():
-                if prefix + pname in converted:
-                    p.value = converted[prefix + pname]
-            for bname in list(owner._buffers):
-                if prefix + bname in converted:
-                    owner._set_buffer(bname, converted[prefix + bname])
+        params = dict(self.named_parameters())
+        for name, value in converted.items():
+            if name in params:
+                params[name].value = value
+        self.set_buffers({name: value for name, value in converted.items() if name not in params})
 
     def to(self, target: Any = None, *, dtype: Any = None, device: Any = None) -> Module:
         """Move parameters, gradients and buffers to ``target`` (a backend name, module or Backend)
@@ -233,12 +265,10 @@ class Module:
 
         moved_params = [(p, move(p.value, True), None if p.grad is None else move(p.grad, True))
                         for p in self.parameters()]
-        moved_buffers = [(owner, name, move(b, True))
-                         for _, owner in self._owners() for name, b in owner._buffers.items()]
+        moved_buffers = {name: move(b, True) for name, b in self.named_buffers()}
         for p, value, grad in moved_params:
             p.value, p.grad = value, grad
-        for owner, name, value in moved_buffers:
-            owner._set_buffer(name, value)
+        self.set_buffers(moved_buffers)
         return self
 
     # ------------------------------------------------------------------ repr
@@ -250,6 +280,16 @@ class Module:
             return f"{type(self).__name__}({self.extra_repr()})"
         lines = [f"  ({name}): " + repr(child).replace("\n", "\n  ") for name, child in self._children.items()]
         return f"{type(self).__name__}(\n" + "\n".join(lines) + "\n)"
+
+
+@dataclass(frozen=True)
+class ModuleSnapshot:
+    """A module's state by reference: ``params`` as ``(Param, value, grad)``, ``buffers`` by
+    dotted name, ``extra_states`` as :meth:`Module.extra_states` gives them."""
+
+    params: list[tuple[Param, Array, Array | None]]
+    buffers: dict[str, Array]
+    extra_states: dict[str, Any]
 
 
 def _is_same(value: Any, backend: Backend) -> bool:

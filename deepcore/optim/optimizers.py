@@ -177,7 +177,7 @@ class Optimizer:
             raise ValueError(f"{fn}: unknown hyperparameters {unknown}; {type(self).__name__} has "
                              f"{list(self.HYPERPARAMS)}")
         checked = self._check_hyperparams({**self.hyperparams(), **hyper})
-        step_count = _count(state_dict["step_count"], "'step_count'", fn)
+        step_count = _state_int(state_dict["step_count"], "'step_count'", fn)
         entries = state_dict["state"]
         if not isinstance(entries, Mapping):
             raise TypeError(f"{fn}: 'state' must be a dict, got {type(entries).__name__}")
@@ -200,7 +200,7 @@ class Optimizer:
             raise ValueError(f"{fn}: {where} must have keys {sorted(expected)}, got {sorted(entry)}")
         p = self.params[i]
         backend = get_backend(p.value)
-        out: dict[str, Any] = {name: _count(entry[name], f"{where}[{name!r}]", fn) for name in self.STATE_INTS}
+        out: dict[str, Any] = {name: _state_int(entry[name], f"{where}[{name!r}]", fn) for name in self.STATE_INTS}
         for name in self.STATE_ARRAYS:
             value = entry[name]
             if _backend_or_none(value) is None:
@@ -370,7 +370,7 @@ def _label(i: int, p: Param) -> str:
     return f"parameter {i} ({p.name!r})" if p.name else f"parameter {i}"
 
 
-def _count(value: Any, name: str, fn: str) -> int:
+def _state_int(value: Any, name: str, fn: str) -> int:
     """A non-negative integer from an int, a NumPy integer, or a 0-d integer array of any backend."""
     raw = value
     if hasattr(value, "shape") and not isinstance(value, np.generic):

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from .._checks import check_int
-from .optimizers import Optimizer, _count, _learning_rate, _real
+from .optimizers import Optimizer, _learning_rate, _real, _state_int
 
 __all__ = ["CosineAnnealingLR", "ExponentialLR", "LRSchedule", "LinearWarmup", "SequentialSchedule", "StepLR"]
 
@@ -75,7 +75,7 @@ class LRSchedule:
             raise ValueError(f"{fn}: the state must have keys {sorted(expected)}, got {sorted(state)}")
         checked = self._check({name: state[name] for name in self.HYPERPARAMS})
         base_lr = _learning_rate(state["base_lr"], fn)
-        last_epoch = _count(state["last_epoch"], "'last_epoch'", fn)
+        last_epoch = _state_int(state["last_epoch"], "'last_epoch'", fn)
         self.__dict__.update(checked)
         self.base_lr, self.last_epoch = base_lr, last_epoch
         self._apply()
@@ -202,17 +202,18 @@ class SequentialSchedule(LRSchedule):
         fn = "SequentialSchedule.load_state_dict"
         if not isinstance(state, Mapping) or state.get("type") != type(self).__name__:
             raise ValueError(f"{fn}: expected the state of a SequentialSchedule, got {state!r:.80}")
-        if list(state.get("milestones", [])) != self.milestones or len(state.get("schedules", [])) != len(self.schedules):
+        same_milestones = list(state.get("milestones", [])) == self.milestones
+        if not same_milestones or len(state.get("schedules", [])) != len(self.schedules):
             raise ValueError(f"{fn}: the state's milestones/schedules do not match this schedule's {self.milestones}")
         base_lr = _learning_rate(state["base_lr"], fn)
-        last_epoch = _count(state["last_epoch"], "'last_epoch'", fn)
+        last_epoch = _state_int(state["last_epoch"], "'last_epoch'", fn)
         lr, before = self.optimizer.lr, [s.state_dict() for s in self.schedules]
         try:
-            for sched, sub in zip(self.schedules, state["schedules"]):
+            for sched, sub in zip(self.schedules, state["schedules"], strict=True):
                 sched.load_state_dict(sub)
         except Exception:
             # A bad child state must not leave the earlier children (or the rate) half-loaded.
-            for sched, sub in zip(self.schedules, before):
+            for sched, sub in zip(self.schedules, before, strict=True):
                 sched.load_state_dict(sub)
             self.optimizer.lr = lr
             raise

@@ -33,6 +33,7 @@ SCE_SOURCE = REPO / "kernels" / "softmax_cross_entropy.cu"
 _EMULATOR_SOURCES = (HERE / "emulator.h", HERE / "include" / "cuda_fp16.h", HERE / "include" / "cuda_bf16.h",
                      HERE / "sce_launch.cpp")
 ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
+SHUFFLES = {"meet": 0, "unordered": 1}
 
 # CUDA type in a name expression -> NumPy dtype name of the array it points to.
 _CTYPE_DTYPES = {"float": "float32", "__half": "float16", "__nv_bfloat16": "bfloat16",
@@ -79,25 +80,52 @@ class EmulatedModule:
     """``cupy.RawModule`` stand-in over the emulator library at ``lib``.
 
     ``order`` is the order in which each block's threads are run between
-    barriers ("forward", "reverse", or "shuffled" with ``seed``): a kernel whose
-    result changes with it reads or writes memory another thread touches
+    switch points ("forward", "reverse", or "shuffled" with ``seed``): a kernel
+    whose result changes with it reads or writes memory another thread touches
     without a barrier in between.
+
+    ``shuffles`` says what a warp shuffle orders. "meet" (the default): the
+    warp meets there, so it orders memory like ``__syncwarp()``. "unordered":
+    nothing, as on a GPU; each thread runs from one barrier to the next in one
+    go and its shuffles return what they returned in a first launch with
+    "meet" on copies of ``logits``/``grad``/``loss_row`` (emulator.h,
+    kShufflesReplay). Only then can a missing ``__syncwarp()`` between one
+    lane's read and another lane's aliasing write show, in an ``order`` that
+    runs the writing lane first.
+
+    ``blocks`` (a ``range`` or ``(start, stop)``) runs only those blocks of each
+    launch's grid, leaving the other blocks' rows unwritten; ``blockIdx`` and
+    ``gridDim`` stay those of the whole grid. It reaches one block of a grid too
+    big to emulate whole (rows past 2**31 elements, say).
     """
 
-    def __init__(self, lib: Path, *, order: str = "forward", seed: int = 0) -> None:
+    def __init__(self, lib: Path, *, order: str = "forward", seed: int = 0, shuffles: str = "meet",
+                 blocks: range | tuple[int, int] | None = None) -> None:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {tuple(ORDERS)}, got {order!r}")
+        if shuffles not in SHUFFLES:
+            raise ValueError(f"shuffles must be one of {tuple(SHUFFLES)}, got {shuffles!r}")
+        if blocks is not None:
+            start, stop = (blocks.start, blocks.stop) if isinstance(blocks, range) else blocks
+            if isinstance(blocks, range) and blocks.step != 1:
+                raise ValueError(f"blocks must be a contiguous range, got {blocks}")
+            if not 0 <= start <= stop:
+                raise ValueError(f"blocks must satisfy 0 <= start <= stop, got {blocks}")
+            blocks = (int(start), int(stop))
         self._lib = ctypes.CDLL(str(lib))
         self._lib.emu_sce_name.restype = ctypes.c_char_p
         self._lib.emu_last_error.restype = ctypes.c_char_p
         self._lib.emu_sce_launch.restype = ctypes.c_int
         self._lib.emu_sce_launch.argtypes = [
-            ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-            *([ctypes.c_void_p] * 7), ctypes.c_longlong, ctypes.c_int, ctypes.c_longlong, ctypes.c_float,
+            ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+            ctypes.c_int, *([ctypes.c_void_p] * 6), ctypes.c_longlong, ctypes.c_int, ctypes.c_longlong,
+            ctypes.c_float,
         ]
         self._names = {self._lib.emu_sce_name(i).decode(): i for i in range(self._lib.emu_sce_count())}
         self.order = order
         self.seed = seed
+        self.shuffles = shuffles
+        self.blocks = blocks
         self.launches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # (name, grid, block) log
 
     @property
@@ -122,9 +150,9 @@ class EmulatedKernel:
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
         if len(grid) != 1 or len(block) != 1:
             raise ValueError(f"only 1-D launches are emulated, got grid={grid} block={block}")
-        if len(args) != 11:
-            raise TypeError(f"{self.name} takes 11 arguments, got {len(args)}")
-        logits, labels, weights, scale, grad, loss_row, weight_row, n_rows, n_classes, ignore, eps = args
+        if len(args) != 10:
+            raise TypeError(f"{self.name} takes 10 arguments, got {len(args)}")
+        logits, labels, weights, scale, grad, loss_row, n_rows, n_classes, ignore, eps = args
         ptrs = [
             _pointer("logits", logits, self._logit_dtype),
             _pointer("labels", labels, self._label_dtype),
@@ -132,7 +160,6 @@ class EmulatedKernel:
             _pointer("scale", scale, "float32"),
             _pointer("grad", grad, self._logit_dtype),
             _pointer("loss_row", loss_row, "float32"),
-            _pointer("weight_row", weight_row, "float32"),
         ]
         for label, value, kind in (("n_rows", n_rows, np.int64), ("n_classes", n_classes, np.int32),
                                    ("ignore_index", ignore, np.int64), ("label_smoothing", eps, np.float32)):
@@ -140,10 +167,13 @@ class EmulatedKernel:
                 raise TypeError(f"{label} must be a {kind.__name__} scalar (CuPy passes Python numbers as "
                                 f"64-bit), got {type(value).__name__}")
         module = self._module
+        first, last = (0, int(grid[0])) if module.blocks is None else module.blocks
+        if last > int(grid[0]):
+            raise ValueError(f"blocks {module.blocks} reach past the grid of {int(grid[0])} block(s)")
         module.launches.append((self.name, tuple(grid), tuple(block)))
         rc = module._lib.emu_sce_launch(module._names[self.name], int(grid[0]), int(block[0]),
-                                        ORDERS[module.order], module.seed, *ptrs, int(n_rows), int(n_classes),
-                                        int(ignore), float(eps))
+                                        ORDERS[module.order], module.seed, first, last, SHUFFLES[module.shuffles],
+                                        *ptrs, int(n_rows), int(n_classes), int(ignore), float(eps))
         if rc != 0:
             raise RuntimeError(f"{self.name}: {module._lib.emu_last_error().decode()}")
 

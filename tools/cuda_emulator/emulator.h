@@ -2,26 +2,43 @@
 // use, so kernels/*.cu run (slowly, exactly) on machines without a GPU.
 //
 // Every CUDA thread of a block is a fiber (ucontext) with its own stack; the
-// block's fibers run on one OS thread and switch only at barriers and warp
-// shuffles, which is where CUDA lets threads observe each other. Blocks run one
-// after another, so `__shared__` becomes a function-local static. What this
+// block's fibers run on one OS thread and switch only at barriers and (by
+// default) warp shuffles, where CUDA lets threads observe each other. Blocks
+// run one after another, so `__shared__` becomes a function-local static. What this
 // checks that a compile cannot: indexing, every element written, reductions,
 // barrier placement (a barrier some threads never reach is reported as a
 // deadlock instead of hanging), and, by running the threads of a block in
 // different orders, accesses that depend on unsynchronised ordering.
-// What it cannot check: timing, the memory model between barriers, occupancy,
-// or CUDA's device math library (host expf/logf stand in for the device ones).
-// Two limits to keep in mind when reading a green run:
-// - A warp shuffle is a switch point here, so it orders memory like a barrier;
-//   on a GPU it orders nothing. A missing __syncwarp() between a read and an
-//   aliasing write of another lane does not show (tests check that the
-//   kernel's __syncwarp() is still there instead).
-// - __shared__ memory is a function-local static: a block starts with what the
-//   previous block left, not with garbage, so a read before the first write may
-//   pass here.
+// What it cannot check: timing, the memory model between barriers beyond the
+// two extremes below, occupancy, or CUDA's device math library (host
+// expf/logf stand in for the device ones).
+//
+// Warp shuffles (Options::shuffles):
+// - kShufflesMeet (default): a shuffle is a switch point where the whole warp
+//   meets, so it orders memory like a __syncwarp(). On a GPU it orders nothing,
+//   so a missing __syncwarp() between one lane's read and another lane's
+//   aliasing write does not show in this mode.
+// - kShufflesReplay: shuffles order nothing. Every thread runs from one barrier
+//   (__syncwarp/__syncthreads) to the next without a switch, the threads one
+//   after another in `order`, and each shuffle returns the value it returned in
+//   an earlier kShufflesRecord launch of the same kernel on the same inputs (the
+//   caller runs that first, on copies of the buffers the kernel writes). With
+//   reverse or shuffled order, a lane that reads memory another lane of its
+//   warp overwrites without a barrier in between then reads the new value, as
+//   a GPU may. A thread whose shuffles send other values than they did when
+//   recorded, or that shuffles a different number of times, is reported.
+//
+// Options::first_block/last_block run only blocks [first, last) of the grid
+// (blockIdx and gridDim stay those of the whole launch), to reach one block of
+// a huge grid: the other blocks' work is simply not done.
+//
+// __shared__ memory is a function-local static: a block starts with what the
+// previous block left, not with garbage, so a read before the first write may
+// pass here.
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <math.h>  // expf, logf, fmaxf in the global namespace, as CUDA has them
 #include <cstdint>
@@ -30,6 +47,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #include <ucontext.h>
 
@@ -45,17 +63,39 @@ struct Barrier {
     unsigned long long generation = 0;
 };
 
+// One 32-bit word per shuffle: what the thread sent and what it received.
+using ShuffleRecord = std::vector<std::pair<std::uint32_t, std::uint32_t>>;
+
 struct Fiber {
     ucontext_t ctx;
     std::vector<char> stack;
     dim3 thread_idx;
     bool done = false;
+    ShuffleRecord* shuffles = nullptr;  // this thread's record (kShufflesRecord / kShufflesReplay)
+    size_t n_shuffles = 0;              // shuffles done so far in this block
 };
 
 enum Order { kForward = 0, kReverse = 1, kShuffled = 2 };
+enum Shuffles { kShufflesMeet = 0, kShufflesRecord = 1, kShufflesReplay = 2 };
+
+// Every thread's shuffles of one launch, indexed (block - first_block) * blockDim + thread.
+struct ShuffleLog {
+    std::vector<ShuffleRecord> threads;
+};
+
+struct Options {
+    Order order = kForward;
+    unsigned seed = 0;
+    unsigned first_block = 0;         // run blocks [first_block, min(last_block, grid)) only
+    unsigned last_block = UINT_MAX;
+    Shuffles shuffles = kShufflesMeet;
+    ShuffleLog* log = nullptr;        // written by kShufflesRecord, read by kShufflesReplay
+    size_t stack_bytes = 64 * 1024;
+};
 
 struct Launch {
     dim3 grid, block, block_idx;
+    Shuffles shuffles = kShufflesMeet;
     std::vector<Fiber> fibers;
     std::vector<Barrier> warp_barriers;
     std::vector<float> warp_slots;  // one float per lane, for shuffles
@@ -102,10 +142,32 @@ inline void require_full_mask(unsigned mask) {
     if (mask != 0xffffffffu) throw std::logic_error("emulator: only full-warp masks are supported");
 }
 
+inline std::string where() {
+    return "block " + std::to_string(active()->block_idx.x) + " thread " + std::to_string(self().thread_idx.x);
+}
+
 template <typename T>
 T shuffle(T value, int src_lane) {
     static_assert(sizeof(T) == sizeof(float), "emulator: 32-bit shuffles only");
     Launch& l = *active();
+    Fiber& f = self();
+    std::uint32_t sent;
+    std::memcpy(&sent, &value, sizeof sent);
+    if (l.shuffles == kShufflesReplay) {
+        // No switch: the warp does not meet here, so nothing orders memory.
+        const ShuffleRecord& rec = *f.shuffles;
+        if (f.n_shuffles >= rec.size())
+            throw std::runtime_error("emulator: " + where() + " shuffles more often than when recorded");
+        const auto [was_sent, received] = rec[f.n_shuffles];
+        if (sent != was_sent)
+            throw std::runtime_error("emulator: " + where() + ": shuffle #" + std::to_string(f.n_shuffles) +
+                                     " sends another value than when shuffles met: the thread read memory "
+                                     "that another thread wrote with no barrier in between");
+        ++f.n_shuffles;
+        T out;
+        std::memcpy(&out, &received, sizeof out);
+        return out;
+    }
     const int w = warp_id();
     float* slots = l.warp_slots.data() + 32 * w;
     std::memcpy(&slots[lane_id()], &value, sizeof(T));
@@ -113,6 +175,11 @@ T shuffle(T value, int src_lane) {
     T out;
     std::memcpy(&out, &slots[src_lane & 31], sizeof(T));
     arrive_and_wait(l.warp_barriers[w]);  // every lane has read before the slots are reused
+    if (l.shuffles == kShufflesRecord) {
+        std::uint32_t received;
+        std::memcpy(&received, &out, sizeof received);
+        f.shuffles->emplace_back(sent, received);
+    }
     return out;
 }
 
@@ -139,41 +206,56 @@ __attribute__((noinline)) inline void start_fiber(Fiber& f, ucontext_t* link) {
     makecontext(&f.ctx, fiber_entry, 0);
 }
 
-// Run body(arg) as `grid` x `block` CUDA threads (x dimension only).
+// Run body(arg) as `grid` x `block` CUDA threads (x dimension only), blocks
+// one after another and each block's threads in `opts.order` between switches.
 // Throws std::runtime_error on a deadlock (a barrier some threads never reach).
-inline void launch(unsigned grid, unsigned block, Order order, unsigned seed, void (*body)(void*), void* arg,
-                   size_t stack_bytes = 64 * 1024) {
+inline void launch(unsigned grid, unsigned block, const Options& opts, void (*body)(void*), void* arg) {
     if (block == 0 || block % 32 != 0 || block > 1024)
         throw std::invalid_argument("emulator: block size must be a multiple of 32 in [32, 1024], got " +
                                     std::to_string(block));
+    const unsigned first = opts.first_block, last = std::min(opts.last_block, grid);
+    if (first > last)
+        throw std::invalid_argument("emulator: first block " + std::to_string(first) + " lies past the grid's " +
+                                    std::to_string(last));
+    if (opts.shuffles != kShufflesMeet && opts.log == nullptr)
+        throw std::invalid_argument("emulator: recording or replaying shuffles needs a ShuffleLog");
     if (active() != nullptr) throw std::logic_error("emulator: nested launch");
+    const size_t n_threads = static_cast<size_t>(last - first) * block;
+    if (opts.shuffles == kShufflesRecord) opts.log->threads.assign(n_threads, ShuffleRecord{});
+    if (opts.shuffles == kShufflesReplay && opts.log->threads.size() != n_threads)
+        throw std::invalid_argument("emulator: the shuffle log was recorded for another launch shape");
     Launch l;
     l.grid.x = grid;
     l.block.x = block;
+    l.shuffles = opts.shuffles;
     l.body = body;
     l.arg = arg;
     const unsigned nwarps = block / 32;
     l.fibers.resize(block);
-    for (auto& f : l.fibers) f.stack.resize(stack_bytes);
+    for (auto& f : l.fibers) f.stack.resize(opts.stack_bytes);
     l.warp_barriers.resize(nwarps);
     l.warp_slots.assign(32 * nwarps, 0.f);
-    std::mt19937 rng(seed);
+    std::mt19937 rng(opts.seed);
     std::vector<unsigned> schedule(block);
     active() = &l;
     try {
-        for (unsigned bi = 0; bi < grid; ++bi) {
-            l.block_idx.x = order == kReverse ? grid - 1 - bi : bi;
+        for (unsigned bi = first; bi < last; ++bi) {
+            l.block_idx.x = opts.order == kReverse ? first + last - 1 - bi : bi;
             for (auto& b : l.warp_barriers) b = Barrier{32, 0, 0};
             l.block_barrier = Barrier{static_cast<int>(block), 0, 0};
             for (unsigned t = 0; t < block; ++t) {
                 Fiber& f = l.fibers[t];
                 f.done = false;
                 f.thread_idx.x = t;
+                f.n_shuffles = 0;
+                f.shuffles = opts.log != nullptr
+                                 ? &opts.log->threads[static_cast<size_t>(l.block_idx.x - first) * block + t]
+                                 : nullptr;
                 start_fiber(f, &l.scheduler);
             }
-            for (unsigned t = 0; t < block; ++t) schedule[t] = order == kReverse ? block - 1 - t : t;
+            for (unsigned t = 0; t < block; ++t) schedule[t] = opts.order == kReverse ? block - 1 - t : t;
             for (unsigned live = block; live > 0;) {
-                if (order == kShuffled) std::shuffle(schedule.begin(), schedule.end(), rng);
+                if (opts.order == kShuffled) std::shuffle(schedule.begin(), schedule.end(), rng);
                 l.progressed = false;
                 live = 0;
                 for (unsigned t : schedule) {
@@ -189,6 +271,12 @@ inline void launch(unsigned grid, unsigned block, Order order, unsigned seed, vo
                                              std::to_string(live) +
                                              " thread(s) wait at a barrier the others never reach");
             }
+            if (opts.shuffles == kShufflesReplay)
+                for (const Fiber& f : l.fibers)
+                    if (f.n_shuffles != f.shuffles->size())
+                        throw std::runtime_error("emulator: block " + std::to_string(l.block_idx.x) + " thread " +
+                                                 std::to_string(f.thread_idx.x) +
+                                                 " shuffles less often than when recorded");
         }
     } catch (...) {
         active() = nullptr;

@@ -16,7 +16,6 @@ struct SceArgs {
     const float* scale;
     void* grad;
     float* loss_row;
-    float* weight_row;
     long long n_rows;
     int n_classes;
     long long ignore_index;
@@ -28,23 +27,23 @@ void run(void* p) {
     const SceArgs& a = *static_cast<const SceArgs*>(p);
     const auto kernel = Block ? sce_block_per_row<T, L> : sce_warp_per_row<T, L>;
     kernel(static_cast<const T*>(a.logits), static_cast<const L*>(a.labels), a.class_weights, a.scale,
-           static_cast<T*>(a.grad), a.loss_row, a.weight_row, a.n_rows, a.n_classes, a.ignore_index,
-           a.label_smoothing);
+           static_cast<T*>(a.grad), a.loss_row, a.n_rows, a.n_classes, a.ignore_index, a.label_smoothing);
 }
 
 struct Instance {
     const char* name;  // the name expression cuda_kernels.py hands NVRTC
     void (*body)(void*);
     unsigned max_threads;  // the kernel's __launch_bounds__: a GPU refuses a larger block
+    size_t logit_bytes;    // sizeof(T)
 };
 
-#define SCE_INSTANCES(KERNEL, BLOCK, MAX)                                              \
-    {KERNEL "<float, int>", run<float, int, BLOCK>, MAX},                              \
-    {KERNEL "<float, long long>", run<float, long long, BLOCK>, MAX},                  \
-    {KERNEL "<__half, int>", run<__half, int, BLOCK>, MAX},                            \
-    {KERNEL "<__half, long long>", run<__half, long long, BLOCK>, MAX},                \
-    {KERNEL "<__nv_bfloat16, int>", run<__nv_bfloat16, int, BLOCK>, MAX},             \
-    {KERNEL "<__nv_bfloat16, long long>", run<__nv_bfloat16, long long, BLOCK>, MAX}
+#define SCE_INSTANCES(KERNEL, BLOCK, MAX)                                                                    \
+    {KERNEL "<float, int>", run<float, int, BLOCK>, MAX, sizeof(float)},                                     \
+    {KERNEL "<float, long long>", run<float, long long, BLOCK>, MAX, sizeof(float)},                         \
+    {KERNEL "<__half, int>", run<__half, int, BLOCK>, MAX, sizeof(__half)},                                  \
+    {KERNEL "<__half, long long>", run<__half, long long, BLOCK>, MAX, sizeof(__half)},                      \
+    {KERNEL "<__nv_bfloat16, int>", run<__nv_bfloat16, int, BLOCK>, MAX, sizeof(__nv_bfloat16)},             \
+    {KERNEL "<__nv_bfloat16, long long>", run<__nv_bfloat16, long long, BLOCK>, MAX, sizeof(__nv_bfloat16)}
 
 const Instance kInstances[] = {SCE_INSTANCES("sce_warp_per_row", false, sce::kWarpKernelThreads),
                                SCE_INSTANCES("sce_block_per_row", true, sce::kBlockKernelThreads)};
@@ -52,6 +51,45 @@ constexpr int kCount = sizeof(kInstances) / sizeof(kInstances[0]);
 
 thread_local std::string last_error;
 std::mutex launch_mutex;  // one launch at a time: the emulator's state and __shared__ statics are global
+
+// A copy of `bytes` bytes at `src` whose address has the same remainder mod 16,
+// so the kernel takes the same vector/scalar paths on it as on the original.
+struct AlignedCopy {
+    std::vector<unsigned char> storage;
+    void* data = nullptr;
+    AlignedCopy(const void* src, size_t bytes) {
+        if (bytes > (SIZE_MAX >> 1)) throw std::length_error("emulator: buffer too large to copy");
+        storage.resize(bytes + 32);
+        const auto want = reinterpret_cast<std::uintptr_t>(src) % 16;
+        auto p = reinterpret_cast<std::uintptr_t>(storage.data());
+        p += (want + 16 - p % 16) % 16;
+        data = reinterpret_cast<void*>(p);
+        if (bytes != 0) std::memcpy(data, src, bytes);
+    }
+};
+
+// kShufflesReplay: record the shuffles on copies of the buffers the kernel
+// writes (grad, loss_row; logits too, as grad may alias it), then replay them
+// on the caller's buffers.
+void launch_unordered(const Instance& inst, unsigned grid, unsigned block, emu::Options opts, SceArgs args) {
+    const size_t n = static_cast<size_t>(args.n_rows) * static_cast<size_t>(args.n_classes) * inst.logit_bytes;
+    const auto lo = reinterpret_cast<std::uintptr_t>(args.logits), go = reinterpret_cast<std::uintptr_t>(args.grad);
+    if (args.grad != args.logits && lo < go + n && go < lo + n)
+        throw std::invalid_argument("emulator: grad overlaps logits without being the same buffer");
+    AlignedCopy logits(args.logits, n);
+    AlignedCopy grad_own(args.grad == args.logits ? nullptr : args.grad, args.grad == args.logits ? 0 : n);
+    AlignedCopy loss(args.loss_row, static_cast<size_t>(args.n_rows) * sizeof(float));
+    SceArgs copy = args;
+    copy.logits = logits.data;
+    copy.grad = args.grad == args.logits ? logits.data : grad_own.data;
+    copy.loss_row = static_cast<float*>(loss.data);
+    emu::ShuffleLog log;
+    opts.log = &log;
+    opts.shuffles = emu::kShufflesRecord;
+    emu::launch(grid, block, opts, inst.body, &copy);
+    opts.shuffles = emu::kShufflesReplay;
+    emu::launch(grid, block, opts, inst.body, &args);
+}
 
 }  // namespace
 
@@ -63,27 +101,39 @@ const char* emu_sce_name(int i) { return i >= 0 && i < kCount ? kInstances[i].na
 
 const char* emu_last_error() { return last_error.c_str(); }
 
-// 0 on success, else -1 with the reason in emu_last_error().
-int emu_sce_launch(int instance, unsigned grid, unsigned block, int order, unsigned seed, const void* logits,
-                   const void* labels, const float* class_weights, const float* scale, void* grad, float* loss_row,
-                   float* weight_row, long long n_rows, int n_classes, long long ignore_index,
-                   float label_smoothing) {
+// 0 on success, else -1 with the reason in emu_last_error(). Runs blocks
+// [first_block, last_block) of the grid only; `unordered_shuffles` != 0 makes
+// shuffles order no memory (emu::kShufflesReplay, see emulator.h).
+int emu_sce_launch(int instance, unsigned grid, unsigned block, int order, unsigned seed, unsigned first_block,
+                   unsigned last_block, int unordered_shuffles, const void* logits, const void* labels,
+                   const float* class_weights, const float* scale, void* grad, float* loss_row, long long n_rows,
+                   int n_classes, long long ignore_index, float label_smoothing) {
     last_error.clear();
     if (instance < 0 || instance >= kCount) {
         last_error = "no kernel instance " + std::to_string(instance);
         return -1;
     }
-    if (block > kInstances[instance].max_threads) {
-        last_error = std::string(kInstances[instance].name) + ": block of " + std::to_string(block) +
-                     " threads exceeds its __launch_bounds__ of " + std::to_string(kInstances[instance].max_threads) +
+    const Instance& inst = kInstances[instance];
+    if (block > inst.max_threads) {
+        last_error = std::string(inst.name) + ": block of " + std::to_string(block) +
+                     " threads exceeds its __launch_bounds__ of " + std::to_string(inst.max_threads) +
                      " (a GPU refuses this launch)";
         return -1;
     }
-    SceArgs args{logits,   labels,     class_weights, scale,     grad,          loss_row,
-                 weight_row, n_rows,   n_classes,     ignore_index, label_smoothing};
+    SceArgs args{logits, labels, class_weights, scale, grad, loss_row, n_rows, n_classes, ignore_index,
+                       label_smoothing};
+    emu::Options opts;
+    opts.order = static_cast<emu::Order>(order);
+    opts.seed = seed;
+    opts.first_block = first_block;
+    opts.last_block = last_block;
     std::lock_guard<std::mutex> lock(launch_mutex);
     try {
-        emu::launch(grid, block, static_cast<emu::Order>(order), seed, kInstances[instance].body, &args);
+        if (unordered_shuffles != 0) {
+            launch_unordered(inst, grid, block, opts, args);
+        } else {
+            emu::launch(grid, block, opts, inst.body, &args);
+        }
     } catch (const std::exception& exc) {
         last_error = exc.what();
         return -1;

@@ -1,0 +1,91 @@
+"""Benchmarks of deepcore's backends against each other and against PyTorch.
+
+One package holds the workloads, so that ``deepcore bench`` (a quick, interleaved
+subset) and the pytest-benchmark suite in ``benchmarks/`` time the same code:
+
+========================  ============================================================
+case                      what one call does
+========================  ============================================================
+``matmul``                ``a @ b`` (square, and the 784-256-10 MLP's products)
+``softmax``               row softmax of an (N, C) array
+``log_softmax``           row log-softmax of an (N, C) array
+``softmax_ce``            softmax cross-entropy, loss and d(loss)/d(logits), mean reduction
+``mlp_step``              one training step of the 784-256-10 MLP: forward, loss, backward,
+                          SGD momentum update
+``epoch``                 one epoch (60,000 x 784 synthetic MNIST-shaped data, batch 128,
+                          shuffled) of that step
+========================  ============================================================
+
+Contenders (each row of a table):
+
+- ``numpy``: deepcore on its NumPy backend (the fused paths); ``cupy``: deepcore on CuPy;
+- ``numpy-unfused`` / ``cupy-unfused`` (softmax_ce only): the same call through the base
+  class's array-API reference, ``deepcore.backend.base.Backend.softmax_cross_entropy``;
+- ``numpy-dx`` (mlp_step): deepcore's step with ``backward(grad)``, which also forms the
+  gradient of the input batch; ``numpy`` calls ``backward(grad, need_input_grad=False)`` as
+  PyTorch does for data that does not require a gradient (and as ``deepcore.train.fit`` does);
+- ``numpy-fit`` (epoch): the whole ``deepcore.train.fit(epochs=1)`` loop (batching, the
+  per-step loss check, metrics) on the same data;
+- ``numpy-plain`` (mlp_step, epoch): the same step hand-written in plain NumPy, the
+  framework-overhead baseline;
+- ``torch`` / ``torch-cuda``: PyTorch eager, the outside reference.
+
+On the GPU, ``cupy`` and ``torch-cuda`` keep the epoch's data on the device and gather
+each batch there; on the CPU every contender gathers from the same host array.
+
+Every result carries the backend, device, dtype, shape, library versions, BLAS and the
+thread count. Ratios are to the reference on the same device: PyTorch when it is
+installed, else deepcore's NumPy (CPU) or CuPy (GPU) backend.
+
+Timing: every contender of a case is set up first; then ``rounds`` rounds each time
+every contender once, in turn (interleaved), for enough calls that a sample lasts at
+least ``min_time``, after a short pause (see :func:`default_cooldown`); the median of the
+per-call times is what is reported, and the ratio is the median over rounds of the ratio of
+the two samples taken in the same round. GPU samples end with a device synchronisation.
+
+Modules: :mod:`.contenders` (who runs what), :mod:`.workloads` and :mod:`.mlp` (the work),
+:mod:`.cases` (case name -> workload), :mod:`.suites` (sizes), :mod:`.runner` (timing),
+:mod:`.report` (table, JSON, comparison), :mod:`.threads` and :mod:`.environment` (what the
+machine is doing), :mod:`.command` (the ``deepcore bench`` subcommand). ``import deepcore``
+never imports this package.
+"""
+
+from __future__ import annotations
+
+from .cases import make_workload
+from .contenders import ALL_CONTENDERS, CASES, CPU_CONTENDERS, GPU_CONTENDERS, NotApplicable, available_contenders
+from .environment import describe_environment, environment
+from .mlp import MLP
+from .report import compare, format_table, load_results, save_results, to_json
+from .runner import Result, default_cooldown, reference_for, run
+from .suites import Spec, suite
+from .threads import restore_threads, set_threads, thread_info
+from .workloads import Workload
+
+__all__ = [
+    "ALL_CONTENDERS",
+    "CASES",
+    "CPU_CONTENDERS",
+    "GPU_CONTENDERS",
+    "MLP",
+    "NotApplicable",
+    "Result",
+    "Spec",
+    "Workload",
+    "available_contenders",
+    "compare",
+    "default_cooldown",
+    "describe_environment",
+    "environment",
+    "format_table",
+    "load_results",
+    "make_workload",
+    "reference_for",
+    "restore_threads",
+    "run",
+    "save_results",
+    "set_threads",
+    "suite",
+    "thread_info",
+    "to_json",
+]

@@ -1,0 +1,36 @@
+"""``make_workload(case, contender, **params)``: the one entry from a case's name to its workload."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import mlp, workloads
+from .contenders import CASES, NotApplicable, available_contenders, device_of, library_of
+from .workloads import Workload
+
+
+def make_workload(case: str, contender: str, **params: Any) -> Workload:
+    """Set up ``contender`` for ``case`` with ``params``; raises :class:`NotApplicable` when it
+    cannot run here. ``info`` records backend, device, dtype and shape."""
+    if case not in CASES:
+        raise ValueError(f"unknown case {case!r}; cases: {', '.join(CASES)}")
+    if contender not in CASES[case]:
+        raise NotApplicable(f"{contender} does not run {case}")
+    status = available_contenders().get(contender, f"unknown contender {contender!r}")
+    if status is not True:
+        raise NotApplicable(str(status))
+    if case == "matmul":
+        wl = workloads.matmul(contender, **params)
+    elif case in ("softmax", "log_softmax"):
+        wl = workloads.softmax(contender, log=case == "log_softmax", **params)
+    elif case == "softmax_ce":
+        wl = workloads.softmax_ce(contender, **params)
+    elif case == "mlp_step":
+        wl = mlp.mlp_step(contender, **params)
+    else:
+        wl = mlp.epoch(contender, **params)
+    wl.info = {"case": case, "contender": contender, "backend": library_of(contender),
+               "device": device_of(contender), "dtype": "float32", **wl.info}
+    return wl
+
+

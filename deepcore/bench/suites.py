@@ -1,0 +1,73 @@
+"""Suites: which cases run at which sizes (``tiny`` for tests, ``quick`` for ``deepcore bench``,
+``full`` for the pytest-benchmark suite)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .mlp import MLP
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One case at one parameter setting."""
+
+    case: str
+    params: tuple[tuple[str, Any], ...]
+    slow: bool = False
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    @property
+    def param_id(self) -> str:
+        p = self.kwargs
+        if self.case == "matmul":
+            tag = f"{p['m']}x{p['k']}x{p['n']}"
+            return tag + ("-bT" if p.get("transpose_b") else "")
+        if self.case in ("softmax", "log_softmax", "softmax_ce"):
+            return f"{p['n']}x{p['c']}"
+        if self.case == "mlp_step":
+            return f"b{p['batch']}"
+        return f"{p['n']}x{MLP[0]}-b{p['batch']}"
+
+
+def _spec(case: str, slow: bool = False, **params: Any) -> Spec:
+    return Spec(case, tuple(params.items()), slow)
+
+
+#: (N, C) shapes of the softmax cases: C = 10, 1000, 32768 with N chosen so that a CPU call
+#: stays in milliseconds.
+SOFTMAX_SHAPES = ((8192, 10), (4096, 1000), (256, 32768))
+
+#: The 784-256-10 MLP's matrix products at batch 128 (forward x W1^T, dW1 = dy^T x, dx = dy W1)
+#: and the forward at batch 1024.
+MLP_MATMULS = ((128, 784, 256, True), (256, 128, 784, False), (128, 256, 784, False), (1024, 784, 256, True))
+
+
+def suite(name: str) -> list[Spec]:
+    """``"tiny"`` (seconds; for tests), ``"quick"`` (``deepcore bench``'s default) or ``"full"``
+    (what the pytest-benchmark suite sweeps; 4096^3 matmul marked slow)."""
+    if name == "tiny":
+        return [_spec("matmul", m=64, k=64, n=64), _spec("softmax", n=64, c=10),
+                _spec("softmax_ce", n=64, c=10), _spec("mlp_step", batch=16),
+                _spec("epoch", n=512, batch=128)]
+    if name == "quick":
+        return [_spec("matmul", m=512, k=512, n=512), _spec("matmul", m=128, k=784, n=256, transpose_b=True),
+                _spec("softmax", n=4096, c=1000), _spec("softmax_ce", n=4096, c=1000),
+                _spec("softmax_ce", n=128, c=10),
+                _spec("mlp_step", batch=128), _spec("mlp_step", batch=1024),
+                _spec("epoch", n=60000, batch=128)]
+    if name == "full":
+        specs = [_spec("matmul", m=s, k=s, n=s, slow=s >= 4096) for s in (512, 2048, 4096)]
+        specs += [_spec("matmul", m=m, k=k, n=n, transpose_b=t) for m, k, n, t in MLP_MATMULS]
+        for case in ("softmax", "log_softmax", "softmax_ce"):
+            specs += [_spec(case, n=n, c=c) for n, c in SOFTMAX_SHAPES]
+        specs += [_spec("mlp_step", batch=b) for b in (128, 1024)]
+        specs.append(_spec("epoch", n=60000, batch=128))
+        return specs
+    raise ValueError(f"unknown suite {name!r}; suites: tiny, quick, full")
+
+
