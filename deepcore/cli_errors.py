@@ -1,7 +1,7 @@
 """How the ``deepcore`` command reports a mistake: one line, ``deepcore: error: ...``, and an
 exit status (2 for a bad argument, 1 for anything else), never a traceback.
 
-Its own module so that every subcommand (``train`` in :mod:`deepcore.cli`, ``bench`` in
+Its own module so that every subcommand (``train`` in :mod:`deepcore.cli.train`, ``bench`` in
 :mod:`deepcore.bench.command`) can raise :class:`UsageError` without importing the other.
 """
 

@@ -1,108 +1,49 @@
-"""The ``deepcore`` command: ``train``, ``info``, ``demo`` and ``bench``.
-
-Bad arguments and failures the user can fix print one line, ``deepcore: error: ...``,
-and exit with status 2 (arguments) or 1 (anything else); never a traceback.
-"""
+"""``deepcore train``: every flag checked before anything runs, then data, model, optimizer and
+schedule built from the flags and handed to :func:`deepcore.train.fit`."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from . import __version__
-from .backend import (
-    BackendUnavailableError,
-    UnknownBackendError,
-    available_backends,
-    get_backend,
-    use_backend,
-)
-from .cli_errors import EXIT_FAILURE, EXIT_USAGE, OneLineParser, UsageError
-from .sysinfo import describe_blas
-
-BENCH_HELP = "time deepcore's backends against each other and PyTorch"
+from .. import __version__
+from ..backend import BackendUnavailableError, UnknownBackendError, available_backends, get_backend, use_backend
+from ..cli_errors import EXIT_FAILURE, UsageError
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser(with_bench="bench" in argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return EXIT_USAGE
-    try:
-        return int(args.run(args) or 0)
-    except UsageError as exc:
-        print(f"deepcore: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as exc:  # the backend errors included
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"deepcore: error: {message}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("deepcore: interrupted", file=sys.stderr)
-        return 130
-
-
-def _parser(with_bench: bool = True) -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="deepcore", description="Train neural networks on NumPy or CuPy.")
-    parser.add_argument("--version", action="version", version=f"deepcore {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,info,demo,bench}")
-
-    t = sub.add_parser("train", help="train a model (default: an MLP on the embedded 8x8 digits)")
-    t.add_argument("--dataset", default="digits", help="digits | mnist | fashion-mnist | cifar10 | PATH.npz | PATH.csv")
-    t.add_argument("--data-dir", type=Path, help="where the dataset files are (or go, when downloaded)")
-    t.add_argument("--no-download", action="store_true", help="never download; fail if the files are missing")
-    t.add_argument("--model", choices=("linear", "mlp"), default="mlp")
-    t.add_argument("--hidden", default="256", help="hidden widths of the MLP, comma-separated (default 256)")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden layer (default 0)")
-    t.add_argument("--batchnorm", action="store_true", help="BatchNorm1d after each hidden linear layer")
-    t.add_argument("--loss", choices=("softmax-ce", "hinge"), default="softmax-ce")
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--optimizer", choices=("gd", "sgd", "momentum", "nesterov", "adam", "adamw"), default="momentum")
-    t.add_argument("--lr", type=float, help="learning rate (default 0.1 for SGD variants, 1e-3 for Adam)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="the optimizer's weight decay")
-    t.add_argument("--schedule", choices=("none", "step", "exponential", "cosine"), default="cosine")
-    t.add_argument("--warmup", type=int, default=0, help="epochs of linear learning-rate warm-up")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=64,
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train a model (default: an MLP on the embedded 8x8 digits)")
+    p.add_argument("--dataset", default="digits", help="digits | mnist | fashion-mnist | cifar10 | PATH.npz | PATH.csv")
+    p.add_argument("--data-dir", type=Path, help="where the dataset files are (or go, when downloaded)")
+    p.add_argument("--no-download", action="store_true", help="never download; fail if the files are missing")
+    p.add_argument("--model", choices=("linear", "mlp"), default="mlp")
+    p.add_argument("--hidden", default="256", help="hidden widths of the MLP, comma-separated (default 256)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden layer (default 0)")
+    p.add_argument("--batchnorm", action="store_true", help="BatchNorm1d after each hidden linear layer")
+    p.add_argument("--loss", choices=("softmax-ce", "hinge"), default="softmax-ce")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--optimizer", choices=("gd", "sgd", "momentum", "nesterov", "adam", "adamw"), default="momentum")
+    p.add_argument("--lr", type=float, help="learning rate (default 0.1 for SGD variants, 1e-3 for Adam)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="the optimizer's weight decay")
+    p.add_argument("--schedule", choices=("none", "step", "exponential", "cosine"), default="cosine")
+    p.add_argument("--warmup", type=int, default=0, help="epochs of linear learning-rate warm-up")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64,
                    help="samples per step and process (default 64; under mpirun -n N a step sees N times as many)")
-    t.add_argument("--reg", default="none", help="none | l2:LAMBDA | l1:LAMBDA | elastic:LAMBDA,BETA")
-    t.add_argument("--max-norm", type=float, help="max-norm constraint c on each unit's incoming weights")
-    t.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out (default 0.1)")
-    t.add_argument("--backend", help="numpy | cupy | ... (default: the best available)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", type=Path, default=Path("deepcore-run"), help="output directory (default ./deepcore-run)")
-    t.add_argument("--resume", type=Path, help="continue from a checkpoint written by an earlier run")
-    t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
-    t.set_defaults(run=_cmd_train)
-
-    i = sub.add_parser("info", help="version, backends (and why any is unavailable), devices, BLAS")
-    i.add_argument("--json", action="store_true", help="print as JSON")
-    i.set_defaults(run=_cmd_info)
-
-    d = sub.add_parser("demo", help="the course's worked examples")
-    d.add_argument("name", choices=("regression", "overfit", "hinge"))
-    d.add_argument("--out", type=Path, default=Path("."), help="where plots go (default: here)")
-    d.set_defaults(run=_cmd_demo)
-
-    if with_bench:
-        from .bench.command import add_parser as add_bench_parser
-
-        add_bench_parser(sub)
-    else:  # listed in --help; the benchmark package is imported only when the command runs
-        sub.add_parser("bench", help=BENCH_HELP)
-    return parser
+    p.add_argument("--reg", default="none", help="none | l2:LAMBDA | l1:LAMBDA | elastic:LAMBDA,BETA")
+    p.add_argument("--max-norm", type=float, help="max-norm constraint c on each unit's incoming weights")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out (default 0.1)")
+    p.add_argument("--backend", help="numpy | cupy | ... (default: the best available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("deepcore-run"), help="output directory (default ./deepcore-run)")
+    p.add_argument("--resume", type=Path, help="continue from a checkpoint written by an earlier run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(run=run_command)
+    return p
 
 
-# ----------------------------------------------------------------- train
 def best_backend() -> str:
     return "cupy" if available_backends().get("cupy") is True else "numpy"
 
@@ -118,7 +59,7 @@ def _parse_hidden(text: str) -> list[int]:
 
 
 def _parse_reg(text: str) -> Any:
-    from . import regularizers
+    from .. import regularizers
 
     kind, _, rest = text.partition(":")
     try:
@@ -137,7 +78,7 @@ def _parse_reg(text: str) -> Any:
 def build_model(kind: str, in_features: int, num_classes: int, hidden: Sequence[int], *, dropout: float = 0.0,
                 batchnorm: bool = False, seed: int = 0) -> Any:
     """``linear``: the course's ``f(x, W) = Wx + b``; ``mlp``: Linear-ReLU blocks, then a linear output."""
-    from . import nn
+    from .. import nn
 
     if kind == "linear":
         return nn.Sequential(nn.Linear(in_features, num_classes, seed=seed))
@@ -156,7 +97,7 @@ def build_model(kind: str, in_features: int, num_classes: int, hidden: Sequence[
 
 
 def build_optimizer(name: str, params: list[Any], lr: float | None, weight_decay: float) -> Any:
-    from . import optim
+    from .. import optim
 
     sgd_lr = 0.1 if lr is None else lr
     if name == "gd":
@@ -169,7 +110,7 @@ def build_optimizer(name: str, params: list[Any], lr: float | None, weight_decay
 
 
 def build_schedule(name: str, optimizer: Any, epochs: int, warmup: int) -> Any:
-    from . import optim
+    from .. import optim
 
     if warmup < 0:
         raise UsageError(f"--warmup must be >= 0, got {warmup}")
@@ -188,11 +129,11 @@ def build_schedule(name: str, optimizer: Any, epochs: int, warmup: int) -> Any:
     return optim.SequentialSchedule(optimizer, [warm, after], milestones=[warmup])
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
     """Under ``mpirun -n N`` every rank runs this, training data-parallel (:mod:`deepcore.distributed`);
     rank 0 alone prints and writes files, and an error on any rank ends the whole job."""
-    from .distributed import abort_on_error, init
-    from .train import TrainingDiverged
+    from ..distributed import abort_on_error, init
+    from ..train import TrainingDiverged
 
     comm = init()
     with abort_on_error(comm, passthrough=(TrainingDiverged,), show_traceback=False):
@@ -205,12 +146,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, comm: Any) -> int:
-    from . import data
-    from .checkpoint import save_checkpoint
-    from .distributed import root_first
-    from .plotting import training_curves
-    from .regularizers import MaxNorm
-    from .train import evaluate, fit
+    from .. import data
+    from ..checkpoint import save_checkpoint
+    from ..distributed import root_first
+    from ..plotting import training_curves
+    from ..regularizers import MaxNorm
+    from ..train import evaluate, fit
 
     hidden = _parse_hidden(args.hidden)
     regularizer = _parse_reg(args.reg)
@@ -284,55 +225,3 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items() if k != "run"}
-
-
-# ------------------------------------------------------------------ info
-def collect_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "deepcore": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "numpy": np.__version__,
-        "blas": describe_blas(),
-        "backends": available_backends(),
-    }
-    if info["backends"].get("cupy") is True:
-        import cupy
-
-        info["cuda_devices"] = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode()
-                                for i in range(cupy.cuda.runtime.getDeviceCount())]
-    for lib in ("cupy", "torch", "array_api_strict", "array_api_compat"):
-        try:
-            info[lib] = __import__(lib).__version__
-        except Exception:
-            continue
-    return info
-
-
-def _cmd_info(args: argparse.Namespace) -> int:
-    info = collect_info()
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"deepcore {info['deepcore']} on Python {info['python']} ({info['platform']})")
-    print(f"numpy {info['numpy']}, BLAS: {info['blas']}")
-    for lib in ("array_api_compat", "array_api_strict", "torch", "cupy"):
-        if lib in info:
-            print(f"{lib} {info[lib]}")
-    print("backends:")
-    for name, status in info["backends"].items():
-        print(f"  {name:18s} {'available' if status is True else 'unavailable: ' + str(status)}")
-    for i, dev in enumerate(info.get("cuda_devices", [])):
-        print(f"  cuda:{i} {dev}")
-    return 0
-
-
-# ------------------------------------------------------------------ demo
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from . import demos
-
-    return {"regression": demos.regression, "overfit": demos.overfit, "hinge": demos.hinge}[args.name](args.out)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m deepcore.cli``: the ``deepcore`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
