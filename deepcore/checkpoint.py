@@ -76,6 +76,15 @@ class Checkpoint:
     format_version: int | None = FORMAT_VERSION
     deepcore_version: str | None = None
 
+    def restore(self, model: Module, optimizer: Any = None) -> None:
+        """Give ``model`` (and ``optimizer``) this checkpoint's state, as ``load_checkpoint(path, model,
+        optimizer)`` does, without reading the file again: all of it, or on any error none of it."""
+        if not isinstance(model, Module):
+            raise TypeError(f"Checkpoint.restore: model must be a deepcore Module, got {type(model).__name__}")
+        if optimizer is not None and self.optimizer_state is None:
+            raise CheckpointError("Checkpoint.restore: this checkpoint holds no optimizer state to restore")
+        _restore(self, model, optimizer)
+
 
 # ====================================================================== save
 def save_checkpoint(path: str | os.PathLike[str], model: Module, optimizer: Any = None, *,
@@ -285,11 +294,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
             raise _bad(path, f"not a checkpoint: the safetensors header is not valid JSON ({exc})") from None
         if not isinstance(header, dict):
             raise _bad(path, "not a checkpoint: the safetensors header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise _bad(path, "__metadata__ must map strings to strings")
         data_start, data_len = 8 + n, size - 8 - n
         entries = {name: _entry(path, name, info, data_len) for name, info in header.items()}
+        _check_layout(path, entries, data_len)
         tensors = {}
         for name, (dtype, shape, begin, end) in entries.items():
             buf = bytearray(end - begin)  # a writable array without a second copy
@@ -324,6 +335,22 @@ def _entry(path: Path, name: str, info: Any, data_len: int) -> tuple[np.dtype, t
         raise _bad(path, f"tensor {name!r}: shape {shape} of {code} needs {need} bytes but data_offsets "
                          f"span {end - begin}")
     return dtype, tuple(shape), begin, end
+
+
+def _check_layout(path: Path, entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]], data_len: int) -> None:
+    """The safetensors library's rule: in order of their offsets, the tensors tile the data section
+    exactly, each starting where the one before ends, from byte 0 to the end of the file; so no
+    overlap, no gap and no trailing bytes (the order of the names in the header is free)."""
+    at, previous = 0, None
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: (item[1][2], item[1][3])):
+        if begin != at:
+            where = f"tensor {previous!r} ends at byte {at}" if previous is not None else "the data starts at byte 0"
+            what = "overlaps the tensor before it" if begin < at else "leaves a gap"
+            raise _bad(path, f"tensor {name!r}: data_offsets [{begin}, {end}] {what} ({where})")
+        at, previous = end, name
+    if at != data_len:
+        raise _bad(path, f"the tensors cover {at} of the {data_len} bytes of the data section "
+                         f"({data_len - at} bytes belong to no tensor)")
 
 
 def _read_npz(path: Path) -> tuple[dict[str, np.ndarray], str | None]:

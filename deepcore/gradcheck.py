@@ -81,12 +81,17 @@ def check_gradients(f: Callable[[dict[str, Array]], Any], inputs: dict[str, Arra
 def check_layer(layer: Module, x: Array, *, train: bool = False, seed: int = 0, **kwargs: Any) -> GradcheckResult:
     """Check ``dL/dx`` and every parameter's gradient of ``layer`` at ``x``, for ``L = sum(y * g)``
     with a random ``g``. The layer runs in float64 for the check and is restored afterwards
-    (parameters, gradients and buffers are the same objects as before)."""
+    (parameters, gradients, buffers and extra states are the same as before).
+
+    Every evaluation starts from the layer's extra state as it was on entry (a Dropout's stream
+    position), so with ``train=True`` each finite difference sees the mask the analytic
+    gradient was taken with."""
     params = list(layer.named_parameters())
     saved = layer.snapshot()
     try:
         layer.to(dtype="float64")
         x64 = _float64(x)
+        extra = layer.extra_states()
         y, backward = layer.forward(x64, train=train)
         backend = get_backend(y)
         g = backend.from_numpy(np.random.default_rng(seed + 1).standard_normal(tuple(y.shape)),
@@ -102,6 +107,7 @@ def check_layer(layer: Module, x: Array, *, train: bool = False, seed: int = 0, 
         def f(values: dict[str, Array]) -> Any:
             for name, p in params:
                 p.value = values[name]
+            layer.load_extra_states(extra)
             out = layer.forward(values["x"], train=train)[0]
             return backend.xp.sum(out * g)
 

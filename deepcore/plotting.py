@@ -31,24 +31,49 @@ def _save(fig: Any, path: Path) -> Path:
     return write_bytes_atomic(path, buf.getvalue())
 
 
-def training_curves(history: History, path: str | Path, note: Callable[[str], None] = print) -> Path | None:
-    """Loss and accuracy per epoch, train and validation, side by side."""
+def curves_title(dataset: str | None = None, model: str | None = None, test_accuracy: float | None = None) -> str:
+    """``digits, mlp 256: test accuracy 97.50%`` (the parts given; accuracy as a fraction in [0, 1])."""
+    head = ", ".join(part for part in (dataset, model) if part)
+    tail = "" if test_accuracy is None else f"test accuracy {test_accuracy:.2%}"
+    return f"{head}: {tail}" if head and tail else head or tail or "training curves"
+
+
+def training_curves_figure(history: History, *, dataset: str | None = None, model: str | None = None,
+                           test_accuracy: float | None = None) -> Any:
+    """The figure :func:`training_curves` writes (a ``matplotlib.figure.Figure``), or None without
+    matplotlib: loss and accuracy (in percent, as the console prints it) per epoch, train and
+    validation, side by side, under a title naming the data set, the model and the test accuracy."""
     Figure = _figure_class()
     if Figure is None:
-        note("matplotlib is not installed: skipping the training-curve PNG (pip install matplotlib)")
         return None
     epochs = history["epoch"]
-    fig = Figure(figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.8))
+    fig.suptitle(curves_title(dataset, model, test_accuracy))
     axes = fig.subplots(1, 2)
-    for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
+    for ax, key, label, scale in zip(axes, ("loss", "accuracy"), ("loss", "accuracy (%)"), (1.0, 100.0),
+                                     strict=True):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = history[prefix + key]
             if values:
-                ax.plot(epochs[: len(values)], values, style, label=(prefix or "train_") + key)
+                ax.plot(epochs[: len(values)], [v * scale for v in values], style,
+                        label=("validation " if prefix else "train ") + key)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
         ax.set_title(key)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
+    return fig
+
+
+def training_curves(history: History, path: str | Path, note: Callable[[str], None] = print, *,
+                    dataset: str | None = None, model: str | None = None,
+                    test_accuracy: float | None = None) -> Path | None:
+    """Write :func:`training_curves_figure` as a PNG at ``path``; None (with a note) without matplotlib."""
+    fig = training_curves_figure(history, dataset=dataset, model=model, test_accuracy=test_accuracy)
+    if fig is None:
+        note("matplotlib is not installed: skipping the training-curve PNG (pip install matplotlib)")
+        return None
     return _save(fig, Path(path))
 
 

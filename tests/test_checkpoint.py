@@ -406,3 +406,237 @@ def test_permissions_follow_umask_or_the_replaced_file(tmp_path):
     os.chmod(path, 0o640)
     save_checkpoint(path, _model(1))
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+# --------------------------------------- the same verdicts as the safetensors library
+def _st_file(header, data: bytes = b"", length: int | None = None, raw: bytes | None = None) -> bytes:
+    """A safetensors file: the 8-byte length, the header (``raw`` bytes or ``header`` as JSON), the data."""
+    text = json.dumps(header).encode() if raw is None else raw
+    return struct.pack("<Q", len(text) if length is None else length) + text + data
+
+
+def _e(dtype: str, shape, begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def _data(n: int) -> bytes:
+    return bytes(range(n))  # distinct bytes, so a tensor read from the wrong place shows
+
+
+# Each file: (bytes, a pattern deepcore's message must match). Verdicts checked against safetensors 0.8.
+REFUSED_ST = {
+    "overlapping_offsets": (_st_file({"a": _e("F32", [2], 0, 8), "b": _e("F32", [2], 4, 12)}, _data(12)),
+                            r"'b': data_offsets \[4, 12\] overlaps the tensor before it \(tensor 'a' ends at byte 8"),
+    "gap_between_tensors": (_st_file({"a": _e("F32", [2], 0, 8), "b": _e("F32", [1], 12, 16)}, _data(16)),
+                            r"'b': data_offsets \[12, 16\] leaves a gap \(tensor 'a' ends at byte 8\)"),
+    "gap_before_the_first": (_st_file({"a": _e("F32", [2], 4, 12)}, _data(12)),
+                             r"\[4, 12\] leaves a gap \(the data starts at byte 0\)"),
+    "trailing_bytes": (_st_file({"a": _e("F32", [2], 0, 8)}, _data(12)),
+                       r"cover 8 of the 12 bytes of the data section \(4 bytes belong to no tensor\)"),
+    "data_but_no_tensors": (_st_file({}, _data(8)), r"cover 0 of the 8 bytes"),
+    "two_tensors_one_place": (_st_file({"a": _e("F32", [2], 0, 8), "b": _e("F32", [2], 0, 8)}, _data(8)),
+                              r"overlaps the tensor before it"),
+    "offsets_reversed": (_st_file({"a": _e("F32", [2], 8, 0)}, _data(8)), r"data_offsets \[8, 0\] lie outside"),
+    "offsets_beyond_the_data": (_st_file({"a": _e("F32", [2], 0, 8)}, _data(4)), r"\[0, 8\] lie outside"),
+    "empty_tensor_beyond_the_data": (_st_file({"a": _e("F32", [2], 0, 8), "z": _e("F32", [0], 12, 12)}, _data(8)),
+                                     r"'z': data_offsets \[12, 12\] lie outside"),
+    "offset_too_big_for_u64": (_st_file({"a": _e("F32", [2], 0, 2**70)}, _data(8)), r"lie outside"),
+    "unknown_dtype": (_st_file({"a": _e("XYZ", [2], 0, 8)}, _data(8)), r"unknown dtype 'XYZ'"),
+    "lower_case_dtype": (_st_file({"a": _e("f32", [2], 0, 8)}, _data(8)), r"unknown dtype 'f32'"),
+    "shape_larger_than_bytes": (_st_file({"a": _e("F32", [3], 0, 8)}, _data(8)),
+                                r"shape \[3\] of F32 needs 12 bytes but data_offsets span 8"),
+    "shape_smaller_than_bytes": (_st_file({"a": _e("F64", [2], 0, 8)}, _data(8)), r"needs 16 bytes but .* span 8"),
+    "shape_overflows": (_st_file({"a": _e("F32", [2**40, 2**40], 0, 8)}, _data(8)), r"needs \d+ bytes"),
+    "negative_dim": (_st_file({"a": _e("F32", [-2], 0, 8)}, _data(8)), r"shape must be a list of non-negative"),
+    "float_dim": (_st_file({"a": _e("F32", [2.0], 0, 8)}, _data(8)), r"shape must be a list"),
+    "bool_dim": (_st_file({"a": _e("F32", [True], 0, 4)}, _data(4)), r"shape must be a list"),
+    "null_shape": (_st_file({"a": _e("F32", None, 0, 4)}, _data(4)), r"shape must be a list"),
+    "bool_offset": (_st_file({"a": _e("F32", [1], False, 4)}, _data(4)), r"data_offsets must be \[begin, end\]"),
+    "three_offsets": (_st_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 8]}}, _data(8)),
+                      r"data_offsets must be \[begin, end\]"),
+    "no_offsets": (_st_file({"a": {"dtype": "F32", "shape": [2]}}, _data(8)), r"data_offsets must be"),
+    "entry_not_an_object": (_st_file({"a": 5}), r"header entry must be an object"),
+    "metadata_a_list": (_st_file({"__metadata__": [], "a": _e("F32", [2], 0, 8)}, _data(8)),
+                        r"__metadata__ must map strings to strings"),
+    "metadata_a_string": (_st_file({"__metadata__": "x"}), r"__metadata__ must map strings"),
+    "metadata_value_not_a_string": (_st_file({"__metadata__": {"a": 1}}), r"__metadata__ must map strings"),
+    "header_length_beyond_the_file": (_st_file({"a": _e("F32", [2], 0, 8)}, _data(8), length=10_000),
+                                      r"header length 10000 is beyond the file size"),
+    "header_length_over_the_limit": (_st_file({}, length=100_000_001), r"header length 100000001 is beyond"),
+    "header_length_zero": (_st_file({}, length=0), r"header is not valid JSON"),
+    "header_not_utf8": (_st_file(None, raw=b"\xff\xfe{}"), r"header is not valid JSON"),
+    "header_trailing_nul": (_st_file(None, raw=b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}\0\0',
+                                     data=_data(8)), r"header is not valid JSON"),
+    "header_a_list": (_st_file([1, 2]), r"header is not a JSON object"),
+    "shorter_than_the_length": (b"\0" * 7, r"too short for a safetensors file"),
+}
+
+# Files both readers accept, with the same tensors.
+ACCEPTED_ST = {
+    "names_not_in_offset_order": _st_file({"b": _e("F32", [1], 8, 12), "a": _e("F32", [2], 0, 8)}, _data(12)),
+    "empty_tensors": _st_file({"a": _e("F32", [0], 0, 0), "b": _e("I64", [1], 0, 8), "c": _e("U8", [0, 3], 8, 8)},
+                              _data(8)),
+    "scalar_and_bool": _st_file({"s": _e("F64", [], 0, 8), "m": _e("BOOL", [3], 8, 11)}, _data(8) + b"\0\1\1"),
+    "unaligned_offsets": _st_file({"u": _e("U8", [1], 0, 1), "f": _e("F32", [1], 1, 5), "h": _e("F16", [2, 1], 5, 9)},
+                                  _data(9)),
+    "unpadded_header_null_metadata": _st_file({"__metadata__": None, "a": _e("I16", [2], 0, 4)}, _data(4)),
+    "unknown_entry_field": _st_file({"a": {**_e("U32", [1], 0, 4), "note": 1}}, _data(4)),
+    "metadata_only": _st_file({"__metadata__": {"k": "v"}}),
+    "nothing": _st_file({}),
+    "leading_space": _st_file(None, raw=b' {"a":{"dtype":"I8","shape":[2],"data_offsets":[0,2]}}  ', data=_data(2)),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_ST))
+def test_refused_by_deepcore_and_by_the_safetensors_library(tmp_path, case):
+    st = pytest.importorskip("safetensors.numpy")
+    content, match = REFUSED_ST[case]
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    # (BF16 is left out: deepcore has no NumPy dtype for it, the library has one once ml_dtypes is imported.)
+    with pytest.raises(Exception) as library:  # noqa: B017 - the library's own SafetensorError, checked below
+        st.load_file(str(path))
+    assert type(library.value).__name__ == "SafetensorError", library.value
+    with pytest.raises(CheckpointError, match=match) as ours:
+        load_checkpoint(path)
+    assert str(path) in str(ours.value)
+
+
+@pytest.mark.parametrize("case", list(ACCEPTED_ST))
+def test_accepted_alike_by_deepcore_and_the_safetensors_library(tmp_path, case):
+    st = pytest.importorskip("safetensors.numpy")
+    path = tmp_path / "ok.safetensors"
+    path.write_bytes(ACCEPTED_ST[case])
+    theirs = st.load_file(str(path))
+    ours = load_checkpoint(path).model_state
+    assert sorted(ours) == sorted(theirs)
+    for name, value in theirs.items():
+        assert ours[name].dtype == value.dtype and ours[name].shape == value.shape, name
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
+
+
+def test_duplicate_names_are_refused_where_the_library_keeps_the_last(tmp_path):
+    """The one place deepcore is stricter: a name given twice (the library silently takes the second)."""
+    st = pytest.importorskip("safetensors.numpy")
+    entry = '{"dtype":"F32","shape":[1],"data_offsets":[%d,%d]}'
+    header = ('{"a":' + entry % (0, 4) + ',"a":' + entry % (0, 4) + "}").encode()
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(_st_file(None, raw=header, data=_data(4)))
+    assert list(st.load_file(str(path))) == ["a"]
+    with pytest.raises(CheckpointError, match=r"duplicate key 'a'"):
+        load_checkpoint(path)
+
+
+# ------------------------------------- temporary files of interrupted writes never pile up
+_BLOCKED_WRITER = """
+import sys
+from pathlib import Path
+from deepcore._io import atomic_write
+
+def write(f):
+    f.write(sys.argv[2].encode() * 100_000)
+    f.flush()
+    print("writing", flush=True)
+    sys.stdin.readline()  # blocked mid-write until told to go on (or killed)
+
+atomic_write(Path(sys.argv[1]), write)
+print("done", flush=True)
+"""
+
+
+def _blocked_writer(path, content: str):
+    """A process stopped in the middle of ``atomic_write(path)``, its temporary file on disk."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKED_WRITER, str(path), content], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline() == "writing\n"
+    return proc
+
+
+def _temps(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith(".tmp"))
+
+
+def test_temps_of_writers_killed_mid_write_are_removed_by_the_next_write(tmp_path):
+    import signal
+
+    from deepcore._io import temp_pattern
+
+    path = tmp_path / "ck.safetensors"
+    for _ in range(3):  # kill -9 during checkpoint writes used to leave one more file each time
+        proc = _blocked_writer(path, "x")
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL
+        (stale,) = _temps(tmp_path)  # each writer removed the one killed before it
+        assert temp_pattern(path).fullmatch(stale)
+    live = _blocked_writer(path, "y")  # a concurrent writer, alive and mid-write: its file stays
+    try:
+        (live_temp,) = _temps(tmp_path)
+        assert live_temp != stale
+        save_checkpoint(path, _model(), epoch=3)
+        assert _temps(tmp_path) == [live_temp]
+        assert load_checkpoint(path).epoch == 3
+        live.stdin.write("\n")
+        live.stdin.flush()
+        assert live.stdout.readline() == "done\n" and live.wait() == 0
+    finally:
+        live.kill()
+        live.wait()
+    assert path.read_bytes() == b"y" * 100_000 and _temps(tmp_path) == []
+
+
+def test_only_stale_temps_of_the_same_target_are_removed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "ck.safetensors"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    old = time.time() - 3600
+
+    def temp(name, mtime=old):
+        (tmp_path / name).write_bytes(b"partial")
+        os.utime(tmp_path / name, (mtime, mtime))
+        return name
+
+    gone = [temp(f".ck.safetensors.{dead.pid}.ab12_x9q.tmp"),
+            # this process's pid, but written before it started: the pid was reused, its writer is gone
+            temp(f".ck.safetensors.{os.getpid()}.zz9.tmp", mtime=time.time() - 10**6)]
+    kept = [temp(f".ck.safetensors.{os.getpid()}.live1.tmp", mtime=time.time() - 1),  # this process may write it
+            temp(f".ck.safetensors.{dead.pid}.new.tmp", mtime=time.time() + 3600),  # newer than the write
+            temp(f".history.json.{dead.pid}.ab12.tmp"),  # another target's
+            temp(f".ck.safetensors.x{dead.pid}.ab12.tmp"),  # not the pattern
+            temp(".ck.safetensors.k2j4h1.tmp"),  # no pid: not ours to judge
+            temp(f"ck.safetensors.{dead.pid}.ab12.tmp")]  # not hidden: a user's file
+    (tmp_path / f".ck.safetensors.{dead.pid}.dir.tmp").mkdir()  # not a file
+    os.utime(tmp_path / f".ck.safetensors.{dead.pid}.dir.tmp", (old, old))
+    save_checkpoint(path, _model())
+    names = set(os.listdir(tmp_path))
+    assert not names & set(gone)
+    assert names == {*kept, path.name, f".ck.safetensors.{dead.pid}.dir.tmp"}
+
+
+def test_a_temp_locked_by_a_writer_is_kept_even_if_its_pid_looks_dead(tmp_path):
+    """The lock, not the pid alone, marks a live writer (a pid from another machine on a shared disk)."""
+    import subprocess
+    import sys
+
+    fcntl = pytest.importorskip("fcntl")
+    path = tmp_path / "h.json"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    name = f".h.json.{dead.pid}.abc.tmp"
+    with open(tmp_path / name, "wb") as f:
+        os.utime(tmp_path / name, (0, 0))
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        from deepcore._io import write_bytes_atomic
+
+        write_bytes_atomic(path, b"{}")
+        assert name in os.listdir(tmp_path)
+    write_bytes_atomic(path, b"{}")
+    assert os.listdir(tmp_path) == ["h.json"]

@@ -35,7 +35,8 @@ def test_train_with_no_arguments_is_well_above_95_percent(tmp_path, monkeypatch,
 def test_train_options_and_resume(tmp_path, capsys):
     out_dir = tmp_path / "run"
     args = ["train", "--epochs", "2", "--hidden", "32,16", "--optimizer", "adam", "--reg", "l2:1e-4",
-            "--max-norm", "3", "--dropout", "0.1", "--batchnorm", "--warmup", "1", "--out", str(out_dir)]
+            "--max-norm", "3", "--dropout", "0.1", "--batchnorm", "--warmup", "1", "--schedule", "exponential",
+            "--out", str(out_dir)]  # exponential: a run that may go on past its planned epochs
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "epoch 2/2" in out and "test accuracy" in out
@@ -136,3 +137,114 @@ def test_argparse_errors_are_one_line_too(args, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("deepcore: error: ") and len(err.splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------- data files (issue 11 A)
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deepcore: error: ") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_label_named_column_is_used_and_the_header_line_says_so(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "kaggle.csv"
+    rows = [",".join([str(i % 3)] + [str(int(v)) for v in rng.integers(0, 256, 8)]) for i in range(90)]
+    path.write_text("label," + ",".join(f"pixel{i}" for i in range(8)) + "\n" + "\n".join(rows) + "\n")
+    assert main(["train", "--dataset", str(path), "--epochs", "1", "--hidden", "8", "--out", str(tmp_path / "o")]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "8 features, 3 classes, labels in column 'label' (index 0)" in header, header
+    assert main(["train", "--dataset", str(path), "--label-column", "pixel0", "--epochs", "1",
+                 "--out", str(tmp_path / "o2")]) == 1
+    assert "regression target" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("text, flags, message", [
+    ("a,b\n1,2\n3,1000000000\n4,0\n5,1\n", [], r"1000000001 classes.*--num-classes N"),
+    ("a,label\n" + "".join(f"{i},0\n" for i in range(20)), [], "single class"),
+    ("a,b\n" + "".join(f"{i},{i * 7}\n" for i in range(20)), ["--num-classes", "50"],
+     "label 56 at row 10 .* is not below --num-classes 50"),
+    ("a,b\n1,0\n2,1\n", ["--label-column", "c"], "--label-column: no column named 'c'"),
+])
+def test_bad_label_columns_are_one_line_in_flag_words(tmp_path, capsys, text, flags, message):
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    assert main(["train", "--dataset", str(path), "--epochs", "1", "--out", str(tmp_path / "o"), *flags]) == 1
+    err = _one_line_error(capsys)
+    assert re.search(message, err) and str(path) in err, err
+    assert "num_classes=" not in err and "label_column=" not in err
+    assert not (tmp_path / "o" / "checkpoint.safetensors").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--label-column", "label"], "--label-column applies to a .csv --dataset"),
+    (["--dataset", "mnist", "--num-classes", "10"], "--num-classes applies to a .npz or .csv --dataset"),
+    (["--dataset", "x.csv", "--num-classes", "1"], "--num-classes must be an integer >= 2, got 1"),
+    (["--no-verify"], "--no-verify applies to mnist, fashion-mnist, cifar10"),
+])
+def test_data_flags_are_checked_first(tmp_path, capsys, args, message):
+    assert main(["train", *args, "--out", str(tmp_path / "o")]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_a_model_too_big_for_memory_is_refused_before_the_data_is_read(tmp_path, capsys):
+    # mnist is not there: the model is refused first, from the data set's known size.
+    assert main(["train", "--dataset", "mnist", "--no-download", "--data-dir", str(tmp_path / "none"),
+                 "--hidden", "1000000000", "--out", str(tmp_path / "o")]) == 2
+    err = _one_line_error(capsys)
+    assert "--hidden 1000000000: the 784-1000000000-10 MLP has 795,000,000,010 parameters (2.9 TiB" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_too_big_for_a_files_features_is_refused_after_reading_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("deepcore.data.limits.memory_limit", lambda: 50 << 20)
+    path = tmp_path / "wide.npz"
+    np.savez(path, x=np.zeros((20, 1000), np.float32), y=np.arange(20) % 2)
+    assert main(["train", "--dataset", str(path), "--hidden", "20000", "--out", str(tmp_path / "o")]) == 2
+    err = _one_line_error(capsys)
+    assert "--hidden 20000: the 1000-20000-2 MLP has 20,060,002 parameters" in err
+    assert "more than the 50.0 MiB of memory available" in err, err
+
+
+def test_a_memory_error_is_one_line_saying_what_was_allocated(tmp_path, capsys, monkeypatch):
+    from numpy._core._exceptions import _ArrayMemoryError
+
+    def build(*args, **kwargs):
+        raise _ArrayMemoryError((100000000, 64), np.dtype(np.float32))
+
+    monkeypatch.setattr("deepcore.cli.train.build_model", build)
+    assert main(["train", "--epochs", "1", "--out", str(tmp_path / "o")]) == 1
+    err = _one_line_error(capsys)
+    assert "out of memory: could not allocate an array of shape (100000000, 64) and dtype float32 (23.8 GiB)" in err
+    assert "deepcore/cli/train.py" in err
+
+
+def _fake_mnist(folder) -> None:
+    import gzip
+    import struct
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        images = rng.integers(0, 256, (20, 28, 28), dtype=np.uint8)
+        labels = (np.arange(20) % 10).astype(np.uint8)
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 20, 28, 28) + images.tobytes()))
+        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", 20) + labels.tobytes()))
+
+
+def test_local_mnist_files_that_are_not_the_originals(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DEEPCORE_DATA", str(tmp_path / "cache"))
+    _fake_mnist(tmp_path / "mnist")
+    args = ["train", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-download", "--epochs", "1",
+            "--hidden", "8", "--val-fraction", "0", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 1
+    err = _one_line_error(capsys)
+    assert str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz") in err and "not the original" in err
+    assert "--no-verify" in err and "--dataset PATH" in err and "verify=False" not in err
+    assert main([*args, "--no-verify", "--out", str(tmp_path / "o2")]) == 0
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"), "--no-download",
+                 "--out", str(tmp_path / "o3")]) == 1
+    err = _one_line_error(capsys)
+    assert "without --no-download" in err and "download=True" not in err

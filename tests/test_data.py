@@ -27,6 +27,7 @@ import pytest
 
 import deepcore as dc
 from deepcore.data import (
+    LOCAL_RESOURCES,
     RESOURCES,
     ArrayDataset,
     BatchIterator,
@@ -61,12 +62,14 @@ from deepcore.data import (
 
 
 @pytest.fixture(autouse=True)
-def no_network(monkeypatch):
+def no_network(monkeypatch, tmp_path_factory):
     def refuse(*args, **kwargs):
         raise AssertionError("tests must not use the network")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+    # The cache (and its verified.json) in a fresh folder, never the user's ~/.cache.
+    monkeypatch.setenv("DEEPCORE_DATA", str(tmp_path_factory.mktemp("cache")))
 
 
 # ----------------------------------------------------------------- file builders
@@ -102,6 +105,12 @@ def write_mnist(folder: Path, gz: bool, arrays=None) -> dict:
     for base, arr in arrays.items():
         write_idx(folder / (base + (".gz" if gz else "")), arr, gz)
     return arrays
+
+
+def known_as_original(monkeypatch, folder: Path, key="mnist") -> None:
+    """Make the gzipped IDX files in ``folder`` the 'originals' of RESOURCES[key], so they verify."""
+    fake = tuple(resource_for((folder / res.filename).read_bytes(), res.filename) for res in RESOURCES[key])
+    monkeypatch.setitem(RESOURCES, key, fake)
 
 
 def cifar_batches(per_file=3, seed=0):
@@ -451,13 +460,15 @@ def test_read_idx_roundtrip(tmp_path, gz, dtype):
 
 
 @pytest.mark.parametrize("layout", ["gz", "raw", "subdir", "torchvision", "dotted"])
-def test_load_mnist_from_files(tmp_path, layout):
+def test_load_mnist_from_files(tmp_path, monkeypatch, layout):
     folder = {"subdir": tmp_path / "mnist", "torchvision": tmp_path / "MNIST" / "raw"}.get(layout, tmp_path)
     arrays = write_mnist(folder, gz=layout != "raw")
+    if layout != "raw":
+        known_as_original(monkeypatch, folder)
     if layout == "dotted":  # train-images.idx3-ubyte, as some mirrors name them
         for p in list(folder.iterdir()):
             p.rename(p.with_name(p.name.replace("-idx", ".idx")))
-    s = load_mnist(tmp_path, download=False)
+    s = load_mnist(tmp_path, download=False, verify=layout != "raw")  # an unpacked copy cannot be verified
     assert s.name == "mnist" and s.input_shape == (28, 28) and s.num_classes == 10
     assert s.train.x.shape == (6, 784) and s.train.x.dtype == np.float32 and s.test.x.shape == (4, 784)
     np.testing.assert_allclose(s.train.x, arrays["train-images-idx3-ubyte"].reshape(6, -1) / 255, rtol=1e-6)
@@ -497,15 +508,15 @@ def test_mnist_refuses_a_corrupt_file_and_mismatched_counts(tmp_path):
     bad = tmp_path / "t10k-images-idx3-ubyte.gz"
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(DataFormatError, match=re.escape(str(bad))):
-        load_mnist(tmp_path, download=False)
+        load_mnist(tmp_path, download=False, verify=False)
     arrays["t10k-labels-idx1-ubyte"] = arrays["t10k-labels-idx1-ubyte"][:3]
     write_mnist(tmp_path, gz=True, arrays=arrays)
     with pytest.raises(DataFormatError, match="has 4 images but .* has 3 labels"):
-        load_mnist(tmp_path, download=False)
+        load_mnist(tmp_path, download=False, verify=False)
     arrays["t10k-labels-idx1-ubyte"] = np.array([1, 2, 10, 3], np.uint8)
     write_mnist(tmp_path, gz=True, arrays=arrays)
     with pytest.raises(DataFormatError, match="label 10 at index 2"):
-        load_mnist(tmp_path, download=False)
+        load_mnist(tmp_path, download=False, verify=False)
 
 
 def test_mnist_missing_without_download(tmp_path):
@@ -622,7 +633,7 @@ def test_progress_line_only_when_asked(capsys, monkeypatch):
     assert "blob: 1.5/3.0 MB" in capsys.readouterr().err
     steps = Progress(10, "epoch 1/3", enabled=True, unit="batch")
     steps.update(loss=0.25)
-    assert "epoch 1/3: 1/10 batch  loss 0.25" in capsys.readouterr().err
+    assert re.search(r"epoch 1/3: 1/10 \[00:00<00:00, [\d.]+batch/s\]  loss 0.25", capsys.readouterr().err)
     quiet = Progress(1000, "blob", byte_counts=True)  # stderr is not a terminal under pytest
     quiet.update(1000)
     quiet.close()
@@ -633,7 +644,7 @@ def test_progress_line_only_when_asked(capsys, monkeypatch):
 def test_cifar_binary_dir(tmp_path):
     b = cifar_batches()
     write_cifar_bin_dir(tmp_path / "cifar-10-batches-bin", b)
-    s = load_cifar10(tmp_path, download=False)
+    s = load_cifar10(tmp_path, download=False, verify=False)  # the unpacked binary batches have no checksums
     x, y = expected_cifar(b)
     assert s.input_shape == (3, 32, 32) and s.train.x.shape == (15, 3072) and s.test.x.shape == (3, 3072)
     np.testing.assert_array_equal(s.train.x, x)
@@ -645,10 +656,11 @@ def test_cifar_binary_dir(tmp_path):
     np.testing.assert_array_equal(s.test.x[0, :1024].reshape(32, 32) * 255, b["test_batch"][0][0, 0])
 
 
-def test_cifar_binary_tar_gz(tmp_path):
+def test_cifar_binary_tar_gz(tmp_path, monkeypatch):
     b = cifar_batches(per_file=2)
     archive = tar_gz(tmp_path / "cifar-10-binary.tar.gz",
                      {f"cifar-10-batches-bin/{n}.bin": cifar_record_bytes(*v) for n, v in b.items()})
+    monkeypatch.setitem(RESOURCES, "cifar10", (resource_for(archive.read_bytes(), archive.name),))
     x, y = expected_cifar(b)
     for where in (tmp_path, archive):
         s = load_cifar10(where, download=False)
@@ -662,16 +674,16 @@ def test_cifar_corrupt_files(tmp_path):
     bad = folder / "data_batch_3.bin"
     bad.write_bytes(bad.read_bytes()[:-10])
     with pytest.raises(DataFormatError, match=re.escape(str(bad)) + ".*not a whole number of 3073-byte"):
-        load_cifar10(tmp_path, download=False)
+        load_cifar10(tmp_path, download=False, verify=False)
     data = bytearray(cifar_record_bytes(*b["data_batch_3"]))
     data[3073] = 42
     bad.write_bytes(bytes(data))
     with pytest.raises(DataFormatError, match="record 1 has label byte 42"):
-        load_cifar10(tmp_path, download=False)
+        load_cifar10(tmp_path, download=False, verify=False)
     (folder / "test_batch.bin").unlink()
     bad.write_bytes(cifar_record_bytes(*b["data_batch_3"]))
     with pytest.raises(DatasetNotFoundError, match="test_batch.bin"):
-        load_cifar10(tmp_path, download=False)
+        load_cifar10(tmp_path, download=False, verify=False)
 
 
 def test_cifar_corrupt_archive(tmp_path):
@@ -681,10 +693,10 @@ def test_cifar_corrupt_archive(tmp_path):
     whole = archive.read_bytes()
     archive.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(DataFormatError, match="corrupt or truncated archive"):
-        load_cifar10(archive, download=False)
+        load_cifar10(archive, download=False, verify=False)
     tar_gz(archive, {"cifar-10-batches-bin/data_batch_1.bin": cifar_record_bytes(*b["data_batch_1"])})
     with pytest.raises(DataFormatError, match="lacks data_batch_2.bin"):
-        load_cifar10(archive, download=False)
+        load_cifar10(archive, download=False, verify=False)
 
 
 def test_cifar_download_with_injected_fetch(tmp_path, monkeypatch):
@@ -701,13 +713,14 @@ def test_cifar_download_with_injected_fetch(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("protocol,bytes_keys", [("py2", False), (2, False), (2, True), (4, False), (5, False)])
-def test_cifar_python_version(tmp_path, protocol, bytes_keys):
+def test_cifar_python_version(tmp_path, monkeypatch, protocol, bytes_keys):
     b = cifar_batches(per_file=2, seed=9)
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     for n, (im, lab) in b.items():
         (folder / n).write_bytes(cifar_pickle_bytes(im, lab, protocol, bytes_keys))
     x, y = expected_cifar(b)
+    monkeypatch.setitem(LOCAL_RESOURCES, "cifar10", tuple(resource_for((folder / n).read_bytes(), n) for n in b))
     s = load_cifar10(tmp_path, download=False)
     np.testing.assert_array_equal(s.train.x, x)
     np.testing.assert_array_equal(s.train.y, y)
@@ -715,6 +728,7 @@ def test_cifar_python_version(tmp_path, protocol, bytes_keys):
     np.testing.assert_array_equal(im, b["test_batch"][0])
     archive = tar_gz(tmp_path / "cifar-10-python.tar.gz",
                      {f"cifar-10-batches-py/{n}": (folder / n).read_bytes() for n in b})
+    monkeypatch.setitem(LOCAL_RESOURCES, "cifar10", (resource_for(archive.read_bytes(), archive.name),))
     np.testing.assert_array_equal(load_cifar10(archive, download=False).test.x, s.test.x)
 
 
@@ -767,7 +781,7 @@ def test_npz_without_and_with_test_split(tmp_path):
     ({"x": np.zeros((2, 2)), "y": np.array([0, -1])}, r"y\[1\] = -1"),
     ({"x": np.zeros((2, 2)), "y": np.array([0.0, 1.5])}, "integers >= 0"),
     ({"x": np.zeros((2, 2)), "y": np.array([0, 1]), "x_test": np.zeros((1, 2))}, "without 'y_test'"),
-    ({"x": np.array([[1, None]], dtype=object), "y": np.array([0])}, "without pickle"),
+    ({"x": np.array([[1, None]], dtype=object), "y": np.array([0])}, "only pickle can read"),
 ], ids=["no-y", "lengths", "nan", "negative", "fractional", "half-test", "object"])
 def test_npz_validation(tmp_path, arrays, message):
     path = tmp_path / "bad.npz"
@@ -798,7 +812,12 @@ def test_csv_label_column_by_name_and_default(tmp_path):
     plain.write_text("1,2,0\n3,4,1\n5,6,1\n7,8,0\n9,10,1\n")
     s = load_file(plain)
     assert s.train.x.shape[1] == 2 and set(np.concatenate([s.train.y, s.test.y])) == {0, 1}
-    assert load_file(plain, label_column=0).num_classes == 10
+    assert s.label_column == "index 2"
+    # Column 0 holds 1, 3, 5, 7, 9: ten classes for five rows, half of them empty: refused...
+    with pytest.raises(DataFormatError, match="regression target"):
+        load_file(plain, label_column=0)
+    # ...unless the class count is given.
+    assert load_file(plain, label_column=0, num_classes=10).num_classes == 10
 
 
 @pytest.mark.parametrize("text,message", [
@@ -829,13 +848,14 @@ def test_load_file_rejects_other_suffixes(tmp_path):
 
 
 # ----------------------------------------------------------------- load_dataset
-def test_load_dataset_names_and_paths(tmp_path):
+def test_load_dataset_names_and_paths(tmp_path, monkeypatch):
     assert load_dataset("digits").num_features == 64
     s = load_dataset("Digits", seed=0, val_fraction=0.1)
     assert len(s.val) == 144 and len(s.train) == 1294 and s.val.x.dtype == np.float32
     with pytest.raises(ValueError, match="valid names: digits, mnist, fashion-mnist, cifar10"):
         load_dataset("imagenet")
     write_mnist(tmp_path / "fashion-mnist", gz=True)
+    known_as_original(monkeypatch, tmp_path / "fashion-mnist", "fashion-mnist")
     f = load_dataset("Fashion_MNIST", data_dir=tmp_path, download=False)
     assert f.name == "fashion-mnist" and f.classes[-1] == "Ankle boot" and f.train.x.shape == (6, 784)
     path = tmp_path / "d.csv"

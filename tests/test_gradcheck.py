@@ -79,3 +79,19 @@ def test_wrong_loss_gradient_is_caught():
 def test_check_gradients_requires_every_gradient():
     with pytest.raises(ValueError, match=r"no entry for inputs \['b'\]"):
         check_gradients(lambda v: 0.0, {"a": np.ones(2), "b": np.ones(2)}, {"a": np.ones(2)})
+
+
+def test_dropout_in_training_mode_keeps_its_mask_and_its_stream_position():
+    """Each finite difference replays the mask of the analytic gradient; the stream is untouched after."""
+    layer = nn.Dropout(0.5, seed=3)
+    layer.forward(np.ones((2, 2)), train=True)  # not at the start of its stream
+    before = layer.extra_states()
+    x = np.random.default_rng(0).standard_normal((4, 5))
+    result = check_layer(layer, x, train=True)
+    assert result.ok and result.max_abs_error < 1e-6
+    assert layer.extra_states() == before
+    # A Sequential holding it: the extra state is found by path and held just the same.
+    model = nn.Sequential(Scale(5), nn.Dropout(0.3, seed=1))
+    before = model.extra_states()
+    assert check_layer(model, x, train=True).ok
+    assert model.extra_states() == before

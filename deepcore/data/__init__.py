@@ -10,7 +10,9 @@ time to its backend (or ask :func:`batches` to, with ``backend=``).
 
 Files are only ever read from plain formats (npz without pickle, IDX,
 CIFAR binary; the CIFAR python version through a restricted unpickler),
-and downloads are verified against known checksums before use.
+every size a file declares is checked against the bytes present before it
+is allocated (:mod:`deepcore.data.limits`), and the public data sets' files,
+downloaded or found on disk, are verified against known checksums before use.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from .cifar import (
 )
 from .datasets import ArrayDataset, DatasetSplits, split_indices, train_val_split
 from .digits import DIGITS_CLASSES, load_digits, load_digits_arrays
-from .download import RESOURCES, Resource, default_data_dir, download_file, file_digests
+from .download import LOCAL_RESOURCES, RESOURCES, Resource, default_data_dir, download_file, file_digests
 from .errors import ChecksumError, DataFormatError, DatasetNotFoundError, DownloadError
-from .files import load_file
+from .files import load_file, read_npz_arrays
 from .idx import (
     FASHION_MNIST_CLASSES,
     MNIST_CLASSES,
@@ -51,6 +53,8 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DATASET_NAMES",
     "DIGITS_CLASSES",
+    "KNOWN_SIZES",
+    "LOCAL_RESOURCES",
     "FASHION_MNIST_CLASSES",
     "MNIST_CLASSES",
     "RESOURCES",
@@ -66,6 +70,7 @@ __all__ = [
     "Standardizer",
     "batches",
     "curve",
+    "dataset_name",
     "default_data_dir",
     "download_file",
     "epoch_order",
@@ -85,12 +90,20 @@ __all__ = [
     "read_cifar_binary",
     "read_cifar_pickle",
     "read_idx",
+    "read_npz_arrays",
     "split_indices",
     "train_val_split",
 ]
 
 DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
 _ALIASES = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}
+# (features per sample, classes) of the named sets, known before any file is read.
+KNOWN_SIZES = {"digits": (64, 10), "mnist": (784, 10), "fashion-mnist": (784, 10), "cifar10": (3072, 10)}
+
+
+def dataset_name(spec: str | os.PathLike[str]) -> str | None:
+    """The canonical name of a named data set (``"Fashion_MNIST"`` -> ``"fashion-mnist"``), else None."""
+    return _canonical(spec) if isinstance(spec, str) else None
 
 
 def _canonical(name: str) -> str | None:
@@ -101,20 +114,26 @@ def _canonical(name: str) -> str | None:
 
 def load_dataset(spec: str | os.PathLike[str], *, data_dir: str | os.PathLike[str] | None = None,
                  download: bool = True, seed: int = 0, val_fraction: float = 0.0, fetch: Any = None,
-                 progress: bool | None = None, label_column: int | str | None = None) -> DatasetSplits:
+                 progress: bool | None = None, label_column: int | str | None = None,
+                 num_classes: int | None = None, verify: bool = True) -> DatasetSplits:
     """A data set by name (``"digits"``, ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``) or a ``.npz``/``.csv`` path.
 
     x is float32 ``(N, features)`` (image sets scaled to [0, 1] and
     flattened; ``input_shape`` keeps the image shape), labels int64.
-    ``data_dir``, ``download``, ``fetch`` and ``progress`` go to the MNIST and
-    CIFAR loaders; ``seed`` fixes the digits' and files' train/test split.
-    ``val_fraction > 0`` holds out that part of train (stratified, ``seed``)
-    as ``val``, unless the file brings its own.
+    ``data_dir``, ``download``, ``fetch``, ``progress`` and ``verify`` (check
+    files found on disk against the known checksums) go to the MNIST and CIFAR
+    loaders; ``label_column`` and ``num_classes`` to :func:`load_file`; ``seed``
+    fixes the digits' and files' train/test split. ``val_fraction > 0`` holds
+    out that part of train (stratified, ``seed``) as ``val``, unless the file
+    brings its own.
     """
-    kwargs = {"download": download, "fetch": fetch, "progress": progress}
+    kwargs = {"download": download, "fetch": fetch, "progress": progress, "verify": verify}
     name = _canonical(spec) if isinstance(spec, str) else None
     if label_column is not None and name is not None:
         raise ValueError(f"load_dataset: label_column applies to .csv files, not to {name!r}")
+    if num_classes is not None and name is not None:
+        raise ValueError(f"load_dataset: num_classes applies to .npz and .csv files; {name!r} has "
+                         f"{KNOWN_SIZES[name][1]} classes")
     if name == "digits":
         splits = load_digits(seed=seed)
     elif name == "mnist":
@@ -125,12 +144,13 @@ def load_dataset(spec: str | os.PathLike[str], *, data_dir: str | os.PathLike[st
         splits = load_cifar10(data_dir, **kwargs)
     elif isinstance(spec, (str, os.PathLike)) and (Path(spec).suffix.lower() in (".npz", ".csv")
                                                    or Path(spec).is_file()):
-        splits = load_file(spec, label_column=label_column, seed=seed)
+        splits = load_file(spec, label_column=label_column, seed=seed, num_classes=num_classes)
     else:
         raise ValueError(f"load_dataset: unknown data set {spec!r}; valid names: {', '.join(DATASET_NAMES)}, "
                          f"or a path to a .npz or .csv file")
     if val_fraction and splits.val is None:
         train, val = train_val_split(splits.train, val_fraction, seed=seed)
         splits = DatasetSplits(train=train, test=splits.test, val=val, name=splits.name,
-                               num_classes=splits.num_classes, input_shape=splits.input_shape, classes=splits.classes)
+                               num_classes=splits.num_classes, input_shape=splits.input_shape, classes=splits.classes,
+                               label_column=splits.label_column)
     return splits

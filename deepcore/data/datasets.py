@@ -110,7 +110,8 @@ class DatasetSplits:
     ``input_shape`` is the shape of one sample before flattening (e.g.
     ``(28, 28)`` for MNIST, whose ``x`` rows hold 784 features); it defaults
     to ``train.input_shape``. ``num_classes`` defaults to the largest count
-    over the splits (None for regression).
+    over the splits (None for regression). ``label_column`` says, for a CSV
+    file, which column the labels came from (``"'label' (index 0)"``).
     """
 
     train: ArrayDataset
@@ -120,6 +121,7 @@ class DatasetSplits:
     num_classes: int | None = None
     input_shape: tuple[int, ...] | None = None
     classes: tuple[str, ...] | None = None
+    label_column: str | None = None
 
     def __post_init__(self) -> None:
         parts = [("train", self.train), ("test", self.test)] + ([("val", self.val)] if self.val is not None else [])

@@ -9,11 +9,18 @@ complete and verified.
 The network is reached only through ``fetch(url, dest)``: pass your own to
 :func:`download_file` (and to the loaders), or monkeypatch
 :func:`urllib_fetch`, e.g. to keep tests offline.
+
+Files found on disk are held to the same table (:func:`verify_local`): a copy that differs
+from the original in size, MD5 or SHA-256 is refused, naming the file. Hashing 170 MB takes
+a second or so, so a file that passed is remembered in ``verified.json`` in the cache folder
+(:func:`default_data_dir`) by its path, size, inode and modification and change times; any
+change to the file, even one that keeps its mtime, makes it be hashed again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import urllib.request
@@ -21,11 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._io import fsync_directory, new_file_mode
+from .._io import fsync_directory, new_file_mode, write_bytes_atomic
 from .._progress import Progress
-from .errors import ChecksumError, DownloadError
+from .errors import ChecksumError, DownloadError, worded
 
-__all__ = ["RESOURCES", "Resource", "default_data_dir", "download_file", "file_digests", "urllib_fetch"]
+__all__ = ["LOCAL_RESOURCES", "RESOURCES", "Resource", "default_data_dir", "download_file", "file_digests",
+           "remember_verified", "urllib_fetch", "verify_local"]
 
 Fetch = Callable[[str, Path], None]
 
@@ -84,6 +92,17 @@ RESOURCES: dict[str, tuple[Resource, ...]] = {
     ),
 }
 
+# Local forms that are never downloaded but whose originals are known: the python version of
+# CIFAR-10, its archive and its batch files. MD5s as listed in torchvision/datasets/cifar.py
+# (from the authors' page), the archive's size as it is served; no SHA-256 is published.
+_CIFAR_PY_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+                 "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+                 "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
+LOCAL_RESOURCES: dict[str, tuple[Resource, ...]] = {
+    "cifar10": (Resource("cifar-10-python.tar.gz", (), 170498071, "c58f30108f718f92721af3b95e74349a"),
+                *(Resource(name, (), None, md5) for name, md5 in _CIFAR_PY_MD5.items())),
+}
+
 DATA_ENV_VAR = "DEEPCORE_DATA"
 _CHUNK = 1 << 20
 
@@ -124,17 +143,79 @@ def file_digests(path: str | os.PathLike[str]) -> tuple[int, str, str]:
     return size, md5.hexdigest(), sha.hexdigest()
 
 
-def _verify(path: Path, resource: Resource, url: str) -> None:
-    size, md5, sha = file_digests(path)
+def _problems(path: Path, resource: Resource) -> list[str]:
+    if resource.size is not None:
+        size = os.stat(path).st_size
+        if size != resource.size:  # no need to hash what has the wrong size
+            return [f"size {size} bytes, expected {resource.size}"]
+    _, md5, sha = file_digests(path)
     problems = []
-    if resource.size is not None and size != resource.size:
-        problems.append(f"size {size} bytes, expected {resource.size}")
     if resource.md5 is not None and md5 != resource.md5.lower():
         problems.append(f"md5 {md5}, expected {resource.md5}")
     if resource.sha256 is not None and sha != resource.sha256.lower():
         problems.append(f"sha256 {sha}, expected {resource.sha256}")
+    return problems
+
+
+def _verify(path: Path, resource: Resource, url: str) -> None:
+    problems = _problems(path, resource)
     if problems:
         raise ChecksumError(f"{resource.filename} from {url}: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------- files found on disk
+_MARKER = "verified.json"
+_MARKER_MAX_BYTES = 1 << 20
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _read_marker(path: Path) -> dict:
+    # A cache: anything odd in it (too big, not JSON, nested too deep, wrong shape) reads as empty.
+    try:
+        if path.stat().st_size > _MARKER_MAX_BYTES:
+            return {}
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def verify_local(path: str | os.PathLike[str], resource: Resource, *, title: str = "") -> None:
+    """Raise :class:`ChecksumError` unless the file ``path`` is ``resource`` (size, MD5, SHA-256).
+
+    The message names the file and how to use it anyway. A pass is remembered (see the module
+    docstring), so a file is hashed once, not on every run.
+    """
+    path = Path(path)
+    st = path.stat()
+    digest = resource.sha256 or resource.md5 or ""
+    if _read_marker(default_data_dir() / _MARKER).get(str(path.resolve())) == {"stamp": _stamp(st), "digest": digest}:
+        return
+    problems = _problems(path, resource)
+    if problems:
+        what = f"the original {resource.filename}" + (f" of {title}" if title else "")
+        raise worded(ChecksumError(f"{path}: not {what}: {'; '.join(problems)}. To use this file anyway, pass "
+                                   f"verify=False; for data of your own, load_file() reads .npz and .csv"),
+                     f"{path}: not {what}: {'; '.join(problems)}. To use this file anyway, pass --no-verify; "
+                     f"for data of your own, give it as --dataset PATH.npz or PATH.csv")
+    remember_verified(path, resource, st)
+
+
+def remember_verified(path: Path, resource: Resource, st: os.stat_result | None = None) -> None:
+    """Note in the cache that ``path`` (as it was at ``st``, default now) matched ``resource``."""
+    try:  # a read-only cache only costs the hashing next time
+        now = path.stat()
+        if st is not None and _stamp(now) != _stamp(st):  # changed while it was hashed: proves nothing
+            return
+        marker = default_data_dir() / _MARKER
+        entries = _read_marker(marker)
+        entries[str(path.resolve())] = {"stamp": _stamp(now), "digest": resource.sha256 or resource.md5 or ""}
+        write_bytes_atomic(marker, json.dumps(entries, indent=0, sort_keys=True).encode())
+    except OSError:
+        pass
 
 
 def download_file(resource: Resource, dest_dir: str | os.PathLike[str], *, fetch: Fetch | None = None,
@@ -172,6 +253,7 @@ def download_file(resource: Resource, dest_dir: str | os.PathLike[str], *, fetch
                 os.chmod(tmp, mode)
             os.replace(tmp, final)
             fsync_directory(dest_dir)
+            remember_verified(final, resource)  # so loading it next does not hash it again
             return final
         except Exception as exc:  # noqa: BLE001 - every failure moves on to the next mirror
             failures.append((url, exc))
@@ -180,8 +262,12 @@ def download_file(resource: Resource, dest_dir: str | os.PathLike[str], *, fetch
             tmp.unlink(missing_ok=True)
     cls = ChecksumError if all(isinstance(e, ChecksumError) for _, e in failures) else DownloadError
     reasons = "\n".join(f"  {url}: {type(e).__name__}: {e}" for url, e in failures)
-    raise cls(f"could not download {resource.filename} into {dest_dir}:\n{reasons}\n"
-              f"Download it by hand into that folder, or pass data_dir= to a folder that has it.") from failures[-1][1]
+    raise worded(cls(f"could not download {resource.filename} into {dest_dir}:\n{reasons}\n"
+                     f"Download it by hand into that folder, or pass data_dir= to a folder that has it."),
+                 f"could not download {resource.filename} into {dest_dir}: "
+                 + "; ".join(f"{url}: {type(e).__name__}: {e}" for url, e in failures)
+                 + "; download it by hand into that folder, or pass --data-dir with a folder that has it"
+                 ) from failures[-1][1]
 
 
 def _fsync(path: Path) -> None:
