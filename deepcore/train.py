@@ -37,7 +37,7 @@ from .distributed import (
     broadcast_module,
     get_communicator,
 )
-from .nn.module import Module, takes_input_grad_flag
+from .nn.module import Module
 
 __all__ = [
     "Callback",
@@ -328,11 +328,7 @@ def _step(model: Module, loss_fn: LossFn, loss_kwargs: dict[str, Any], optimizer
     with backend.silent_fp():
         pred, backward = model.forward(xb, train=True)
         value, grad = loss_fn(pred, yb, **loss_kwargs)
-        # The data needs no gradient: skip the first layer's dy W product where the model allows.
-        if takes_input_grad_flag(backward):
-            backward(grad, need_input_grad=False)
-        else:
-            backward(grad)
+        backward(grad)  # the batch is data: its gradient is not formed (nn.module's input-gradient rule)
         if regularizer is not None:
             value = value + regularizer(params)
     # Several ranks: every gradient becomes its mean over ranks, and the loss too, so all ranks
