@@ -52,20 +52,21 @@ def first_bad(backend: Backend, bad: Array) -> int | None:
 
 
 def check_labels(backend: Backend, labels: Array, n: int, num_classes: int, fn: str, *, validate: bool,
-                 ignore_index: int | None = None, name: str = "labels") -> None:
-    """Integer class labels of shape (n,), each in [0, num_classes) or equal to ``ignore_index``."""
+                 ignore_index: int | None = None, name: str = "labels") -> bool:
+    """Integer class labels of shape (n,), each in [0, num_classes) or equal to ``ignore_index``.
+    Returns True when every label was seen to be in [0, num_classes) (False when unchecked)."""
     if not backend.is_integer(labels):
         raise TypeError(f"{fn}: {name} must be an integer array of class indices, got dtype {labels.dtype}")
     if tuple(labels.shape) != (n,):
         raise ValueError(f"{fn}: {name} must have shape ({n},) to match the {n} rows of predictions, "
                          f"got {tuple(labels.shape)}")
     if not validate or n == 0:
-        return
+        return n == 0
     # A backend may answer "all in range" in one cheap pass (NumPy: one max over the labels read
     # as unsigned); the full mask below runs only when it says no, to name the first bad label.
     in_range = getattr(backend, "labels_in_range", None)
     if in_range is not None and in_range(labels, num_classes):
-        return
+        return True
     bad = (labels < 0) | (labels >= num_classes)
     if ignore_index is not None:
         bad = bad & (labels != ignore_index)
@@ -73,6 +74,7 @@ def check_labels(backend: Backend, labels: Array, n: int, num_classes: int, fn: 
     if i is not None:
         extra = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
         raise ValueError(f"{fn}: {name} must be in [0, {num_classes}){extra}, got {name}[{i}] = {int(labels[i])}")
+    return False
 
 
 def check_range(backend: Backend, x: Array, name: str, fn: str, low: float, high: float) -> None:

@@ -92,7 +92,7 @@ def check_layer(layer: Module, x: Array, *, train: bool = False, seed: int = 0, 
         layer.to(dtype="float64")
         x64 = _float64(x)
         extra = layer.extra_states()
-        y, backward = layer.forward(x64, train=train)
+        y, backward = layer.forward(x64, train=train, input_grad=True)
         backend = get_backend(y)
         g = backend.from_numpy(np.random.default_rng(seed + 1).standard_normal(tuple(y.shape)),
                                dtype=y.dtype, device=backend.device(y))

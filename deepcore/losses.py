@@ -56,7 +56,7 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mea
     n, c = logits.shape
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"{fn}: ignore_index must be an int or None, got {ignore_index!r}")
-    check_labels(backend, labels, n, c, fn, validate=validate, ignore_index=ignore_index)
+    in_range = check_labels(backend, labels, n, c, fn, validate=validate, ignore_index=ignore_index)
     eps = check_number(label_smoothing, "label_smoothing", fn, 0.0, 1.0)
     weights = None
     if class_weights is not None:
@@ -68,7 +68,8 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mea
             raise ValueError(f"{fn}: class_weights must have shape ({c},) for {c} classes, got {tuple(weights.shape)}")
     with backend.silent_fp():
         return backend.softmax_cross_entropy(logits, labels, reduction=reduction, label_smoothing=eps,
-                                             ignore_index=ignore_index, class_weights=weights)
+                                             ignore_index=ignore_index, class_weights=weights,
+                                             labels_in_range=in_range)
 
 
 def log_likelihood(probs: Array, labels: Array, *, reduction: str = "mean",

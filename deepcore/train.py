@@ -39,7 +39,7 @@ from .distributed import (
     get_communicator,
 )
 from .nn.batchnorm import BatchNorm1d
-from .nn.module import Module, takes_input_grad_flag
+from .nn.module import Module
 
 __all__ = [
     "Callback",
@@ -442,19 +442,16 @@ def _step(model: Module, loss_fn: LossFn, loss_kwargs: dict[str, Any], optimizer
           history: History, reducer: GradientReducer | None = None) -> tuple[float, float, int | None]:
     """(the step's loss, the mean over ranks; this rank's own loss; correct predictions or None)."""
     # Buffers (BatchNorm statistics) are replaced, never mutated, by a forward pass, and
-    # extra states are plain values, so keeping references is enough to undo this step.
-    before = model.snapshot()
+    # extra states are plain values, so keeping references is enough to undo this step. The old
+    # gradients go first, so the snapshot does not keep them alive through this step.
     optimizer.zero_grad()
+    before = model.snapshot()
     # Divergence is detected below and reported with its epoch and step, so NumPy's own
     # overflow warnings along the way would only be noise.
     with backend.silent_fp():
         pred, backward = model.forward(xb, train=True)
         value, grad = loss_fn(pred, yb, **loss_kwargs)
-        # The data needs no gradient: skip the first layer's dy W product where the model allows.
-        if takes_input_grad_flag(backward):
-            backward(grad, need_input_grad=False)
-        else:
-            backward(grad)
+        backward(grad)  # the batch is data: its gradient is not formed (nn.module's input-gradient rule)
         if regularizer is not None:
             value = value + regularizer(params)
     # Several ranks: every gradient becomes its mean over ranks, and the loss too, so all ranks

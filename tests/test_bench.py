@@ -42,7 +42,8 @@ def test_save_writes_pytest_benchmark_json_and_compare_reads_it(tmp_path, capsys
     data = json.loads(a.read_text())
     assert {"machine_info", "commit_info", "benchmarks", "datetime", "version"} <= set(data)
     names = {x["name"] for x in data["benchmarks"]}
-    assert names == {"matmul[64x64x64-numpy]", "mlp_step[b16-numpy]", "mlp_step[b16-numpy-plain]"}
+    assert names == {"matmul[64x64x64-numpy]", "mlp_step[b16-numpy]", "mlp_step[b16-numpy-plain]",
+                     "mlp_step[32-16-16-4-b8-numpy]", "mlp_step[32-16-16-4-b8-numpy-plain]"}
     for entry in data["benchmarks"]:
         stats = entry["stats"]
         assert stats["rounds"] == 2 and stats["min"] <= stats["median"] <= stats["max"] and stats["iterations"] >= 1
@@ -89,12 +90,13 @@ def test_every_available_contender_sets_up_and_runs(spec):
     assert ran >= 1
 
 
-def test_the_mlp_step_contenders_compute_the_same_training():
+@pytest.mark.parametrize("sizes", [(784, 256, 10), (64, 48, 32, 10)], ids=["784-256-10", "deeper"])
+def test_the_mlp_step_contenders_compute_the_same_training(sizes):
     """Same weights, same data: deepcore (with and without the input gradient), the hand-written
     NumPy step and PyTorch follow the same loss curve, so the benchmark compares equal work."""
     losses = {}
     for contender in CPU + ["numpy-dx"]:
-        wl = bench.make_workload("mlp_step", contender, batch=32)
+        wl = bench.make_workload("mlp_step", contender, batch=32, sizes=sizes)
         losses[contender] = [float(np.asarray(wl.fn() if not contender.startswith("torch") else wl.fn().item()))
                              for _ in range(5)]
     ref = losses["numpy-plain"]
@@ -110,7 +112,10 @@ def test_suites_cover_the_issue():
     assert [s.slow for s in full if s.param_id == "4096x4096x4096"] == [True]
     for case in ("softmax", "log_softmax", "softmax_ce"):
         assert {s.kwargs["c"] for s in full if s.case == case} == {10, 1000, 32768}
-    assert {s.kwargs["batch"] for s in full if s.case == "mlp_step"} == {128, 1024}
+    steps = {(s.kwargs["batch"], s.kwargs.get("sizes", bench.MLP)) for s in full if s.case == "mlp_step"}
+    assert steps == {(32, (784, 256, 10)), (128, (784, 256, 10)), (512, (784, 256, 10)), (2048, (784, 256, 10)),
+                     (256, (3072, 1024, 1024, 10))}
+    assert steps == {(s.kwargs["batch"], s.kwargs.get("sizes", bench.MLP)) for s in full if s.case == "mlp_gemms"}
     assert [s.kwargs for s in full if s.case == "epoch"] == [{"n": 60000, "batch": 128}]
     with pytest.raises(ValueError, match="unknown suite"):
         bench.suite("huge")

@@ -103,18 +103,86 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("first", [(), (nn.Flatten(),), (nn.Tanh(),)])
-def test_need_input_grad_false_gives_the_same_parameter_gradients(backend, first):
+def test_data_gets_no_input_gradient_and_the_same_parameter_gradients(backend, first):
     rng = np.random.default_rng(2)
     x = arr(backend, rng.standard_normal((5, 12)), "float32")
     dy = arr(backend, rng.standard_normal((5, 3)), "float32")
-    full, lean = _mlp(first=first), _mlp(first=first)
-    y1, back1 = full.forward(x, train=True)
+    full, lean, flagged = _mlp(first=first), _mlp(first=first), _mlp(first=first)
+    y1, back1 = full.forward(x, train=True, input_grad=True)
     y2, back2 = lean.forward(x, train=True)
+    y3, back3 = flagged.forward(x, train=True)
     dx = back1(dy)
     assert tuple(dx.shape) == (5, 12)
-    assert back2(dy, need_input_grad=False) is None
-    for a, b in zip(_grads(full), _grads(lean), strict=True):
+    assert back2(dy) is None  # x is data: as a tensor without requires_grad
+    assert back3(dy, need_input_grad=False) is None
+    for a, b, c in zip(_grads(full), _grads(lean), _grads(flagged), strict=True):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_the_first_linear_skips_its_input_gradient_product(monkeypatch):
+    from deepcore.backend.numpy_backend import NumpyBackend
+
+    asked = []
+    real = NumpyBackend.linear_backward
+
+    def spy(self, dy, x, weight, *, need_dx=True, need_bias=True):
+        asked.append(need_dx)
+        return real(self, dy, x, weight, need_dx=need_dx, need_bias=need_bias)
+
+    monkeypatch.setattr(NumpyBackend, "linear_backward", spy)
+    model = _mlp()
+    x = np.ones((4, 12), np.float32)
+    y, back = model.forward(x, train=True)
+    back(np.ones_like(y))
+    assert asked == [True, False]  # the last layer's dx feeds ReLU; the first layer's is not formed
+    asked.clear()
+    model.forward(x, train=True, input_grad=True)[1](np.ones_like(y))
+    assert asked == [True, True]
+
+
+def test_layers_chained_by_hand_still_get_their_input_gradient():
+    """The course's manual backprop: a layer's input that came out of another layer's forward is
+    an activation, so its backward returns dL/dx; only the data at the start gets none."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 4))
+    lin1, relu, lin2 = nn.Linear(4, 5, seed=0, dtype="float64"), nn.ReLU(), nn.Linear(5, 2, seed=1, dtype="float64")
+    h, b1 = lin1.forward(x, train=True)
+    a, b2 = relu.forward(h, train=True)
+    s, b3 = lin2.forward(a, train=True)
+    ds = rng.standard_normal(s.shape)
+    da = b3(ds)
+    dh = b2(da)
+    assert b1(dh) is None
+    np.testing.assert_allclose(da, ds @ lin2.weight.value)
+    np.testing.assert_allclose(dh, da * (h > 0))
+    np.testing.assert_allclose(lin1.weight.grad, dh.T @ x)
+
+
+def test_a_users_composite_and_a_users_layer():
+    class Scale(nn.Module):  # a user's layer: its closure knows nothing of the flag
+        def forward(self, x, train=False):
+            return 2.0 * x, lambda dy: 2.0 * dy
+
+    class Block(nn.Module):  # a user's composite chaining children's gradients
+        def __init__(self):
+            super().__init__()
+            self.lin, self.scale = nn.Linear(3, 3, seed=0, dtype="float64"), Scale()
+
+        def forward(self, x, train=False):
+            h, b1 = self.lin.forward(x, train)
+            y, b2 = self.scale.forward(h, train)
+            return y, lambda dy: b1(b2(dy))
+
+    x = np.random.default_rng(5).standard_normal((2, 3))
+    block = Block()
+    y, back = block.forward(x, train=True, input_grad=True)
+    dx = back(np.ones_like(y))
+    np.testing.assert_allclose(dx, 2.0 * np.ones_like(y) @ block.lin.weight.value)
+    y, back = block.forward(x, train=True)
+    assert back(np.ones_like(y)) is None
+    y, back = Scale().forward(x, train=True)
+    assert back(np.ones_like(y)) is None and back(np.ones_like(y), need_input_grad=True) is not None
 
 
 def test_need_input_grad_on_single_layers_and_batchnorm(backend):
@@ -251,3 +319,21 @@ def test_uint64_labels_take_the_fast_path():
     ref, ref_grad = dc.losses.softmax_cross_entropy(logits, y.astype(np.int64))
     np.testing.assert_array_equal(grad, ref_grad)
     assert float(loss) == float(ref)
+
+
+def test_ignored_rows_with_infinite_logits_and_weighted_bad_labels_match_the_reference():
+    """Two cases the one-buffer NumPy path once got wrong: an ignored row whose class-0 logit is
+    -inf (its loss is masked, not 0 * inf), and with class weights and validate=False a bad
+    label that must weigh nothing in the mean's denominator."""
+    nb = dc.get_backend("numpy")
+    logits = np.array([[0.0, 1.0, 2.0], [-np.inf, 0.0, 0.0]])
+    loss, grad = losses.softmax_cross_entropy(logits, np.array([1, -100]), ignore_index=-100)
+    expected = np.log(np.exp([0.0, 1.0, 2.0]).sum()) - 1.0
+    np.testing.assert_allclose(loss, expected)
+    np.testing.assert_array_equal(grad[1], 0.0)
+    x, y, w = np.array([[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]]), np.array([1, 7]), np.array([5.0, 1.0, 1.0])
+    _, grad = nb.softmax_cross_entropy(x, y, class_weights=w)
+    _, ref = Backend.softmax_cross_entropy(nb, x, y, class_weights=w)
+    np.testing.assert_allclose(grad[0], ref[0])  # row 0 divided by w[1] = 1 alone
+    p = np.exp(x[0]) / np.exp(x[0]).sum()
+    np.testing.assert_allclose(grad[0], p - np.eye(3)[1])

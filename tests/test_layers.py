@@ -61,7 +61,7 @@ def test_gradcheck_restores_the_layer(backend):
 def test_flatten_3d_input(backend):
     x = arr(backend, np.random.default_rng(0).standard_normal((2, 3, 4)), "float32")
     assert check_layer(nn.Flatten(), x).ok
-    y, back = nn.Flatten().forward(x)
+    y, back = nn.Flatten().forward(x, input_grad=True)
     assert tuple(y.shape) == (2, 12)
     assert tuple(back(y).shape) == (2, 3, 4)
     assert tuple(nn.Flatten(0, 1)(x).shape) == (6, 4)
@@ -78,11 +78,11 @@ def test_linear_on_3d_input(backend):
 def test_dropout_gradient_with_a_fixed_mask(backend):
     """With the same seed every evaluation draws the same mask, so dropout is differentiable."""
     x = _input(backend)
-    y, back = nn.Dropout(0.3, seed=5).forward(backend.astype(x, backend.xp.float64), train=True)
+    y, back = nn.Dropout(0.3, seed=5).forward(backend.astype(x, backend.xp.float64), train=True, input_grad=True)
     g = arr(backend, np.random.default_rng(1).standard_normal(tuple(x.shape)), "float64")
 
     def f(values):
-        return backend.xp.sum(nn.Dropout(0.3, seed=5).forward(values["x"], train=True)[0] * g)
+        return backend.xp.sum(nn.Dropout(0.3, seed=5).forward(values["x"], train=True, input_grad=True)[0] * g)
 
     assert check_gradients(f, {"x": backend.astype(x, backend.xp.float64)}, {"x": back(g)}).ok
 
@@ -90,16 +90,16 @@ def test_dropout_gradient_with_a_fixed_mask(backend):
 def test_dropout_semantics(backend):
     x = arr(backend, np.full((400, 50), 2.0), "float32")
     layer = nn.Dropout(0.2, seed=0)
-    y, back = layer.forward(x, train=True)
+    y, back = layer.forward(x, train=True, input_grad=True)
     y_np = to_np(y)
     assert set(np.unique(y_np)) <= {0.0, np.float32(2.0 / 0.8)}
     kept = (y_np > 0).mean()
     assert abs(kept - 0.8) < 4 * np.sqrt(0.16 / y_np.size)
     np.testing.assert_array_equal(to_np(back(x)), y_np)  # dx = dy * mask / (1 - p)
     assert layer(x) is x  # inference is the identity
-    assert not np.array_equal(to_np(layer.forward(x, train=True)[0]), y_np)  # a new mask per call
-    np.testing.assert_array_equal(to_np(nn.Dropout(0.2, seed=0).forward(x, train=True)[0]), y_np)
-    np.testing.assert_array_equal(to_np(nn.Dropout(1.0).forward(x, train=True)[0]), 0.0)
+    assert not np.array_equal(to_np(layer.forward(x, train=True, input_grad=True)[0]), y_np)  # a new mask per call
+    np.testing.assert_array_equal(to_np(nn.Dropout(0.2, seed=0).forward(x, train=True, input_grad=True)[0]), y_np)
+    np.testing.assert_array_equal(to_np(nn.Dropout(1.0).forward(x, train=True, input_grad=True)[0]), 0.0)
 
 
 def test_batchnorm_running_statistics_by_hand(backend):
@@ -163,7 +163,7 @@ def test_manual_seed_makes_models_reproducible():
 def test_float64_input_computes_in_float64_with_float32_grads(backend):
     layer = nn.Sequential(nn.Linear(3, 4, seed=0), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2, seed=1))
     x = backend.astype(_input(backend, (5, 3)), backend.xp.float64)
-    y, back = layer.forward(x, train=True)
+    y, back = layer.forward(x, train=True, input_grad=True)
     assert dtype_name(y) == "float64"
     dx = back(backend.xp.ones_like(y))
     assert dtype_name(dx) == "float64"
@@ -175,7 +175,7 @@ def test_gradients_accumulate_until_zero_grad(backend):
     layer = nn.Linear(3, 2, seed=0)
     x = _input(backend, (4, 3))
     for _ in range(2):
-        y, back = layer.forward(x, train=True)
+        y, back = layer.forward(x, train=True, input_grad=True)
         back(backend.xp.ones_like(y))
     np.testing.assert_allclose(to_np(layer.bias.grad), [8.0, 8.0])
     layer.zero_grad()
@@ -207,7 +207,7 @@ def test_state_dict_round_trip_and_atomic_load(backend):
 def test_to_moves_between_backends(other_backend):
     model = nn.Sequential(nn.Linear(3, 4, seed=0), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2, seed=1))
     x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
-    y, back = model.forward(x, train=True)
+    y, back = model.forward(x, train=True, input_grad=True)
     back(np.ones_like(y))
     expected = model(x)
     assert model.to(other_backend) is model
@@ -263,13 +263,13 @@ def test_repr_and_containers():
 def test_dropout_masks_resume_from_extra_state(backend):
     x = arr(backend, np.ones((8, 16)), "float32")
     model = nn.Sequential(nn.Linear(16, 16, seed=0), nn.Dropout(0.5, seed=3))
-    model.forward(x, train=True)
+    model.forward(x, train=True, input_grad=True)
     state = model.extra_states()
     assert state == {"1": {"seed": 3, "calls": 1}}
-    expected = to_np(model.forward(x, train=True)[0])
+    expected = to_np(model.forward(x, train=True, input_grad=True)[0])
     other = nn.Sequential(nn.Linear(16, 16, seed=0), nn.Dropout(0.5, seed=99))
     other.load_extra_states(state)
-    np.testing.assert_array_equal(to_np(other.forward(x, train=True)[0]), expected)
+    np.testing.assert_array_equal(to_np(other.forward(x, train=True, input_grad=True)[0]), expected)
     with pytest.raises(KeyError, match="no submodule"):
         other.load_extra_states({"7": {}})
 

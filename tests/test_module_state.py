@@ -73,3 +73,10 @@ def test_snapshot_restore_undoes_a_training_forward_and_a_load():
     a = model.forward(x, train=True)[0]
     model.restore(snap)
     np.testing.assert_array_equal(model.forward(x, train=True)[0], a)
+
+
+def test_assigning_none_to_a_buffer_name_unregisters_it():
+    bn = nn.BatchNorm1d(2)
+    bn.running_mean = None
+    assert "running_mean" not in dict(bn.named_buffers()) and "running_mean" not in bn.state_dict()
+    bn.to(dtype="float64")  # every remaining buffer still moves

@@ -441,7 +441,7 @@ def test_linear_forward_backward_match_torch(backend, dtype, bias, x_shape):
     copy_params_to_torch(layer, ref_layer)
 
     x = arr(backend, rng.normal(size=x_shape), dtype)
-    y, back = layer.forward(x, train=True)
+    y, back = layer.forward(x, train=True, input_grad=True)
     xt = tt(x, requires_grad=True)
     yt = ref_layer(xt)
     close(y, yt, dtype, "output")
@@ -501,7 +501,7 @@ def test_activation_forward_backward_match_torch(backend, name, dtype, shape):
     flat = x_np.reshape(-1)
     flat[:3] = [40.0, -40.0, 0.0][: flat.size]  # saturated sigmoid/tanh, and the kink of (leaky) ReLU at 0
     x = arr(backend, x_np, dtype)
-    y, back = make().forward(x, train=True)
+    y, back = make().forward(x, train=True, input_grad=True)
     xt = tt(x, requires_grad=True)
     yt = ref_fn(xt)
     close(y, yt, dtype, "output")
@@ -518,7 +518,7 @@ def test_activation_forward_backward_match_torch(backend, name, dtype, shape):
 def test_softmax_on_3d_input_matches_torch(backend, axis):
     rng = np.random.default_rng(92)
     x = arr(backend, rng.normal(0.0, 3.0, (2, 3, 4)), "float64")
-    y, back = dc.nn.Softmax(axis=axis).forward(x, train=True)
+    y, back = dc.nn.Softmax(axis=axis).forward(x, train=True, input_grad=True)
     xt = tt(x, requires_grad=True)
     yt = torch.softmax(xt, dim=axis)
     close(y, yt, "float64", "output")
@@ -529,7 +529,7 @@ def test_softmax_on_3d_input_matches_torch(backend, axis):
 
 def test_sigmoid_extremes_are_exact(backend):
     x = arr(backend, np.array([-40.0, 40.0, -745.0, 745.0]), "float64")
-    y, back = dc.nn.Sigmoid().forward(x, train=True)
+    y, back = dc.nn.Sigmoid().forward(x, train=True, input_grad=True)
     xt = tt(x, requires_grad=True)
     yt = torch.sigmoid(xt)
     close(y, yt, "float64", "output")
@@ -563,7 +563,7 @@ def _bn_step(backend, bn, ref, rng, shape, dtype, train):
     x = arr(backend, _bn_batch(rng, shape), dtype)
     bn.zero_grad()
     zero_torch_grads(ref)
-    y, back = bn.forward(x, train=train)
+    y, back = bn.forward(x, train=train, input_grad=True)
     xt = tt(x, requires_grad=True)
     ref.train(train)
     yt = ref(xt)
@@ -624,7 +624,7 @@ def test_batchnorm1d_without_running_stats_uses_batch_stats_in_eval(backend, sha
         x = arr(backend, _bn_batch(rng, shape), "float64")
         bn.zero_grad()
         zero_torch_grads(ref)
-        y, back = bn.forward(x, train=train)
+        y, back = bn.forward(x, train=train, input_grad=True)
         ref.train(train)
         xt = tt(x, requires_grad=True)
         yt = ref(xt)
@@ -641,7 +641,7 @@ def test_batchnorm1d_one_value_per_channel_is_refused_like_torch(backend):
     with pytest.raises(ValueError):
         torch.nn.BatchNorm1d(3, dtype=torch.float64)(tt(x))
     with pytest.raises(ValueError, match="more than one value per channel"):
-        bn.forward(x, train=True)
+        bn.forward(x, train=True, input_grad=True)
     assert int(to_np(bn.num_batches_tracked)) == 0
 
 
@@ -652,7 +652,7 @@ def test_dropout_train_is_inverted_dropout(backend, p, dtype):
     rng = np.random.default_rng(111)
     x_np = rng.uniform(0.5, 2.0, (7, 11)) * rng.choice([-1.0, 1.0], (7, 11))
     x = arr(backend, x_np, dtype)
-    y, back = dc.nn.Dropout(p, seed=7).forward(x, train=True)
+    y, back = dc.nn.Dropout(p, seed=7).forward(x, train=True, input_grad=True)
     y_np = to_np(y)
     assert y_np.shape == x_np.shape and dtype_name(y) == dtype
     xs = to_np(x)
@@ -674,7 +674,7 @@ def test_dropout_train_is_inverted_dropout(backend, p, dtype):
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.7], ids=lambda p: f"p{p}")
 def test_dropout_keeps_about_one_minus_p(backend, p):
     x = arr(backend, np.ones((400, 500)), "float64")
-    y = to_np(dc.nn.Dropout(p, seed=99).forward(x, train=True)[0])
+    y = to_np(dc.nn.Dropout(p, seed=99).forward(x, train=True, input_grad=True)[0])
     n = y.size
     kept = np.count_nonzero(y)
     sd = math.sqrt(n * p * (1 - p))
@@ -690,13 +690,13 @@ def test_dropout_eval_is_identity_and_edge_probabilities(backend, p):
     rng = np.random.default_rng(121)
     x = arr(backend, rng.normal(size=(7, 3)), "float64")
     drop = dc.nn.Dropout(p, seed=1)
-    y, back = drop.forward(x, train=False)
+    y, back = drop.forward(x, train=False, input_grad=True)
     np.testing.assert_array_equal(to_np(y), to_np(x))
     dy = arr(backend, rng.normal(size=(7, 3)), "float64")
     np.testing.assert_array_equal(to_np(back(dy)), to_np(dy))
     np.testing.assert_array_equal(to_np(drop(x)), torch.nn.Dropout(p).eval()(tt(x)).numpy())
     if p in (0.0, 1.0):  # train mode at the edges is deterministic: compare with PyTorch directly
-        y, back = drop.forward(x, train=True)
+        y, back = drop.forward(x, train=True, input_grad=True)
         ref = torch.nn.Dropout(p).train()(tt(x))
         np.testing.assert_array_equal(to_np(y), ref.numpy())
         assert np.all(np.isfinite(to_np(back(dy))))
@@ -725,7 +725,7 @@ def test_mlp_logits_loss_and_gradients_match_torch(backend, reduction, dtype, n)
 
     x = arr(backend, rng.normal(size=(n, 5)), dtype)
     labels = arr(backend, rng.integers(0, 3, n), "int64")
-    logits, back = model.forward(x, train=True)
+    logits, back = model.forward(x, train=True, input_grad=True)
     xt = tt(x, requires_grad=True)
     logits_t = ref(xt)
     close(logits, logits_t, dtype, "logits")

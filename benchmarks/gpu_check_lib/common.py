@@ -65,7 +65,7 @@ class Recorder:
     def guard(self, stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - every stage must be allowed to fail alone
+        except Exception as exc:  # every stage must be allowed to fail alone
             tb = traceback.format_exc()
             log(f"[FAIL] {stage}: {err(exc)}")
             for line in tb.strip().splitlines()[-4:-1]:

@@ -18,11 +18,11 @@ def detect_gpu() -> tuple[Any, str | None]:
     """(cupy, None) when CuPy sees a CUDA device, else (None, why not). Imports nothing else."""
     try:
         import cupy
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return None, f"CuPy is not importable ({err(exc)})"
     try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return None, f"CuPy {cupy.__version__} is installed but CUDA is not usable ({err(exc)})"
     if count < 1:
         return None, f"CuPy {cupy.__version__} sees no CUDA device"
@@ -50,7 +50,7 @@ def ensure_deepcore(results: dict[str, Any]) -> Any:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             deps["pip"] = {"rc": proc.returncode, "output": (proc.stdout + proc.stderr)[-2000:]}
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             deps["pip"] = {"error": err(exc)}
         importlib.invalidate_caches()
         try:
@@ -104,13 +104,13 @@ def env_info(cupy: Any, torch: Any) -> dict[str, Any]:
     }
     try:
         env["nvrtc_version"] = ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         env["nvrtc_version"] = err(exc)
     try:  # read-only query; never changes the card's settings
         q = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,"
                             "power.draw,utilization.gpu", "--format=csv,noheader"],
                            capture_output=True, text=True, timeout=20)
         env["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         env["nvidia_smi"] = err(exc)
     return env

@@ -89,7 +89,7 @@ class Gpu:
             return cp.from_dlpack(a.detach().to(self.torch.float64).contiguous())
         try:
             return a.astype(cp.float64)
-        except Exception:  # noqa: BLE001 - e.g. bfloat16 without CuPy kernels: go through torch
+        except Exception:  # e.g. bfloat16 without CuPy kernels: go through torch
             if self.torch is None:
                 raise
             return cp.from_dlpack(self.torch.from_dlpack(a).to(self.torch.float64))

@@ -70,7 +70,7 @@ def probe_bf16(g: Gpu) -> dict[str, Any]:
             import numpy
 
             a = cp.asarray((numpy.random.default_rng(0).standard_normal((n, c)) * 3).astype(ml_dtypes.bfloat16))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"reachable": False, "reason": f"no bfloat16 CuPy array: {err(exc)}"}
     if getattr(a.dtype, "name", str(a.dtype)) != "bfloat16":
         return {"reachable": False, "reason": f"CuPy made dtype {a.dtype!r}, not bfloat16"}
@@ -78,7 +78,7 @@ def probe_bf16(g: Gpu) -> dict[str, Any]:
     try:
         loss, grad = g.fsce(a, labels)
         g.sync()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"reachable": False, "reason": f"the fused call refused bfloat16: {err(exc)}"}
     check = g.compare(a, labels, {"probe": (loss, grad)}, "bfloat16")["probe"]
     return {"reachable": True, "reason": "bfloat16 CuPy array accepted by fused_softmax_cross_entropy",

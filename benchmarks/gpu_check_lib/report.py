@@ -97,13 +97,13 @@ def finish(results: dict[str, Any], out_dir: Path) -> int:
     for c in results.get("cases", []):
         try:
             derive(c, (results.get("copy_bandwidth") or {}).get("gbps"))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             c.setdefault("errors", []).append(f"derive: {err(exc)}")
     results["targets"] = evaluate(results)
     try:
         path = write_json(results, out_dir)
         saved = f"JSON written to {path}"
-    except Exception as exc:  # noqa: BLE001 - the table still has to be printed
+    except Exception as exc:  # the table still has to be printed
         saved = f"[FAIL] could not write JSON to {out_dir}: {err(exc)}"
     log("")
     log(saved)

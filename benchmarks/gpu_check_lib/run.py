@@ -22,7 +22,7 @@ def run_gpu(args: argparse.Namespace, cupy: Any, out_dir: Path) -> int:
     results: dict[str, Any] = {"fake": False, "mode": mode, "started": now_utc(), "argv": sys.argv[1:], "cases": []}
     try:
         _run_gpu_stages(args, cupy, out_dir, results)
-    except Exception as exc:  # noqa: BLE001 - a bug outside the guarded stages must not lose the report
+    except Exception as exc:  # a bug outside the guarded stages must not lose the report
         results.setdefault("stage_errors", []).append(
             {"stage": "gpu_check itself", "error": err(exc), "traceback": traceback.format_exc()[-6000:]})
         log(f"[FAIL] gpu_check itself: {err(exc)}")
@@ -39,7 +39,7 @@ def _run_gpu_stages(args: argparse.Namespace, cupy: Any, out_dir: Path, results:
     deepcore = rec.guard("a. deps (array-api-compat wheel, deepcore import)", ensure_deepcore, results)
     try:
         import torch
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         torch = None
         log(f"torch not importable: {err(exc)}")
     env = rec.guard("b. environment", env_info, cupy, torch)
@@ -77,7 +77,7 @@ def _run_gpu_stages(args: argparse.Namespace, cupy: Any, out_dir: Path, results:
                     "errors": ["case failed (see stage_errors)"]}
             try:
                 g.free()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         results["cases"].append(case)
         write_json_quietly(results, out_dir)
@@ -95,5 +95,5 @@ def write_json_quietly(results: dict[str, Any], out_dir: Path) -> None:
     """Partial results on disk after every case, in case the run is killed."""
     try:
         write_json(results, out_dir)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log(f"(could not write partial JSON: {exc})")

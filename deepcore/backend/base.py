@@ -215,8 +215,12 @@ class Backend:
 
     def softmax_cross_entropy(self, logits: Array, labels: Array, *, reduction: str = "mean",
                               label_smoothing: float = 0.0, ignore_index: int | None = None,
-                              class_weights: Array | None = None) -> tuple[Array, Array]:
+                              class_weights: Array | None = None,
+                              labels_in_range: bool = False) -> tuple[Array, Array]:
         """PyTorch's ``cross_entropy`` on (N, C) logits and (N,) labels, loss and gradient together.
+
+        ``labels_in_range=True`` says the caller has checked every label is in [0, C), so a backend
+        may skip its own check (the reference masks bad rows either way).
 
         Per row, with ``ε`` = label_smoothing and weights ``w`` (ones if None):
         ``L = (1-ε) w_y (lse - s_y) + (ε/C) sum_k w_k (lse - s_k)``;

@@ -107,8 +107,10 @@ class CupyBackend(Backend):
     # ------------------------------------------------------------ loss cores
     def softmax_cross_entropy(self, logits: Array, labels: Array, *, reduction: str = "mean",
                               label_smoothing: float = 0.0, ignore_index: int | None = None,
-                              class_weights: Array | None = None) -> tuple[Array, Array]:
-        """The fused kernel in kernels/softmax_cross_entropy.cu; float64 takes the reference path."""
+                              class_weights: Array | None = None,
+                              labels_in_range: bool = False) -> tuple[Array, Array]:
+        """The fused kernel in kernels/softmax_cross_entropy.cu (bad labels give NaN rows there, so
+        ``labels_in_range`` saves nothing); float64 takes the reference path."""
         if self.dtype_name(logits.dtype) not in _FUSED_DTYPES or logits.ndim != 2:
             return super().softmax_cross_entropy(
                 logits, labels, reduction=reduction, label_smoothing=label_smoothing,

@@ -47,11 +47,11 @@ class NumpyBackend(Backend):
         if labels.size == 0:
             return True
         if labels.dtype.kind == "i":
-            if num_classes > np.iinfo(labels.dtype).max:
+            if num_classes >> (8 * labels.dtype.itemsize - 1):
                 # Read as unsigned, -1 would be 2**bits - 1, not beyond so many classes:
                 # here every non-negative label is in range, so only the sign matters.
                 return bool(labels.min() >= 0)
-            labels = labels.view(np.dtype(f"u{labels.dtype.itemsize}"))
+            labels = labels.view(_UNSIGNED[labels.dtype.itemsize])
         return int(labels.max()) < num_classes
 
     def to_numpy(self, x: Array) -> np.ndarray:
@@ -139,7 +139,8 @@ class NumpyBackend(Backend):
     # ------------------------------------------------------------ loss cores
     def softmax_cross_entropy(self, logits: np.ndarray, labels: np.ndarray, *, reduction: str = "mean",
                               label_smoothing: float = 0.0, ignore_index: int | None = None,
-                              class_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                              class_weights: np.ndarray | None = None,
+                              labels_in_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The reference formula (:meth:`Backend.softmax_cross_entropy`) in one buffer: the gradient
         array holds the shifted logits, then their exponentials, then ``dL/ds``, so no other (N, C)
         temporary is made. Per-row weights and masks are built only when weights, ignored rows or
@@ -153,7 +154,7 @@ class NumpyBackend(Backend):
         valid = None if ignore_index is None else labels != ignore_index
         bad = None
         safe = labels
-        if not self.labels_in_range(labels, c):
+        if not (labels_in_range or self.labels_in_range(labels, c)):
             # Possible with validate=False: such labels must not index out of bounds or wrap
             # around; their rows become NaN below.
             bad = (labels < 0) | (labels >= c)
@@ -185,6 +186,8 @@ class NumpyBackend(Backend):
             w_y = w[safe]
             if valid is not None:
                 w_y *= valid
+            if bad is not None:
+                w_y[bad] = 0.0  # as the reference: a bad row weighs nothing in the mean's denominator
             w_sum = float(w.sum(dtype=np.float64))
         per_sample = log_z - target
         row_scale = None  # the gradient's per-row factor on p (None: all ones)
@@ -217,6 +220,7 @@ class NumpyBackend(Backend):
                 grad[valid] -= smooth_grad
         if valid is not None:
             grad[~valid] = 0.0
+            per_sample[~valid] = 0.0  # masked, not 0 * loss: an ignored row's -inf or NaN must not leak
         if bad is not None:
             grad[bad] = np.nan
             per_sample[bad] = np.nan
@@ -311,6 +315,7 @@ class NumpyBackend(Backend):
         return value, m, v
 
 
+_UNSIGNED = {k: np.dtype(f"u{k}") for k in (1, 2, 4, 8)}
 #: Elements per block of rows where a row-wise pass runs block by block (256 KiB of float32).
 _BLOCK_ELEMS = 65536
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import importlib.util
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -123,16 +125,45 @@ def registered_backends() -> list[str]:
 
 
 def available_backends() -> dict[str, bool | str]:
-    """``{name: True}`` for each backend that works here, ``{name: "why not"}`` otherwise."""
-    result: dict[str, bool | str] = {}
-    for name in registered_backends():
-        entry = _registry[name]
-        try:
-            _instantiate(entry)
-            result[name] = True
-        except BackendUnavailableError:
-            result[name] = entry.error or "unavailable"
-    return result
+    """``{name: True}`` for each backend that works here, ``{name: "why not"}`` otherwise.
+    Every registered backend is built to find out (CuPy and torch imported): for choosing one,
+    :func:`best_backend` asks far less."""
+    return {name: backend_status(name) for name in registered_backends()}
+
+
+def backend_status(name: str) -> bool | str:
+    """True when the registered backend ``name`` works here, else the reason; builds only that one."""
+    _load_entry_points()
+    entry = _registry.get(name)
+    if entry is None:
+        return f"no backend named {name!r} is registered"
+    try:
+        _instantiate(entry)
+        return True
+    except BackendUnavailableError:
+        return entry.error or "unavailable"
+
+
+def _nvidia_driver_present() -> bool:
+    """Whether an NVIDIA driver shows itself without loading anything (Linux, WSL); elsewhere
+    there is no such sign, so only CuPy can tell."""
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg"))
+
+
+def best_backend() -> tuple[str, str | None]:
+    """``(name, note)``: ``"cupy"`` when CuPy works here, else ``"numpy"`` with a note saying why not
+    CuPy (None when CuPy is not installed at all). Imports CuPy only where a driver is present and
+    nothing else: no torch, no probing of libraries that will not be used."""
+    if importlib.util.find_spec("cupy") is None:
+        return "numpy", None
+    if not _nvidia_driver_present():
+        return "numpy", "CuPy is installed but no NVIDIA driver is present; using NumPy"
+    status = backend_status("cupy")
+    if status is True:
+        return "cupy", None
+    return "numpy", f"CuPy is installed but not usable ({status}); using NumPy"
 
 
 def _by_name(name: str) -> Backend:
@@ -174,6 +205,12 @@ def _for_module(module: ModuleType) -> Backend:
     if compat.__name__ in _by_namespace:
         return _by_name(_by_namespace[compat.__name__])
     return _for_namespace(compat)
+
+
+def known_backend(array_type: type) -> Backend | None:
+    """The backend of arrays of ``array_type`` once one such array has been seen, else None: a
+    dictionary look-up for hot paths that fall back to :func:`backend_of` when it says None."""
+    return _by_type.get(array_type)
 
 
 def _for_array(x: Any) -> Backend:
@@ -241,6 +278,11 @@ def backend_of(*arrays: Array, names: tuple[str, ...] | None = None) -> Backend:
 
     ``names`` label the arrays in the message (``("x", "weight")``).
     """
+    # The common case, arrays of one type on a one-device library, without building any list.
+    first_type = type(arrays[0])
+    backend = _by_type.get(first_type)
+    if backend is not None and backend.single_device and all(type(a) is first_type or a is None for a in arrays):
+        return backend
     present = [(i, a) for i, a in enumerate(arrays) if a is not None]
     backend = _for_array(present[0][1])
     first_type = type(present[0][1])

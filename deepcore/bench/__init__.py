@@ -10,20 +10,22 @@ case                      what one call does
 ``softmax``               row softmax of an (N, C) array
 ``log_softmax``           row log-softmax of an (N, C) array
 ``softmax_ce``            softmax cross-entropy, loss and d(loss)/d(logits), mean reduction
-``mlp_step``              one training step of the 784-256-10 MLP: forward, loss, backward,
-                          SGD momentum update
+``mlp_step``              one training step of an MLP (784-256-10 at batches 32-2048, and
+                          3072-1024-1024-10 at 256) written as the README's loop: forward,
+                          loss, backward, SGD momentum update, zero_grad
+``mlp_gemms``             the matrix products of that step alone: the floor BLAS sets
 ``epoch``                 one epoch (60,000 x 784 synthetic MNIST-shaped data, batch 128,
                           shuffled) of that step
 ========================  ============================================================
 
 Contenders (each row of a table):
 
-- ``numpy``: deepcore on its NumPy backend (the fused paths); ``cupy``: deepcore on CuPy;
+- ``numpy``: deepcore on its NumPy backend, the plain README loop; ``cupy``: deepcore on CuPy;
 - ``numpy-unfused`` / ``cupy-unfused`` (softmax_ce only): the same call through the base
   class's array-API reference, ``deepcore.backend.base.Backend.softmax_cross_entropy``;
-- ``numpy-dx`` (mlp_step): deepcore's step with ``backward(grad)``, which also forms the
-  gradient of the input batch; ``numpy`` calls ``backward(grad, need_input_grad=False)`` as
-  PyTorch does for data that does not require a gradient (and as ``deepcore.train.fit`` does);
+- ``numpy-dx`` (mlp_step): the same loop with ``forward(x, train=True, input_grad=True)``, which
+  also forms the gradient of the input batch (the plain loop does not, as PyTorch does not for
+  data without ``requires_grad``);
 - ``numpy-fit`` (epoch): the whole ``deepcore.train.fit(epochs=1)`` loop (batching, the
   per-step loss check, metrics) on the same data;
 - ``numpy-plain`` (mlp_step, epoch): the same step hand-written in plain NumPy, the

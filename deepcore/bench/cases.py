@@ -27,6 +27,8 @@ def make_workload(case: str, contender: str, **params: Any) -> Workload:
         wl = workloads.softmax_ce(contender, **params)
     elif case == "mlp_step":
         wl = mlp.mlp_step(contender, **params)
+    elif case == "mlp_gemms":
+        wl = mlp.mlp_gemms(contender, **params)
     else:
         wl = mlp.epoch(contender, **params)
     wl.info = {"case": case, "contender": contender, "backend": library_of(contender),

@@ -17,6 +17,7 @@ CASES: dict[str, tuple[str, ...]] = {
     "log_softmax": ("numpy", "torch", "cupy", "torch-cuda"),
     "softmax_ce": ("numpy", "numpy-unfused", "torch", "cupy", "cupy-unfused", "torch-cuda"),
     "mlp_step": ("numpy", "numpy-dx", "numpy-plain", "torch", "cupy", "torch-cuda"),
+    "mlp_gemms": ("numpy", "torch"),
     "epoch": ("numpy", "numpy-fit", "numpy-plain", "torch", "cupy", "torch-cuda"),
 }
 

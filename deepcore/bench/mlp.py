@@ -1,6 +1,7 @@
-"""The 784-256-10 MLP's training step and epoch, four ways: deepcore (tuned, plain, and the
-whole ``fit`` loop), the same step hand-written in NumPy (the framework-overhead baseline), and
-PyTorch eager (the outside reference). Every contender starts from the same weights."""
+"""The MLP's training step and epoch, four ways: deepcore (the README's loop as written, the same
+loop also forming the batch's gradient, and the whole ``fit`` loop), the same step hand-written in
+NumPy (the framework-overhead baseline), and PyTorch eager (the outside reference). Every contender
+starts from the same weights."""
 
 from __future__ import annotations
 
@@ -18,33 +19,40 @@ LR, MOMENTUM = 0.01, 0.9
 
 
 # ---- the MLP training step, four ways
-def _init_weights(seed: int = 0) -> list[np.ndarray]:
+#: The wide MLP of the CIFAR-sized case (3072 inputs, two hidden layers of 1024).
+WIDE_MLP = (3072, 1024, 1024, 10)
+
+
+def _init_weights(sizes: Sequence[int] = MLP, seed: int = 0) -> list[np.ndarray]:
     """PyTorch's default Linear initialisation, drawn once so every contender starts equal."""
     rng = np.random.default_rng(seed)
     out = []
-    for fan_in, fan_out in zip(MLP[:-1], MLP[1:], strict=True):
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
         out.append(pytorch_default(rng, (fan_out, fan_in), fan_in, fan_out).astype(np.float32))
         out.append(pytorch_default(rng, (fan_out,), fan_in, fan_out).astype(np.float32))
     return out
 
 
 class _PlainNumpyMLP:
-    """The 784-256-10 step written by hand in plain NumPy, as a careful person would: in-place
-    bias and ReLU, the softmax cross-entropy gradient in the probability buffer, no input
-    gradient, SGD momentum (PyTorch's rule) in place. The framework-overhead baseline."""
+    """The MLP step written by hand in plain NumPy, as a careful person would: in-place bias and
+    ReLU, the softmax cross-entropy gradient in the probability buffer, no input gradient, SGD
+    momentum (PyTorch's rule) in place. The framework-overhead baseline."""
 
     def __init__(self, weights: Sequence[np.ndarray]) -> None:
         self.params = [w.copy() for w in weights]
         self.bufs: list[np.ndarray | None] = [None] * len(self.params)
 
     def step(self, x: np.ndarray, y: np.ndarray) -> np.floating:
-        w1, b1, w2, b2 = self.params
-        n = x.shape[0]
-        h = x @ w1.T
-        h += b1
-        np.maximum(h, 0, out=h)
-        s = h @ w2.T
-        s += b2
+        ws, bs = self.params[0::2], self.params[1::2]
+        n, last = x.shape[0], len(ws) - 1
+        acts = [x]
+        for i, (w, b) in enumerate(zip(ws, bs, strict=True)):
+            h = acts[-1] @ w.T
+            h += b
+            if i < last:
+                np.maximum(h, 0, out=h)
+            acts.append(h)
+        s = acts.pop()
         s -= s.max(axis=1, keepdims=True)
         rows = np.arange(n)
         target = s[rows, y]
@@ -53,13 +61,14 @@ class _PlainNumpyMLP:
         loss = (np.log(sum_e) - target).mean()
         s *= (1.0 / n / sum_e)[:, None]   # d loss / d logits = (p - onehot) / n
         s[rows, y] -= 1.0 / n
-        g_w2 = s.T @ h
-        g_b2 = s.sum(axis=0)
-        dh = s @ w2
-        dh *= h > 0
-        g_w1 = dh.T @ x
-        g_b1 = dh.sum(axis=0)
-        for i, (p, g) in enumerate(zip(self.params, (g_w1, g_b1, g_w2, g_b2), strict=True)):
+        grads: list[np.ndarray] = [None] * len(self.params)  # type: ignore[list-item]
+        d = s
+        for i in range(last, -1, -1):
+            grads[2 * i], grads[2 * i + 1] = d.T @ acts[i], d.sum(axis=0)
+            if i:
+                d = d @ ws[i]
+                d *= acts[i] > 0
+        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
             buf = self.bufs[i]
             if buf is None:
                 self.bufs[i] = buf = g
@@ -70,41 +79,45 @@ class _PlainNumpyMLP:
         return loss
 
 
-def _deepcore_mlp(contender: str, weights: Sequence[np.ndarray]) -> tuple[Any, Any, Any]:
+def _deepcore_mlp(contender: str, weights: Sequence[np.ndarray], sizes: Sequence[int] = MLP) -> tuple[Any, Any, Any]:
     import deepcore
 
     from .. import nn, optim
 
     backend = dc_backend(contender)
+    layers: list[Any] = []
     with deepcore.use_backend(backend):
-        model = nn.Sequential(nn.Linear(MLP[0], MLP[1]), nn.ReLU(), nn.Linear(MLP[1], MLP[2]))
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            layers += [nn.Linear(fan_in, fan_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+        model = nn.Sequential(*layers)
     for p, w in zip(model.parameters(), weights, strict=True):
         p.value = backend.from_numpy(w, device=backend.device(p.value))
     opt = optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     return model, opt, backend
 
 
-def _deepcore_step(model: Any, opt: Any, need_input_grad: bool) -> Callable[[Any, Any], Any]:
+def _deepcore_step(model: Any, opt: Any, input_grad: bool) -> Callable[[Any, Any], Any]:
+    """The README's loop, as written there; ``input_grad=True`` also forms the batch's gradient."""
     from .. import losses
 
     def step(x: Any, y: Any) -> Any:
-        opt.zero_grad()
-        pred, backward = model.forward(x, train=True)
-        loss, grad = losses.softmax_cross_entropy(pred, y)
-        if need_input_grad:
-            backward(grad)
-        else:
-            backward(grad, need_input_grad=False)
+        logits, backward = model.forward(x, train=True, input_grad=input_grad)
+        loss, grad = losses.softmax_cross_entropy(logits, y)
+        backward(grad)
         opt.step()
+        opt.zero_grad()
         return loss
 
     return step
 
 
-def _torch_mlp(contender: str, weights: Sequence[np.ndarray]) -> Callable[[Any, Any], Any]:
+def _torch_mlp(contender: str, weights: Sequence[np.ndarray], sizes: Sequence[int] = MLP) -> Callable[[Any, Any], Any]:
     torch = import_torch()
     dev = torch_device(contender)
-    model = torch.nn.Sequential(torch.nn.Linear(MLP[0], MLP[1]), torch.nn.ReLU(), torch.nn.Linear(MLP[1], MLP[2]))
+    layers: list[Any] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers += [torch.nn.Linear(fan_in, fan_out)] + ([torch.nn.ReLU()] if i < len(sizes) - 2 else [])
+    model = torch.nn.Sequential(*layers)
     with torch.no_grad():
         for p, w in zip(model.parameters(), weights, strict=True):
             p.copy_(torch.from_numpy(w))
@@ -122,28 +135,54 @@ def _torch_mlp(contender: str, weights: Sequence[np.ndarray]) -> Callable[[Any, 
     return step
 
 
-def _step_fn(contender: str, weights: Sequence[np.ndarray]) -> tuple[Callable[[Any, Any], Any], Any]:
+def _step_fn(contender: str, weights: Sequence[np.ndarray],
+             sizes: Sequence[int] = MLP) -> tuple[Callable[[Any, Any], Any], Any]:
     """``(step(x, y), model_or_params)`` for a contender of mlp_step / epoch."""
     lib = library_of(contender)
     if lib == "torch":
-        return _torch_mlp(contender, weights), None
+        return _torch_mlp(contender, weights, sizes), None
     if contender == "numpy-plain":
         plain = _PlainNumpyMLP(weights)
         return plain.step, plain
-    model, opt, _ = _deepcore_mlp(contender, weights)
-    return _deepcore_step(model, opt, need_input_grad=contender in ("numpy-dx", "numpy-fit")), model
+    model, opt, _ = _deepcore_mlp(contender, weights, sizes)
+    return _deepcore_step(model, opt, input_grad=contender == "numpy-dx"), model
 
 
-def mlp_step(contender: str, batch: int) -> Workload:
+def mlp_step(contender: str, batch: int, sizes: tuple[int, ...] = MLP) -> Workload:
     if contender == "numpy-fit":
         raise NotApplicable("numpy-fit is an epoch contender; mlp_step has numpy-dx")
-    weights = _init_weights()
-    x_h = np.random.default_rng(6).random((batch, MLP[0]), dtype=np.float32)
-    y_h = np.random.default_rng(7).integers(0, MLP[-1], batch)
-    step, _ = _step_fn(contender, weights)
+    weights = _init_weights(sizes)
+    x_h = np.random.default_rng(6).random((batch, sizes[0]), dtype=np.float32)
+    y_h = np.random.default_rng(7).integers(0, sizes[-1], batch)
+    step, _ = _step_fn(contender, weights, sizes)
     x, y = on_contender(contender, x_h), on_contender(contender, y_h)
     return Workload(lambda: step(x, y), sync_for(contender),
-                    {"shape": [batch, *MLP], "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM})"})
+                    {"shape": [batch, *sizes], "optimizer": f"SGD(lr={LR}, momentum={MOMENTUM})"})
+
+
+def mlp_gemms(contender: str, batch: int, sizes: tuple[int, ...] = MLP) -> Workload:
+    """The matrix products of one step without an input gradient, nothing else: per layer
+    ``x W^T`` and ``dy^T x``, and ``dy W`` for every layer but the first. ``numpy`` calls BLAS
+    through ``np.matmul``; ``torch`` through ``torch.matmul``."""
+    rng = np.random.default_rng(9)
+    acts = [rng.random((batch, d), dtype=np.float32) for d in sizes]
+    weights = [w for w in _init_weights(sizes)[0::2]]
+    if library_of(contender) == "torch":
+        torch = import_torch()
+        acts = [torch.from_numpy(a) for a in acts]
+        weights = [torch.from_numpy(w) for w in weights]
+        mm = torch.matmul
+    else:
+        mm = np.matmul
+
+    def fn() -> None:
+        for i, w in enumerate(weights):
+            mm(acts[i], w.T)
+            mm(acts[i + 1].T, acts[i])
+            if i:
+                mm(acts[i + 1], w)
+
+    return Workload(fn, sync_for(contender), {"shape": [batch, *sizes], "what": "GEMMs only"})
 
 
 _EPOCH_DATA: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .mlp import MLP
+from .mlp import MLP, WIDE_MLP
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,9 @@ class Spec:
             return tag + ("-bT" if p.get("transpose_b") else "")
         if self.case in ("softmax", "log_softmax", "softmax_ce"):
             return f"{p['n']}x{p['c']}"
-        if self.case == "mlp_step":
-            return f"b{p['batch']}"
+        if self.case in ("mlp_step", "mlp_gemms"):
+            sizes = p.get("sizes", MLP)
+            return ("" if tuple(sizes) == MLP else "-".join(map(str, sizes)) + "-") + f"b{p['batch']}"
         return f"{p['n']}x{MLP[0]}-b{p['batch']}"
 
 
@@ -47,25 +48,38 @@ SOFTMAX_SHAPES = ((8192, 10), (4096, 1000), (256, 32768))
 MLP_MATMULS = ((128, 784, 256, True), (256, 128, 784, False), (128, 256, 784, False), (1024, 784, 256, True))
 
 
+#: The README loop's batches for the 784-256-10 MLP, and the wide MLP at batch 256.
+MLP_STEP_BATCHES = (32, 128, 512, 2048)
+
+
+def _mlp_specs() -> list[Spec]:
+    """Each step beside its matrix products alone (the floor that BLAS sets)."""
+    out = []
+    for batch, sizes in [*((b, MLP) for b in MLP_STEP_BATCHES), (256, WIDE_MLP)]:
+        kw = {} if sizes == MLP else {"sizes": sizes}
+        out += [_spec("mlp_step", batch=batch, **kw), _spec("mlp_gemms", batch=batch, **kw)]
+    return out
+
+
 def suite(name: str) -> list[Spec]:
     """``"tiny"`` (seconds; for tests), ``"quick"`` (``deepcore bench``'s default) or ``"full"``
     (what the pytest-benchmark suite sweeps; 4096^3 matmul marked slow)."""
     if name == "tiny":
         return [_spec("matmul", m=64, k=64, n=64), _spec("softmax", n=64, c=10),
                 _spec("softmax_ce", n=64, c=10), _spec("mlp_step", batch=16),
+                _spec("mlp_step", batch=8, sizes=(32, 16, 16, 4)), _spec("mlp_gemms", batch=16),
                 _spec("epoch", n=512, batch=128)]
     if name == "quick":
         return [_spec("matmul", m=512, k=512, n=512), _spec("matmul", m=128, k=784, n=256, transpose_b=True),
                 _spec("softmax", n=4096, c=1000), _spec("softmax_ce", n=4096, c=1000),
                 _spec("softmax_ce", n=128, c=10),
-                _spec("mlp_step", batch=128), _spec("mlp_step", batch=1024),
-                _spec("epoch", n=60000, batch=128)]
+                *_mlp_specs(), _spec("epoch", n=60000, batch=128)]
     if name == "full":
         specs = [_spec("matmul", m=s, k=s, n=s, slow=s >= 4096) for s in (512, 2048, 4096)]
         specs += [_spec("matmul", m=m, k=k, n=n, transpose_b=t) for m, k, n, t in MLP_MATMULS]
         for case in ("softmax", "log_softmax", "softmax_ce"):
             specs += [_spec(case, n=n, c=c) for n, c in SOFTMAX_SHAPES]
-        specs += [_spec("mlp_step", batch=b) for b in (128, 1024)]
+        specs += _mlp_specs()
         specs.append(_spec("epoch", n=60000, batch=128))
         return specs
     raise ValueError(f"unknown suite {name!r}; suites: tiny, quick, full")

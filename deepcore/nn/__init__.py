@@ -5,7 +5,7 @@ from .batchnorm import BatchNorm1d
 from .containers import Flatten, Sequential
 from .dropout import Dropout
 from .linear import Linear
-from .module import Module, Param
+from .module import Module, ModuleSnapshot, Param
 
 __all__ = [
     "BatchNorm1d",
@@ -14,6 +14,7 @@ __all__ = [
     "LeakyReLU",
     "Linear",
     "Module",
+    "ModuleSnapshot",
     "Param",
     "ReLU",
     "Sequential",

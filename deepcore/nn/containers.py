@@ -71,9 +71,13 @@ class Sequential(Module):
 
 def _first_that_must_run(layers: list[Module], backwards: list[Backward]) -> int | None:
     for i, (layer, back) in enumerate(zip(layers, backwards, strict=True)):
-        if not takes_input_grad_flag(back) or next(layer.named_parameters(), None) is not None:
+        if not takes_input_grad_flag(back) or _has_parameters(layer):
             return i
     return None
+
+
+def _has_parameters(module: Module) -> bool:
+    return bool(module._params) or any(_has_parameters(child) for child in module._children.values())
 
 
 class Flatten(Module):

@@ -5,21 +5,35 @@ returns the output and a function that maps ``dL/dy`` to ``dL/dx`` while adding
 each parameter's gradient into ``Param.grad``. No tape is kept anywhere: the
 closure holds exactly what its backward pass needs.
 
-The built-in layers' closures also take ``backward(dy, need_input_grad=False)``:
-the parameters' gradients are added as usual, but ``dL/dx`` is not computed
-and None is returned. A training step on data (which needs no gradient) saves
-the first layer's ``dy W`` product that way, as PyTorch does for an input
-without ``requires_grad``; the default, ``True``, is the plain ``dx = backward(dy)``.
+Which input gradients are formed is decided as PyTorch decides it by ``requires_grad``:
+
+- The input of an outermost ``forward`` call is data unless it is the output of
+  another outermost ``forward`` (a user chaining layers by hand): its ``backward``
+  adds the parameters' gradients and returns None, without the first layer's
+  ``dy W`` product. ``forward(x, train, input_grad=True)`` asks for ``dL/dx``.
+- Inside a module (a forward called from another forward) a child's input is an
+  activation, and its ``backward`` returns ``dL/dx`` as always; a container may
+  still ask a child's closure for ``backward(dy, need_input_grad=False)``.
+
+Layers need none of this: a subclass's ``forward(x, train)`` always builds a
+closure that returns ``dL/dx``; :class:`Module` wraps every subclass's ``forward``
+to apply the rule above. A closure marked with :func:`input_grad_optional` can
+skip ``dL/dx`` itself (the built-in layers' can); an unmarked one (a user's layer)
+computes it and the wrapper drops it.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from ..backend import Backend, BackendMismatchError, backend_of, get_backend, to_backend
 from ..backend.base import Array
+from ..backend.registry import known_backend
 
 Backward = Callable[..., Array]
 
@@ -36,6 +50,66 @@ def input_grad_optional(backward: Callable[..., Any]) -> Callable[..., Any]:
 
 def takes_input_grad_flag(backward: Callable[..., Any]) -> bool:
     return getattr(backward, INPUT_GRAD_OPTIONAL, False)
+
+
+#: How many ``forward`` calls are running in this context: 0 outside any module.
+_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("deepcore_forward_depth", default=0)
+#: Outputs of outermost forward calls still alive, by id: an input found here is an activation.
+_OUTPUTS: dict[int, weakref.ref[Any]] = {}
+
+
+def _remember_output(y: Any) -> None:
+    key = id(y)
+
+    def forget(ref: weakref.ref[Any]) -> None:
+        if _OUTPUTS.get(key) is ref:
+            del _OUTPUTS[key]
+
+    try:
+        _OUTPUTS[key] = weakref.ref(y, forget)
+    except TypeError:  # an array type without weak references: its outputs count as data
+        pass
+
+
+def _is_output(x: Any) -> bool:
+    ref = _OUTPUTS.get(id(x))
+    return ref is not None and ref() is x
+
+
+def _params_only(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """``backward`` returning None instead of ``dL/dx`` unless called with ``need_input_grad=True``."""
+    if takes_input_grad_flag(backward):
+        def params_only(dy: Array, *, need_input_grad: bool = False) -> Array | None:
+            return backward(dy, need_input_grad=need_input_grad)
+    else:
+        def params_only(dy: Array, *, need_input_grad: bool = False) -> Array | None:
+            dx = backward(dy)
+            return dx if need_input_grad else None
+    return input_grad_optional(params_only)
+
+
+def _forward_entry(impl: Callable[..., tuple[Array, Backward]]) -> Callable[..., tuple[Array, Backward]]:
+    """Wrap a subclass's ``forward(x, train)`` with the input-gradient rule of this module's docstring."""
+
+    @functools.wraps(impl)
+    def forward(self: Module, x: Array, train: bool = False, *,
+                input_grad: bool | None = None) -> tuple[Array, Backward]:
+        depth = _DEPTH.get()
+        token = _DEPTH.set(depth + 1)
+        try:
+            y, backward = impl(self, x, train)
+        finally:
+            _DEPTH.reset(token)
+        if depth == 0:
+            if input_grad is None:
+                input_grad = _is_output(x)
+            _remember_output(y)
+        if input_grad is False or (input_grad is None and depth == 0):
+            return y, _params_only(backward)
+        return y, backward
+
+    forward._deepcore_entry = True  # type: ignore[attr-defined]
+    return forward
 
 
 class Param:
@@ -88,6 +162,12 @@ class Module:
     _buffers: dict[str, Array]
     _children: dict[str, Module]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        impl = cls.__dict__.get("forward")
+        if impl is not None and not getattr(impl, "_deepcore_entry", False):
+            cls.forward = _forward_entry(impl)  # type: ignore[method-assign]
+
     def __init__(self) -> None:
         object.__setattr__(self, "_params", {})
         object.__setattr__(self, "_buffers", {})
@@ -97,7 +177,7 @@ class Module:
     def __setattr__(self, name: str, value: Any) -> None:
         if "_params" not in self.__dict__:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before setting {name!r}")
-        if name in self._buffers and not isinstance(value, (Param, Module)):
+        if name in self._buffers and hasattr(value, "shape") and not isinstance(value, (Param, Module)):
             self._buffers[name] = value  # as PyTorch: assigning to a buffer's name replaces the buffer
             object.__setattr__(self, name, value)
             return
@@ -120,7 +200,9 @@ class Module:
         object.__setattr__(self, name, value)
 
     # ------------------------------------------------------------------ calls
-    def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
+    def forward(self, x: Array, train: bool = False, *, input_grad: bool | None = None) -> tuple[Array, Backward]:
+        """``(y, backward)``; ``input_grad`` says whether ``backward(dy)`` returns ``dL/dx`` (default: only
+        for an activation, see the module docstring). Subclasses define ``forward(x, train)``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement forward(x, train)")
 
     def __call__(self, x: Array) -> Array:
@@ -302,6 +384,11 @@ def _is_same(value: Any, backend: Backend) -> bool:
 def input_backend(layer: Module, x: Array, *params: Param) -> Backend:
     """The backend running ``layer`` on ``x``: checks that ``x`` is a floating-point array on the
     same backend and device as the layer's parameters, with errors that say what to do."""
+    array_type = type(x)
+    backend = known_backend(array_type)
+    if (backend is not None and backend.single_device and backend.is_floating(x)
+            and all(type(p.value) is array_type for p in params)):
+        return backend  # the usual case, in a dictionary look-up
     try:
         backend = backend_of(x, *[p.value for p in params])
     except (BackendMismatchError, TypeError):

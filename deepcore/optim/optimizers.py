@@ -18,6 +18,7 @@ import numpy as np
 
 from ..backend import Backend, BackendMismatchError, backend_of, get_backend, to_backend
 from ..backend.base import Array
+from ..backend.registry import known_backend
 from ..nn.module import Param
 
 __all__ = ["GD", "SGD", "Adam", "AdamW", "Optimizer"]
@@ -86,7 +87,23 @@ class Optimizer:
 
         All gradients (and stored state) are checked first; only then is anything written.
         """
-        plan = [self._prepare(i, p) for i, p in enumerate(self.params) if p.grad is not None]
+        plan = []
+        states = self.state
+        for i, p in enumerate(self.params):
+            grad = p.grad
+            if grad is None:
+                continue
+            # The usual case, checked without a look-up or a copy: a gradient of the parameter's own
+            # type, dtype and shape on a one-device library, and state already where it lives.
+            value, state = p.value, states[i]
+            backend = known_backend(type(value))
+            if (backend is not None and backend.single_device and type(grad) is type(value)
+                    and grad.dtype == value.dtype and grad.shape == value.shape and backend.is_floating(value)
+                    and all(_in_place_of(state[name], value, backend) for name in self.STATE_ARRAYS
+                            if name in state)):
+                plan.append((i, backend, grad, state))
+            else:
+                plan.append(self._prepare(i, p))
         for i, backend, grad, state in plan:
             self.state[i] = state
             self._update(self.params[i], backend, grad, state)

@@ -1,0 +1,57 @@
+"""Choosing the best backend costs nothing it does not need: no torch import, no CuPy import
+without a driver, one line saying why CuPy was passed over."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from deepcore.backend import registry
+from tests.helpers import ROOT
+
+
+def test_choosing_imports_neither_torch_nor_cupy_where_cupy_is_absent():
+    code = ("import sys, importlib.util\n"
+            "import deepcore.backend as b\n"
+            "name, note = b.best_backend()\n"
+            "print(name, note, 'torch' in sys.modules, 'cupy' in sys.modules,"
+            " importlib.util.find_spec('cupy') is not None)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    name, note, torch_loaded, cupy_loaded, cupy_installed = out.stdout.split()
+    assert torch_loaded == "False"
+    if cupy_installed == "False":
+        assert (name, note, cupy_loaded) == ("numpy", "None", "False")
+
+
+def _pretend_cupy_is_installed(monkeypatch):
+    real = registry.importlib.util.find_spec
+    monkeypatch.setattr(registry.importlib.util, "find_spec",
+                        lambda n, *a: SimpleNamespace(name=n) if n == "cupy" else real(n, *a))
+
+
+def test_no_driver_means_numpy_without_importing_cupy(monkeypatch):
+    _pretend_cupy_is_installed(monkeypatch)
+    monkeypatch.setattr(registry, "_nvidia_driver_present", lambda: False)
+    monkeypatch.setattr(registry, "backend_status", lambda name: pytest.fail("CuPy was probed"))
+    name, note = registry.best_backend()
+    assert name == "numpy" and "no NVIDIA driver" in note
+
+
+@pytest.mark.parametrize("status, expected", [(True, ("cupy", None)),
+                                              ("cudaErrorNoDevice: planted", ("numpy", "cudaErrorNoDevice"))])
+def test_with_a_driver_cupy_alone_is_probed(monkeypatch, status, expected):
+    _pretend_cupy_is_installed(monkeypatch)
+    monkeypatch.setattr(registry, "_nvidia_driver_present", lambda: True)
+    asked = []
+    monkeypatch.setattr(registry, "backend_status", lambda name: asked.append(name) or status)
+    name, note = registry.best_backend()
+    assert asked == ["cupy"] and name == expected[0]
+    assert note is None if expected[1] is None else expected[1] in note
+
+
+def test_backend_status_of_one_backend():
+    assert registry.backend_status("numpy") is True
+    assert "no backend named 'nope'" in registry.backend_status("nope")
