@@ -4,13 +4,15 @@ schedule built from the flags and handed to :func:`deepcore.train.fit`."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..backend import BackendUnavailableError, UnknownBackendError, available_backends, get_backend, use_backend
+from ..backend import BackendUnavailableError, UnknownBackendError, get_backend, use_backend
+from ..backend import best_backend as choose_backend
 from ..cli_errors import EXIT_FAILURE, UsageError
 
 
@@ -76,7 +78,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def best_backend() -> str:
-    return "cupy" if available_backends().get("cupy") is True else "numpy"
+    """CuPy when it works here, else NumPy; probes nothing else (see :func:`deepcore.backend.best_backend`)
+    and says in one line why an installed CuPy was passed over."""
+    name, note = choose_backend()
+    if note:
+        print(f"deepcore: note: {note}", file=sys.stderr)
+    return name
 
 
 def _parse_hidden(text: str) -> list[int]:
@@ -238,9 +245,11 @@ def build_schedule(name: str, optimizer: Any, epochs: int, warmup: int) -> Any:
 def run_command(args: argparse.Namespace) -> int:
     """Under ``mpirun -n N`` every rank runs this, training data-parallel (:mod:`deepcore.distributed`);
     rank 0 alone prints and writes files, and an error on any rank ends the whole job."""
+    from .. import blas_threads
     from ..distributed import abort_on_error, init
     from ..train import TrainingDiverged
 
+    blas_threads.configure()  # under a launcher: each rank its share of the cores, never more
     comm = init()
     with abort_on_error(comm, passthrough=(TrainingDiverged,), show_traceback=False):
         try:
