@@ -95,8 +95,13 @@ class History:
         return {"epochs": self.epochs}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> History:
-        return cls([dict(e) for e in d.get("epochs", [])])
+    def from_dict(cls, d: dict[str, Any], source: str = "history") -> History:
+        """The inverse of :meth:`to_dict`; ``source`` names where ``d`` came from in errors."""
+        epochs = d.get("epochs", []) if isinstance(d, dict) else None
+        if not isinstance(epochs, list) or not all(isinstance(e, dict) for e in epochs):
+            raise ValueError(f"{source}: a history must be {{'epochs': [{{...}}, ...]}}, a list of per-epoch "
+                             f"dicts; got {type(d).__name__ if epochs is None else type(epochs).__name__}")
+        return cls([dict(e) for e in epochs])
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write as JSON, atomically (a temp file renamed over ``path``)."""
@@ -695,7 +700,7 @@ def _resume(path: Path, model: Module, optimizer: Any, scheduler: Any,
     ckpt.restore(model, optimizer)  # the very file checked above, not read a second time
     if scheduler is not None and saved is not None:
         scheduler.load_state_dict(saved)
-    return start, History.from_dict(extra.get("history", {}))
+    return start, History.from_dict(extra.get("history", {}), f"{str(path)!r}")
 
 
 def _load_callback_states(path: Path, callbacks: Sequence[Callback], saved: Any) -> None:

@@ -195,3 +195,12 @@ def test_callback_states_refuse_a_mismatch_before_the_model_changes(tmp_path):
     _assert_same_state(other, before)
     with pytest.raises(ValueError, match="this callback keeps no state"):
         Recorder().load_state_dict({"x": 1})
+
+
+@pytest.mark.parametrize("bad", [[1, 2], {"epochs": {"loss": 1.0}}, {"epochs": [1.0]}, "x"])
+def test_a_history_that_is_not_a_list_of_epochs_is_one_line_naming_its_source(bad):
+    from deepcore.train import History
+
+    with pytest.raises(ValueError, match=r"^'ckpt.safetensors': a history must be"):
+        History.from_dict(bad, "'ckpt.safetensors'")
+    assert History.from_dict({"epochs": [{"loss": 1.0}]}).epochs == [{"loss": 1.0}]

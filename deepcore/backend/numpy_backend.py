@@ -12,6 +12,7 @@ from typing import Any
 import array_api_compat.numpy as np_compat
 import numpy as np
 
+from . import malloc_tuning
 from .base import Array, Backend, _adam_scalars
 
 
@@ -20,6 +21,7 @@ class NumpyBackend(Backend):
 
     def __init__(self) -> None:
         super().__init__(np_compat, name="numpy")
+        malloc_tuning.tune()  # large temporaries reused step after step, not faulted in anew
 
     # ------------------------------------------------------------------ arrays
     def asarray(self, obj: Any, *, dtype: Any = None, device: Any = None) -> np.ndarray:

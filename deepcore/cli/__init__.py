@@ -20,7 +20,8 @@ BENCH_HELP = "time deepcore's backends against each other and PyTorch"
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser(with_bench="bench" in argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = _parser(with_bench=command == "bench")
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

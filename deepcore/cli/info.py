@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..backend import available_backends
+from ..backend import available_backends, malloc_tuning
 from ..sysinfo import describe_blas
 
 
@@ -29,6 +29,7 @@ def collect_info() -> dict[str, Any]:
         "numpy": np.__version__,
         "blas": describe_blas(),
         "backends": available_backends(),
+        "malloc_tuning": malloc_tuning.tune(),
     }
     if info["backends"].get("cupy") is True:
         import cupy
@@ -49,7 +50,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"deepcore {info['deepcore']} on Python {info['python']} ({info['platform']})")
-    print(f"numpy {info['numpy']}, BLAS: {info['blas']}")
+    print(f"numpy {info['numpy']}, BLAS: {info['blas']}, allocator tuning: {info['malloc_tuning']}")
     for lib in ("array_api_compat", "array_api_strict", "torch", "cupy"):
         if lib in info:
             print(f"{lib} {info[lib]}")

@@ -17,7 +17,6 @@ import csv
 import io
 import math
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -52,25 +51,18 @@ def read_features(path: Path) -> np.ndarray:
 
 
 def _read_npz(path: Path) -> np.ndarray:
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"INPUT {path}: not a readable .npz archive ({exc})") from None
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ValueError(f"INPUT {path}: a single .npy array, expected an .npz archive with an array 'x'")
-    with npz:
-        names = list(npz.files)
-        if "x" in names:
-            name = "x"
-        elif len(names) == 1:
-            name = names[0]
-        else:
-            raise ValueError(f"INPUT {path}: expected an array named 'x' (or a single array), got arrays "
-                             f"{', '.join(map(repr, names)) or 'none'}")
-        try:
-            x = npz[name]
-        except ValueError as exc:  # an object array: refused, never unpickled
-            raise ValueError(f"INPUT {path}: array {name!r} cannot be read without pickle ({exc})") from None
+    from ..data import read_npz_arrays
+
+    def pick(members: list[str]) -> list[str]:
+        if "x" in members:
+            return ["x"]
+        if len(members) == 1:
+            return members
+        raise ValueError(f"INPUT {path}: expected an array named 'x' (or a single array), got arrays "
+                         f"{', '.join(map(repr, members)) or 'none'}")
+
+    # Sizes checked before anything is unpacked, object arrays refused: the same reader as training's.
+    (name, x), = read_npz_arrays(path, pick, what=" with an array 'x'").items()
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.iscomplexobj(x):
         raise ValueError(f"INPUT {path}: array {name!r} must hold real numbers, got dtype {x.dtype}")
     if x.ndim == 0:
