@@ -106,8 +106,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: Module, optimizer: Any 
         "deepcore_version": __version__,
         "epoch": _optional_int(epoch, "epoch"),
         "step": _optional_int(step, "step"),
-        "extra": _json_dict({} if extra is None else extra, "extra"),
-        "model_extra_states": _json_dict(model.extra_states(), "model.extra_states()"),
+        "extra": json_dict({} if extra is None else extra, "extra"),
+        "model_extra_states": json_dict(model.extra_states(), "model.extra_states()"),
         "optimizer": None,
     }
     arrays: dict[str, np.ndarray] = {}
@@ -143,13 +143,14 @@ def _optional_int(value: Any, name: str) -> int | None:
     return int(value)
 
 
-def _json_dict(value: Any, what: str) -> dict[str, Any]:
+def json_dict(value: Any, what: str, fn: str = "save_checkpoint") -> dict[str, Any]:
+    """``value`` itself when it is a dict that JSON can hold, else a TypeError naming ``fn`` and ``what``."""
     if not isinstance(value, dict):
-        raise TypeError(f"save_checkpoint: {what} must be a dict, got {type(value).__name__}")
+        raise TypeError(f"{fn}: {what} must be a dict, got {type(value).__name__}")
     try:
         json.dumps(value)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"save_checkpoint: {what} must be JSON-serialisable: {exc}") from None
+        raise TypeError(f"{fn}: {what} must be JSON-serialisable: {exc}") from None
     return value
 
 

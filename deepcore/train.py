@@ -10,14 +10,11 @@ uninterrupted run would have.
 
 from __future__ import annotations
 
-import base64
 import functools
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +22,10 @@ import numpy as np
 
 from . import losses as _losses
 from ._checks import check_int
-from ._io import write_bytes_atomic
 from ._progress import Progress
 from .backend import Backend, to_backend
 from .backend.base import Array
+from .callbacks import Callback, EarlyStopping, History, TrainingDiverged, to_host
 from .data import ArrayDataset, batches
 from .distributed import (
     Communicator,
@@ -38,6 +35,11 @@ from .distributed import (
     broadcast_module,
     get_communicator,
 )
+from .fit_checkpoints import check_checkpoint_path as _check_checkpoint_path
+from .fit_checkpoints import diverged as _diverged
+from .fit_checkpoints import resume as _resume
+from .fit_checkpoints import same_file as _same_file
+from .fit_checkpoints import save as _save
 from .nn.batchnorm import BatchNorm1d
 from .nn.module import Module
 
@@ -64,166 +66,6 @@ LOSSES: dict[str, LossFn] = {
 }
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the model keeps its parameters from before that step.
-
-    ``epoch`` and ``step`` count from 1; ``checkpoint``: the file :func:`fit` wrote those parameters
-    to (with a ``checkpoint`` configured), else None."""
-
-    def __init__(self, message: str, history: History, checkpoint: Path | None = None, *,
-                 epoch: int | None = None, step: int | None = None) -> None:
-        super().__init__(message)
-        self.history = history
-        self.checkpoint = checkpoint
-        self.epoch, self.step = epoch, step
-
-
-@dataclass
-class History:
-    """Per-epoch records: ``epoch``, ``loss``, ``accuracy`` (classification), ``val_loss``,
-    ``val_accuracy``, ``lr``, ``time`` (seconds)."""
-
-    epochs: list[dict[str, float]] = field(default_factory=list)
-
-    def __getitem__(self, key: str) -> list[float]:
-        return [e[key] for e in self.epochs if key in e]
-
-    def __len__(self) -> int:
-        return len(self.epochs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "history") -> History:
-        """The inverse of :meth:`to_dict`; ``source`` names where ``d`` came from in errors."""
-        epochs = d.get("epochs", []) if isinstance(d, dict) else None
-        if not isinstance(epochs, list) or not all(isinstance(e, dict) for e in epochs):
-            raise ValueError(f"{source}: a history must be {{'epochs': [{{...}}, ...]}}, a list of per-epoch "
-                             f"dicts; got {type(d).__name__ if epochs is None else type(epochs).__name__}")
-        return cls([dict(e) for e in epochs])
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write as JSON, atomically (a temp file renamed over ``path``)."""
-        return write_bytes_atomic(path, json.dumps(self.to_dict(), indent=2).encode())
-
-
-class Callback:
-    """Hooks into :func:`fit`. ``on_epoch_end`` returning True stops training after that epoch
-    (every callback still sees that epoch first).
-
-    :meth:`state_dict` / :meth:`load_state_dict` carry what a callback must remember across a
-    checkpoint and resume (a JSON-able dict; none by default): :func:`fit` saves the states of its
-    callbacks in its ``checkpoint`` and gives them back on ``resume``, matched by position and type.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            raise ValueError(f"{type(self).__name__}.load_state_dict: this callback keeps no state, "
-                             f"got keys {sorted(state)}")
-
-    def on_train_begin(self, model: Module) -> None:
-        pass
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float], model: Module) -> bool | None:
-        return None
-
-    def on_train_end(self, model: Module) -> None:
-        pass
-
-
-class EarlyStopping(Callback):
-    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs;
-    with ``restore_best`` the model gets back its parameters from the best epoch."""
-
-    def __init__(self, monitor: str = "val_loss", patience: int = 5, min_delta: float = 0.0, mode: str = "auto",
-                 restore_best: bool = True) -> None:
-        check_int(patience, "patience", "EarlyStopping", 0)
-        if mode not in ("auto", "min", "max"):
-            raise ValueError(f"EarlyStopping: mode must be 'auto', 'min' or 'max', got {mode!r}")
-        self.monitor = monitor
-        self.patience = patience
-        self.min_delta = float(min_delta)
-        self.mode = ("max" if "acc" in monitor else "min") if mode == "auto" else mode
-        self.restore_best = restore_best
-        self.best: float | None = None
-        self.best_epoch: int | None = None
-        self._best_state: dict[str, np.ndarray] | None = None
-        self._wait = 0
-
-    def _improved(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, float], model: Module) -> bool:
-        if self.monitor not in logs:
-            raise KeyError(f"EarlyStopping: monitor {self.monitor!r} is not logged; logged: {sorted(logs)}")
-        value = logs[self.monitor]
-        if self._improved(value):
-            self.best, self.best_epoch, self._wait = value, epoch, 0
-            if self.restore_best:
-                self._best_state = {k: _host(v) for k, v in model.state_dict().items()}
-            return False
-        self._wait += 1
-        return self._wait >= self.patience
-
-    def on_train_end(self, model: Module) -> None:
-        if self.restore_best and self._best_state is not None:
-            model.load_state_dict(self._best_state)
-
-    _STATE_KEYS = frozenset({"monitor", "mode", "best", "best_epoch", "wait", "best_state"})
-
-    def state_dict(self) -> dict[str, Any]:
-        """``monitor``, ``mode``, ``best``, ``best_epoch``, ``wait`` and, with ``restore_best``, the best
-        epoch's model state (each array as dtype, shape and base64 bytes, so it is JSON and exact)."""
-        best_state = None
-        if self.restore_best and self._best_state is not None:
-            best_state = {k: _encode_array(v) for k, v in self._best_state.items()}
-        return {"monitor": self.monitor, "mode": self.mode, "best": self.best, "best_epoch": self.best_epoch,
-                "wait": self._wait, "best_state": best_state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        fn = "EarlyStopping.load_state_dict"
-        if not isinstance(state, dict) or set(state) != self._STATE_KEYS:
-            got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"{fn}: state must have the keys {sorted(self._STATE_KEYS)}, got {got}")
-        if (state["monitor"], state["mode"]) != (self.monitor, self.mode):
-            raise ValueError(f"{fn}: the state monitors {state['monitor']!r} (mode {state['mode']!r}), "
-                             f"but this EarlyStopping monitors {self.monitor!r} (mode {self.mode!r})")
-        if self.restore_best and state["best"] is not None and state["best_state"] is None:
-            raise ValueError(f"{fn}: restore_best=True, but the state holds no best weights "
-                             f"(it was saved with restore_best=False)")
-        wait = check_int(state["wait"], "wait", fn, 0)
-        best_state = None
-        if self.restore_best and state["best_state"] is not None:
-            best_state = {k: _decode_array(v, f"{fn}: best_state[{k!r}]") for k, v in state["best_state"].items()}
-        self.best = None if state["best"] is None else float(state["best"])
-        self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
-        self._wait = wait
-        self._best_state = best_state
-
-
-def _encode_array(a: np.ndarray) -> dict[str, Any]:
-    a = np.ascontiguousarray(a)
-    return {"dtype": a.dtype.str, "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode("ascii")}
-
-
-def _decode_array(d: Any, what: str) -> np.ndarray:
-    try:
-        dtype = np.dtype(d["dtype"])
-        if dtype.kind not in "biuf":
-            raise ValueError(f"dtype {dtype} is not numeric")
-        return np.frombuffer(base64.b64decode(d["base64"], validate=True), dtype=dtype).reshape(d["shape"]).copy()
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{what} must be {{'dtype', 'shape', 'base64'}} of a numeric array: {exc}") from None
-
-
 def get_loss(loss: str | LossFn) -> LossFn:
     """The loss function named ``loss`` (a key of :data:`LOSSES`), or ``loss`` itself if callable."""
     if callable(loss):
@@ -231,12 +73,6 @@ def get_loss(loss: str | LossFn) -> LossFn:
     if loss not in LOSSES:
         raise ValueError(f"loss must be a callable or one of {sorted(LOSSES)}, got {loss!r}")
     return LOSSES[loss]
-
-
-def _host(x: Array) -> np.ndarray:
-    from .backend import get_backend
-
-    return get_backend(x).to_numpy(x)
 
 
 def _as_dataset(data: Any, name: str) -> ArrayDataset:
@@ -348,7 +184,9 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"fit: resume={str(resume)!r} is not a checkpoint file")
     if run_settings is not None:
-        _json_settings(run_settings)
+        from .checkpoint import json_dict
+
+        json_dict(run_settings, "run_settings", "fit")
     distributed = comm.size > 1
     emit = log or (print if verbose else (lambda _msg: None))
     if not comm.is_root:
@@ -365,7 +203,7 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
     ignore_index = loss_kwargs.get("ignore_index")
     class_weights = loss_kwargs.get("class_weights")
     if class_weights is not None:
-        class_weights = np.asarray(_host(class_weights) if hasattr(class_weights, "shape") else class_weights,
+        class_weights = np.asarray(to_host(class_weights) if hasattr(class_weights, "shape") else class_weights,
                                    dtype=np.float64)
     reducer = None
     if distributed:
@@ -562,7 +400,7 @@ def predict(model: Module, x: Any, *, batch_size: int = 1024) -> np.ndarray:
     """The model's outputs for ``x`` (host arrays in, host array out), in inference mode."""
     ds = ArrayDataset(np.asarray(x))
     backend = model.backend
-    outs = [_host(model(to_backend(xb, backend))) for xb, _ in batches(ds, batch_size, shuffle=False)]
+    outs = [to_host(model(to_backend(xb, backend))) for xb, _ in batches(ds, batch_size, shuffle=False)]
     return np.concatenate(outs) if outs else np.empty((0,))
 
 
@@ -585,141 +423,3 @@ def _loss_kwargs(kwargs: dict[str, Any] | None, fn: str) -> dict[str, Any]:
     return kwargs
 
 
-def _check_checkpoint_path(path: Path, probe: bool = True) -> None:
-    """Refuse, before training, a checkpoint path that the first epoch's save would fail on; ``probe``:
-    also try creating a file in its folder (the rank that writes it), as mode bits do not tell."""
-    from ._io import writable_problem
-    from .checkpoint import SUFFIXES
-
-    if path.suffix not in SUFFIXES:
-        raise ValueError(f"fit: checkpoint must end in {' or '.join(SUFFIXES)}, got {str(path)!r}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"fit: checkpoint folder {str(path.parent)!r} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"fit: checkpoint {str(path)!r} is a folder, not a file")
-    problem = writable_problem(path.parent) if probe else None
-    if problem is not None:
-        raise PermissionError(f"fit: cannot write the checkpoint in {str(path.parent)!r}: {problem}")
-
-
-def _json_settings(settings: Any) -> None:
-    if not isinstance(settings, dict):
-        raise TypeError(f"fit: run_settings must be a dict, got {type(settings).__name__}")
-    try:
-        json.dumps(settings)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"fit: run_settings must be JSON-serialisable: {exc}") from None
-
-
-def _same_file(a: str | os.PathLike[str] | None, b: str | os.PathLike[str]) -> bool:
-    try:
-        return a is not None and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _diverged(exc: TrainingDiverged, checkpoint: str | os.PathLike[str] | None, saved_epoch: int | None,
-              model: Module, optimizer: Any, scheduler: Any, history: History, callbacks: Sequence[Callback],
-              settings: dict[str, Any] | None, comm: Communicator) -> TrainingDiverged:
-    """``exc`` (raised by ``_step``, the model already back to its parameters from before the step) with
-    those parameters written next to ``checkpoint`` on the root rank, and a message naming the files."""
-    if checkpoint is None:
-        return exc
-    head = str(exc).partition(";")[0]  # "loss became nan at epoch E, step S"
-    path = Path(checkpoint)
-    last_good = path.with_name(f"diverged-last-good{path.suffix}")
-    problem = None
-    if comm.is_root:
-        try:
-            _save(last_good, model, optimizer, scheduler, None, history, callbacks, settings=settings,
-                  more={"diverged": {"epoch": exc.epoch, "step": exc.step, "message": head}})
-        except Exception as err:  # the divergence is the error to report; say why the file is missing
-            problem = f"{type(err).__name__}: {err}"
-    comm.barrier()
-    finished = (f"the end of epoch {saved_epoch + 1} is in {str(path)!r}" if saved_epoch is not None
-                else "no epoch of this run finished") + " (try a smaller learning rate)"
-    if problem is not None:
-        return TrainingDiverged(f"{head}; training stopped, and writing the parameters from before that step to "
-                                f"{str(last_good)!r} failed ({problem}); {finished}", exc.history,
-                                epoch=exc.epoch, step=exc.step)
-    return TrainingDiverged(f"{head}; training stopped: the parameters from before that step are in "
-                            f"{str(last_good)!r}; {finished}", exc.history, last_good, epoch=exc.epoch, step=exc.step)
-
-
-def _save(path: Path, model: Module, optimizer: Any, scheduler: Any, epoch: int | None, history: History,
-          callbacks: Sequence[Callback] = (), *, settings: dict[str, Any] | None = None,
-          more: dict[str, Any] | None = None) -> None:
-    """The per-epoch checkpoint; ``settings``: the run's (``fit``'s ``run_settings``); ``more``: further extras."""
-    from .checkpoint import save_checkpoint
-
-    extra: dict[str, Any] = {"history": history.to_dict()}
-    if settings is not None:
-        extra["settings"] = settings
-    extra.update(more or {})
-    if scheduler is not None:
-        extra["scheduler"] = scheduler.state_dict()
-    architecture = _architecture_or_none(model)
-    if architecture is not None:  # `deepcore evaluate` / `predict` rebuild the model from it
-        extra["architecture"] = architecture
-    if callbacks:
-        extra["callbacks"] = [{"type": type(cb).__name__, "state": cb.state_dict()} for cb in callbacks]
-    save_checkpoint(path, model, optimizer, epoch=epoch, extra=extra)
-
-
-def _architecture_or_none(model: Module) -> dict[str, Any] | None:
-    """The model's JSON architecture (:mod:`deepcore.nn.spec`), or None for a model of custom layers."""
-    from .nn.spec import ArchitectureError, architecture_of
-
-    try:
-        return architecture_of(model)
-    except ArchitectureError:
-        return None
-
-
-def _resume(path: Path, model: Module, optimizer: Any, scheduler: Any,
-            callbacks: Sequence[Callback] = (), *, epochs: int | None = None) -> tuple[int, History]:
-    from .checkpoint import load_checkpoint
-
-    # Read and check first, so a mismatched scheduler fails before the model is overwritten.
-    ckpt = load_checkpoint(path)
-    extra = ckpt.extra or {}
-    start = 0 if ckpt.epoch is None else int(ckpt.epoch) + 1
-    diverged = extra.get("diverged")
-    if isinstance(diverged, dict):
-        raise ValueError(f"fit: {str(path)!r} holds the parameters from within epoch {diverged.get('epoch')}, "
-                         f"written when training diverged, and cannot be resumed; resume from the checkpoint of "
-                         f"the last finished epoch, or inspect it with load_checkpoint")
-    if epochs is not None and epochs <= start:
-        raise ValueError(f"fit: epochs={epochs} counts the whole run, but {str(path)!r} has already trained "
-                         f"{start} epoch{'s' if start != 1 else ''}; pass epochs > {start} to train on")
-    saved = extra.get("scheduler")
-    if scheduler is not None and saved is not None and saved.get("type") != type(scheduler).__name__:
-        raise ValueError(f"fit: {str(path)!r} holds a {saved.get('type')!r} schedule, "
-                         f"but the scheduler given is a {type(scheduler).__name__}")
-    _load_callback_states(path, callbacks, extra.get("callbacks"))
-    ckpt.restore(model, optimizer)  # the very file checked above, not read a second time
-    if scheduler is not None and saved is not None:
-        scheduler.load_state_dict(saved)
-    return start, History.from_dict(extra.get("history", {}), f"{str(path)!r}")
-
-
-def _load_callback_states(path: Path, callbacks: Sequence[Callback], saved: Any) -> None:
-    """Give each callback its state from the checkpoint, matched by position and type: all of them or,
-    when one refuses its state, none (the others get their own states back). A checkpoint without
-    callback states (or callbacks beyond the saved ones) leaves them as they are."""
-    if not callbacks or saved is None:
-        return
-    if not isinstance(saved, list) or not all(isinstance(e, dict) and {"type", "state"} <= set(e) for e in saved):
-        raise ValueError(f"fit: {str(path)!r} has malformed callback states (a list of {{'type', 'state'}} expected)")
-    for i, (cb, entry) in enumerate(zip(callbacks, saved, strict=False)):
-        if entry["type"] != type(cb).__name__:
-            raise ValueError(f"fit: {str(path)!r} holds the state of a {entry['type']!r} as callback {i}, "
-                             f"but callbacks[{i}] is a {type(cb).__name__}")
-    before = [cb.state_dict() for cb in callbacks]
-    try:
-        for cb, entry in zip(callbacks, saved, strict=False):
-            cb.load_state_dict(entry["state"])
-    except BaseException:
-        for cb, state in zip(callbacks, before, strict=True):
-            cb.load_state_dict(state)
-        raise
