@@ -22,20 +22,6 @@ def parse_hidden(text: str) -> list[int]:
     return widths
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` ends each option's help with ``(default: X)``; not for a flag that is off (store_true),
-    an option without default (None), or a help that already says its default in words."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS or (
-                "default" in text):
-            return text
-        return super()._get_help_string(action)
-
-
-
-
 #: The flags that make a run what it is. Every checkpoint of the run records them (extra["settings"]);
 #: on --resume they come from there, and one given on the command line that contradicts the record is
 #: an error. A new flag that changes the data, its split, the model or the training belongs here.
