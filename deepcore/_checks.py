@@ -35,6 +35,16 @@ def check_int(value: Any, name: str, fn: str, low: int = 0) -> int:
     return int(value)
 
 
+def check_pair(value: Any, name: str, fn: str, low: int = 0) -> tuple[int, int]:
+    """An int or a pair of ints (each at least ``low``) as a pair, as PyTorch's ``_pair``; errors name ``fn``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{fn}: {name} must be an integer or a pair of integers, got {value!r}")
+        return check_int(value[0], name, fn, low), check_int(value[1], name, fn, low)
+    v = check_int(value, name, fn, low)
+    return v, v
+
+
 def check_number(value: Any, name: str, fn: str, low: float | None = None, high: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{fn}: {name} must be a number, got {value!r}")

@@ -6,9 +6,11 @@ The suffix of the path picks the format:
   dependency): an 8-byte little-endian header length, a JSON header mapping each
   tensor name to ``{"dtype", "shape", "data_offsets"}`` plus a ``"__metadata__"``
   map of strings, padded with spaces to a multiple of 8, then the raw
-  little-endian bytes. Files load in the ``safetensors`` library and back.
+  little-endian bytes. Files load in the ``safetensors`` library and back. bfloat16
+  (ml_dtypes' on the host) is stored as ``BF16``; reading one needs ml_dtypes.
 * ``.npz``: ``np.savez`` arrays, the metadata as UTF-8 JSON in a uint8 array
-  ``"__metadata__"``; read with ``np.load(path, allow_pickle=False)``.
+  ``"__metadata__"``; read with ``np.load(path, allow_pickle=False)``. NumPy's format has no
+  bfloat16 (it reads one back as raw bytes), so a bfloat16 array is refused here.
 
 Arrays go under ``model.<name>`` (``Module.state_dict()``) and ``optimizer.<path>``
 (the array leaves of ``optimizer.state_dict()``, e.g.
@@ -52,10 +54,29 @@ _NPZ_META = "__metadata__"
 _ST_META_KEY = "deepcore"  # key in safetensors' "__metadata__" map holding our JSON
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit on the header size
 
-# safetensors dtype codes <-> NumPy (kind + itemsize); BF16 and FP8 have no NumPy dtype.
+# safetensors dtype codes <-> NumPy (kind + itemsize); BF16 is ml_dtypes' bfloat16 (by name: its
+# kind is "V"), FP8 has no NumPy dtype.
 _CODES = {"F64": "f8", "F32": "f4", "F16": "f2", "I64": "i8", "I32": "i4", "I16": "i2", "I8": "i1",
           "U64": "u8", "U32": "u4", "U16": "u2", "U8": "u1", "BOOL": "b1"}
 _CODE_OF = {v: k for k, v in _CODES.items()}
+_BF16 = "BF16"
+_READABLE = ", ".join(sorted([*_CODES, _BF16]))
+
+
+def _code_of(dtype: np.dtype) -> str | None:
+    """The safetensors code of ``dtype``, None for one checkpoints do not store."""
+    if dtype.name == "bfloat16":
+        return _BF16
+    return _CODE_OF.get(dtype.kind + str(dtype.itemsize))
+
+
+def _bfloat16(path: Path, name: str) -> np.dtype:
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise _bad(path, f"tensor {name!r} is BF16, which NumPy reads only with ml_dtypes installed: "
+                         f"pip install ml_dtypes") from None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 class CheckpointError(ValueError):
@@ -118,6 +139,12 @@ def save_checkpoint(path: str | os.PathLike[str], model: Module, optimizer: Any 
         if not isinstance(state, dict):
             raise TypeError(f"save_checkpoint: optimizer.state_dict() must return a dict, got {type(state).__name__}")
         meta["optimizer"] = _encode(state, (), arrays)
+    if fmt == ".npz":
+        half = next((name for name, a in arrays.items() if a.dtype.name == "bfloat16"), None)
+        if half is not None:
+            raise TypeError(f"save_checkpoint: {half!r} is bfloat16, which .npz cannot hold (NumPy's format has "
+                            f"no bfloat16 and reads it back as raw bytes); save to a .safetensors path, which "
+                            f"stores it as BF16")
     meta_json = json.dumps(meta)  # every part was checked above; the arrays were swapped for names
     # Everything that can fail on bad input has failed by now: only I/O is left.
     if fmt == ".safetensors":
@@ -157,9 +184,9 @@ def json_dict(value: Any, what: str, fn: str = "save_checkpoint") -> dict[str, A
 def _host_array(value: Any, what: str) -> np.ndarray:
     # np.require, not np.ascontiguousarray, which turns 0-d arrays (a step counter) into 1-d ones.
     a = np.require(get_backend(value).to_numpy(value), requirements="C")
-    if a.dtype.kind + str(a.dtype.itemsize) not in _CODE_OF:
+    if _code_of(a.dtype) is None:
         raise TypeError(f"save_checkpoint: {what} has dtype {a.dtype}, which checkpoints do not store "
-                        f"(supported: {', '.join(sorted(_CODES))})")
+                        f"(supported: {_READABLE})")
     return a
 
 
@@ -205,7 +232,7 @@ def _write_safetensors(f: IO[bytes], arrays: dict[str, np.ndarray], meta_json: s
     offset = 0
     for name in order:
         a = arrays[name]
-        header[name] = {"dtype": _CODE_OF[a.dtype.kind + str(a.dtype.itemsize)], "shape": list(a.shape),
+        header[name] = {"dtype": _code_of(a.dtype), "shape": list(a.shape),
                         "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -317,8 +344,8 @@ def _entry(path: Path, name: str, info: Any, data_len: int) -> tuple[np.dtype, t
     if not isinstance(info, dict):
         raise _bad(path, f"tensor {name!r}: header entry must be an object, got {info!r}")
     code = info.get("dtype")
-    if code not in _CODES:
-        raise _bad(path, f"tensor {name!r} has unknown dtype {code!r}; readable: {', '.join(sorted(_CODES))}")
+    if code not in _CODES and code != _BF16:
+        raise _bad(path, f"tensor {name!r} has unknown dtype {code!r}; readable: {_READABLE}")
     shape = info.get("shape")
     if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
         raise _bad(path, f"tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
@@ -330,7 +357,7 @@ def _entry(path: Path, name: str, info: Any, data_len: int) -> tuple[np.dtype, t
     if not 0 <= begin <= end <= data_len:
         raise _bad(path, f"tensor {name!r}: data_offsets [{begin}, {end}] lie outside the data section of "
                          f"{data_len} bytes (truncated?)")
-    dtype = np.dtype(_CODES[code]).newbyteorder("<")
+    dtype = _bfloat16(path, name) if code == _BF16 else np.dtype(_CODES[code]).newbyteorder("<")
     need = math.prod(shape) * dtype.itemsize
     if end - begin != need:
         raise _bad(path, f"tensor {name!r}: shape {shape} of {code} needs {need} bytes but data_offsets "

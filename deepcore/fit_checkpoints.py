@@ -99,7 +99,8 @@ def architecture_or_none(model: Module) -> dict[str, Any] | None:
 
 
 def resume(path: Path, model: Module, optimizer: Any, scheduler: Any,
-            callbacks: Sequence[Callback] = (), *, epochs: int | None = None) -> tuple[int, History]:
+            callbacks: Sequence[Callback] = (), *, epochs: int | None = None,
+            loss_scaler: Any = None) -> tuple[int, History]:
     from .checkpoint import load_checkpoint
 
     # Read and check first, so a mismatched scheduler fails before the model is overwritten.
@@ -118,10 +119,15 @@ def resume(path: Path, model: Module, optimizer: Any, scheduler: Any,
     if scheduler is not None and saved is not None and saved.get("type") != type(scheduler).__name__:
         raise ValueError(f"fit: {str(path)!r} holds a {saved.get('type')!r} schedule, "
                          f"but the scheduler given is a {type(scheduler).__name__}")
+    scaler_state = extra.get("loss_scaler")
+    if loss_scaler is not None and scaler_state is not None and not isinstance(scaler_state, dict):
+        raise ValueError(f"fit: {str(path)!r} has a malformed loss scaler state (a dict expected)")
     load_callback_states(path, callbacks, extra.get("callbacks"))
     ckpt.restore(model, optimizer)  # the very file checked above, not read a second time
     if scheduler is not None and saved is not None:
         scheduler.load_state_dict(saved)
+    if loss_scaler is not None and scaler_state is not None:
+        loss_scaler.load_state_dict(scaler_state)
     return start, History.from_dict(extra.get("history", {}), f"{str(path)!r}")
 
 

@@ -1,4 +1,5 @@
-"""Facts about the machine that ``deepcore info`` and the benchmarks report: CPU, cores, BLAS.
+"""Facts about the machine that ``deepcore info`` and the benchmarks report: CPU, cores, BLAS, and which
+optional libraries are installed.
 
 Nothing here is on the training path; it imports only NumPy, and threadpoolctl when present.
 """
@@ -61,3 +62,36 @@ def describe_blas(info: dict[str, Any] | None = None) -> str:
     if b.get("threads"):
         text += f", {b['threads']} threads"
     return text or "unknown"
+
+
+#: The optional libraries deepcore works with, by import name, and the distributions that install each.
+OPTIONAL_INTEGRATIONS: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnx",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "torch": ("torch",),
+    "jax": ("jax",),
+    "cupy": ("cupy", "cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy-rocm-6-0", "cupy-rocm-5-0"),
+    "mpi4py": ("mpi4py",),
+    "dask": ("dask",),
+}
+
+
+def optional_integrations() -> dict[str, str | None]:
+    """``{import name: installed version or None}`` for :data:`OPTIONAL_INTEGRATIONS`, read from the
+    packages' metadata without importing them (torch, CuPy and JAX take seconds to import); a module
+    importable without metadata (a source checkout) shows as ``"unknown version"``."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for module, dists in OPTIONAL_INTEGRATIONS.items():
+        found[module] = None
+        for dist in dists:
+            try:
+                found[module] = version(dist)
+                break
+            except PackageNotFoundError:
+                continue
+        if found[module] is None and importlib.util.find_spec(module) is not None:
+            found[module] = "unknown version"
+    return found

@@ -11,7 +11,6 @@ uninterrupted run would have.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ import numpy as np
 from . import losses as _losses
 from ._checks import check_int
 from ._progress import Progress
-from .backend import Backend, to_backend
+from .backend import to_backend
 from .backend.base import Array
 from .callbacks import Callback, EarlyStopping, History, TrainingDiverged, to_host
 from .data import ArrayDataset, batches
@@ -40,6 +39,8 @@ from .fit_checkpoints import diverged as _diverged
 from .fit_checkpoints import resume as _resume
 from .fit_checkpoints import same_file as _same_file
 from .fit_checkpoints import save as _save
+from .fit_step import MicroBatch, StepPlan, run_step
+from .mixed_precision import HalfWeights, check_precision
 from .nn.batchnorm import BatchNorm1d
 from .nn.module import Module
 
@@ -104,13 +105,24 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         verbose: bool = True, checkpoint: str | os.PathLike[str] | None = None,
         resume: str | os.PathLike[str] | None = None, log: Callable[[str], None] | None = None,
         loss_kwargs: dict[str, Any] | None = None, run_settings: dict[str, Any] | None = None,
-        comm: Communicator | None = None) -> History:
+        precision: str = "fp32", loss_scaler: Any = None, accumulate: int = 1,
+        clip_grad_norm: float | None = None, comm: Communicator | None = None) -> History:
     """Train ``model`` for ``epochs`` epochs of minibatches; returns the :class:`History`.
 
     ``train``/``val`` are :class:`~deepcore.data.ArrayDataset` or ``(x, y)`` pairs of host
     arrays; each batch is moved to the model's backend. ``regularizer`` (``L2``, ``L1``,
     ``ElasticNet``) adds ``λ R(W)`` to the loss and its gradient; ``constraint``
-    (``MaxNorm``) is projected after every step; ``scheduler`` steps once per epoch.
+    (``MaxNorm``) is projected after every step; ``scheduler`` steps once per epoch, or after every
+    optimizer step when its ``interval`` is ``"step"`` (``OneCycleLR``); a ``ReduceLROnPlateau``
+    is given the epoch's value of the metric it monitors (``val_loss`` by default).
+
+    ``precision="fp16"`` / ``"bf16"`` runs forward and backward in float16 / bfloat16 with the
+    float32 parameters as master weights (:mod:`deepcore.mixed_precision`); fp16 scales the loss
+    with ``loss_scaler`` (default ``LossScaler()``, GradScaler's rules: a step whose gradient is not
+    finite is skipped and the scale halved). ``accumulate=k`` makes one optimizer step of every
+    ``k`` batches, the same step as one batch ``k`` times as large (BatchNorm's statistics aside);
+    ``clip_grad_norm`` rescales the gradients to that global L2 norm when they exceed it
+    (:func:`deepcore.optim.clip_grad_norm`), after unscaling and before the step.
     ``checkpoint`` writes model, optimizer, scheduler and history after every epoch
     (atomically), with ``run_settings`` (any JSON-able dict: what the run was made of, as
     ``deepcore train`` records its flags) under ``extra["settings"]``; ``resume`` continues from
@@ -163,6 +175,13 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
     # Every argument is checked here, before the model, optimizer or any file changes.
     loss_fn = get_loss(loss)
     loss_kwargs = _loss_kwargs(loss_kwargs, "fit")
+    half_dtype = check_precision(precision, "fit")
+    check_int(accumulate, "accumulate", "fit", 1)
+    if clip_grad_norm is not None and (isinstance(clip_grad_norm, bool) or not isinstance(clip_grad_norm, (int, float))
+                                       or not clip_grad_norm > 0):
+        raise ValueError(f"fit: clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
+    if loss_scaler is not None and precision != "fp16":
+        raise ValueError(f"fit: loss_scaler is for precision='fp16', got precision={precision!r}")
     check_int(epochs, "epochs", "fit", 0)
     check_int(batch_size, "batch_size", "fit", 1)
     check_int(seed, "seed", "fit", 0)
@@ -178,6 +197,10 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
             raise ValueError(f"fit: callbacks[{i}] is an EarlyStopping that monitors {cb.monitor!r}, which needs "
                              f"validation data, but val is None; pass val=(x, y) or monitor a training metric "
                              f"such as 'loss'")
+    monitor = getattr(scheduler, "monitor", None) if getattr(scheduler, "needs_metric", False) else None
+    if monitor is not None and monitor.startswith("val_") and val_ds is None:
+        raise ValueError(f"fit: the scheduler {type(scheduler).__name__} monitors {monitor!r}, which needs validation "
+                         f"data, but val is None; pass val=(x, y) or monitor='loss'")
     drop_last, batch_note = _batch_plan(model, len(train_ds), batch_size, comm.size, drop_last)
     if checkpoint is not None:
         _check_checkpoint_path(Path(checkpoint), probe=comm.is_root)
@@ -192,10 +215,17 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
     if not comm.is_root:
         emit, verbose = (lambda _msg: None), False
     params = model.parameters()
+    backend = model.backend
+    half = None if precision == "fp32" else HalfWeights(model, half_dtype, backend)
+    if precision == "fp16" and loss_scaler is None:
+        from .optim import LossScaler
+
+        loss_scaler = LossScaler()
     history = History()
     start = 0
     if resume is not None:
-        start, history = _resume(Path(resume), model, optimizer, scheduler, callbacks, epochs=epochs)
+        start, history = _resume(Path(resume), model, optimizer, scheduler, callbacks, epochs=epochs,
+                                 loss_scaler=loss_scaler)
         emit(f"resumed from {resume} at epoch {start + 1}")
     if batch_note is not None:
         emit(batch_note)
@@ -211,7 +241,10 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         reducer = GradientReducer(params, comm)
     for cb in callbacks:
         cb.on_train_begin(model)
-    backend = model.backend
+    plan = StepPlan(model, loss_fn, loss_kwargs, optimizer, params, backend, regularizer, constraint, reducer,
+                    half, loss_scaler, None if clip_grad_norm is None else float(clip_grad_norm))
+    per_step_schedule = scheduler is not None and getattr(scheduler, "interval", "epoch") == "step"
+    more = (lambda: {}) if loss_scaler is None else (lambda: {"loss_scaler": loss_scaler.state_dict()})
     # The last epoch whose end is in the per-epoch checkpoint file, for a divergence's message.
     saved_epoch = start - 1 if start and checkpoint is not None and _same_file(resume, checkpoint) else None
     for epoch in range(start, epochs):
@@ -219,7 +252,7 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         lr = float(getattr(optimizer, "lr", float("nan")))
         # The epoch loss is the loss's own mean over the epoch: sum over batches of (batch mean x the
         # batch's denominator), over the summed denominators (see _loss_denominator).
-        total, weight, correct, counted, steps, classification = 0.0, 0.0, 0, 0, 0, False
+        total, weight, correct, counted, steps, skipped, classification = 0.0, 0.0, 0, 0, 0, 0, False
         if distributed:
             it: Any = ShardedBatches(train_ds, batch_size, rank=comm.rank, size=comm.size, shuffle=shuffle,
                                      seed=seed, epoch=epoch, drop_last=drop_last)
@@ -228,20 +261,32 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         progress = Progress(len(it), f"epoch {epoch + 1}/{epochs}", enabled=None if verbose else False,
                             unit="batch")
         try:
-            for xb_host, yb_host in it:
-                xb, yb = to_backend(xb_host, backend), to_backend(yb_host, backend)
-                value, local_value, n_correct = _step(model, loss_fn, loss_kwargs, optimizer, regularizer,
-                                                      constraint, params, xb, yb, backend, epoch, steps, history,
-                                                      reducer)
-                denominator = _loss_denominator(yb_host, int(xb.shape[0]), ignore_index, class_weights)
-                total += local_value * denominator
-                weight += denominator
-                if n_correct is not None:
-                    classification = True
-                    correct += n_correct
-                    counted += _counted_rows(yb_host, ignore_index)
+            group: list[tuple[Any, Any]] = []
+            for i, (xb_host, yb_host) in enumerate(it):
+                group.append((xb_host, yb_host))
+                if len(group) < accumulate and i + 1 < len(it):
+                    continue
+                denominators = [_loss_denominator(yb, int(xb.shape[0]), ignore_index, class_weights)
+                                for xb, yb in group]
+                whole = sum(denominators)
+                micro = [MicroBatch(to_backend(xb, backend), to_backend(yb, backend),
+                                    d / whole if whole > 0 else 1.0 / len(group))
+                         for (xb, yb), d in zip(group, denominators, strict=True)]
+                result = run_step(plan, micro, epoch, steps, history)
+                for (_, yb), d, local, n_correct in zip(group, denominators, result.local_losses, result.correct,
+                                                        strict=True):
+                    total += local * d
+                    weight += d
+                    if n_correct is not None:
+                        classification = True
+                        correct += n_correct
+                        counted += _counted_rows(yb, ignore_index)
+                    progress.update(loss=result.loss)
+                group = []
                 steps += 1
-                progress.update(loss=value)
+                skipped += not result.stepped
+                if per_step_schedule:
+                    scheduler.step()
         except TrainingDiverged as exc:
             raise _diverged(exc, checkpoint, saved_epoch, model, optimizer, scheduler, history, callbacks,
                             run_settings, comm) from None
@@ -258,8 +303,14 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
             for k, v in evaluate(model, loss_fn, val_ds, batch_size=max(batch_size, 256),
                                  loss_kwargs=loss_kwargs).items():
                 logs[f"val_{k}"] = v
-        if scheduler is not None:
-            scheduler.step()
+        if loss_scaler is not None:
+            logs["loss_scale"] = float(loss_scaler.get_scale())
+            logs["skipped_steps"] = skipped
+        if scheduler is not None and not per_step_schedule:
+            if getattr(scheduler, "needs_metric", False):
+                scheduler.step(logs[scheduler.monitor])
+            else:
+                scheduler.step()
         logs["time"] = time.perf_counter() - t0
         history.epochs.append(logs)
         emit(_format_logs(logs, epochs))
@@ -269,7 +320,8 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
             stop = bool(comm.allreduce_host([float(stop)])[0] > 0)
         if checkpoint is not None:
             if comm.is_root:
-                _save(Path(checkpoint), model, optimizer, scheduler, epoch, history, callbacks, settings=run_settings)
+                _save(Path(checkpoint), model, optimizer, scheduler, epoch, history, callbacks, settings=run_settings,
+                      more=more())
             comm.barrier()
             saved_epoch = epoch
         if stop:
@@ -278,52 +330,6 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
     for cb in callbacks:
         cb.on_train_end(model)
     return history
-
-
-def _step(model: Module, loss_fn: LossFn, loss_kwargs: dict[str, Any], optimizer: Any, regularizer: Any,
-          constraint: Any, params: list[Any], xb: Array, yb: Array, backend: Backend, epoch: int, step: int,
-          history: History, reducer: GradientReducer | None = None) -> tuple[float, float, int | None]:
-    """(the step's loss, the mean over ranks; this rank's own loss; correct predictions or None)."""
-    # Buffers (BatchNorm statistics) are replaced, never mutated, by a forward pass, and
-    # extra states are plain values, so keeping references is enough to undo this step. The old
-    # gradients go first, so the snapshot does not keep them alive through this step.
-    optimizer.zero_grad()
-    before = model.snapshot()
-    # Divergence is detected below and reported with its epoch and step, so NumPy's own
-    # overflow warnings along the way would only be noise.
-    with backend.silent_fp():
-        pred, backward = model.forward(xb, train=True)
-        value, grad = loss_fn(pred, yb, **loss_kwargs)
-        backward(grad)  # the batch is data: its gradient is not formed (nn.module's input-gradient rule)
-        if regularizer is not None:
-            value = value + regularizer(params)
-    # Several ranks: every gradient becomes its mean over ranks, and the loss too, so all ranks
-    # see the same value and stop together below if it is not finite.
-    loss_value = float(value) if reducer is None else reducer.reduce(value)
-    local_value = loss_value if reducer is None else float(value)
-    if not math.isfinite(loss_value):
-        model.restore(before)
-        optimizer.zero_grad()
-        raise TrainingDiverged(
-            f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; training stopped and the model "
-            f"keeps its parameters from before that step (try a smaller learning rate)", history,
-            epoch=epoch + 1, step=step + 1)
-    optimizer.step()
-    if constraint is not None:
-        constraint.project(params)
-    return loss_value, local_value, _count_correct(pred, yb, backend, loss_kwargs.get("ignore_index"))
-
-
-def _count_correct(pred: Array, y: Array, backend: Backend, ignore_index: int | None = None) -> int | None:
-    """Correct arg-max predictions for class labels, rows labelled ``ignore_index`` not counted;
-    None when the targets are not labels."""
-    if not (pred.ndim == 2 and y.ndim == 1 and backend.is_integer(y)):
-        return None
-    xp = backend.xp
-    hit = xp.argmax(pred, axis=1) == y
-    if ignore_index is not None:
-        hit = hit & (y != ignore_index)
-    return int(xp.sum(xp.astype(hit, xp.int64)))
 
 
 def _counted_rows(y: np.ndarray, ignore_index: int | None) -> int:

@@ -3,6 +3,7 @@ without a driver, one line saying why CuPy was passed over."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -14,16 +15,18 @@ from tests.helpers import ROOT
 
 
 def test_choosing_imports_neither_torch_nor_cupy_where_cupy_is_absent():
-    code = ("import sys, importlib.util\n"
+    code = ("import json, sys, importlib.util\n"
             "import deepcore.backend as b\n"
             "name, note = b.best_backend()\n"
-            "print(name, note, 'torch' in sys.modules, 'cupy' in sys.modules,"
-            " importlib.util.find_spec('cupy') is not None)\n")
+            "print(json.dumps([name, note, 'torch' in sys.modules, 'cupy' in sys.modules,"
+            " importlib.util.find_spec('cupy') is not None, b.registry._nvidia_driver_present()]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    name, note, torch_loaded, cupy_loaded, cupy_installed = out.stdout.split()
-    assert torch_loaded == "False"
-    if cupy_installed == "False":
-        assert (name, note, cupy_loaded) == ("numpy", "None", "False")
+    name, note, torch_loaded, cupy_loaded, cupy_installed, driver = json.loads(out.stdout)
+    assert torch_loaded is False
+    if not cupy_installed:
+        assert (name, note, cupy_loaded) == ("numpy", None, False)
+    elif not driver:  # CuPy installed, no driver: NumPy, said in one line, and CuPy never imported
+        assert name == "numpy" and "no NVIDIA driver" in note and cupy_loaded is False
 
 
 def _pretend_cupy_is_installed(monkeypatch):

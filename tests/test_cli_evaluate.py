@@ -99,7 +99,7 @@ def test_architecture_round_trips_through_json_with_the_same_outputs():
     ([], "must be a JSON object"),
     ({"version": 2, "model": {"type": "ReLU"}}, "unsupported version 2"),
     ({"version": 1}, "'model' is missing"),
-    ({"version": 1, "model": {"type": "Conv2d"}}, "model: unknown layer type 'Conv2d'"),
+    ({"version": 1, "model": {"type": "Conv3d"}}, "model: unknown layer type 'Conv3d'"),
     ({"version": 1, "model": {"type": "Sequential", "layers": [{"type": "ReLU"}, {"type": "Dropout", "q": 1}]}},
      "model.layers[1]: Dropout has no argument 'q'"),
     ({"version": 1, "model": {"type": "Linear", "in_features": 3}}, "Linear needs 'out_features'"),

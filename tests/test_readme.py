@@ -33,3 +33,9 @@ def test_readme_fit_example_trains(tmp_path, monkeypatch):
     accuracy = float(re.search(r"'accuracy': ([\d.]+)", out).group(1))
     assert accuracy > 0.95, out
     assert (tmp_path / "ckpt.safetensors").is_file()
+
+
+def test_readme_cnn_example_trains():
+    out = _run(_blocks()[2])
+    accuracy = float(re.search(r"'accuracy': ([\d.]+)", out).group(1))
+    assert accuracy > 0.95, out

@@ -3,11 +3,13 @@
 
 For every ``kernels/*.cu`` this compiles every template instance that
 ``deepcore/backend/cuda_kernels.py`` lists in ``KERNEL_INSTANCES`` (the same
-instances NVRTC builds at run time), and the ElementwiseKernel bodies of
+instances NVRTC builds at run time: the softmax cross-entropy's, and the
+convolution and pooling kernels that ``conv_kernels.py`` launches), and the ElementwiseKernel bodies of
 ``deepcore/backend/elementwise_kernels.py`` for float and double, to a cubin
 for each target architecture, with ``ptxas -v``. It prints one line per kernel and architecture (registers,
 shared memory, stack frame, spill stores/loads) and exits 1 on any compile
 error, any register spill, or a template kernel that no instance covers.
+``--source NAME`` (repeatable) compiles only those units.
 
 Without nvcc it prints ``skipped: nvcc not found`` and exits 0, or exits 2
 with ``--require-nvcc``. ``main(argv)`` returns the exit code, for tests.
@@ -253,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels-dir", type=Path, default=KERNELS_DIR, help="folder of .cu files")
     parser.add_argument("--nvrtc", action="store_true",
                         help="also compile with NVRTC via CuPy, as at run time (needs CuPy + libnvrtc, no GPU)")
+    parser.add_argument("--source", action="append", metavar="NAME",
+                        help=f"check only this .cu file of --kernels-dir, or {ELEMENTWISE_UNIT} for the "
+                             "ElementwiseKernel bodies; repeatable (default: all of them)")
     args = parser.parse_args(argv)
 
     nvcc = find_nvcc(args.nvcc)
@@ -268,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = load_instances()
     errors: list[str] = []
 
+    # The registry is checked against every source even when --source narrows what is compiled.
     for source in sources:
         listed = registry.get(source.name, ())
         covered = {inst.split("<", 1)[0].strip() for inst in listed}
@@ -281,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
     ew_text, ew_instances = elementwise_unit()
     ew_source = Path(f"{ELEMENTWISE_UNIT}.cu")
     registry[ew_source.name] = ew_instances
+    units = [*sources, ew_source]
+    if args.source:
+        known = {u.name: u for u in units} | {ew_source.stem: ew_source}
+        unknown = sorted(set(args.source) - set(known))
+        if unknown:
+            print(f"check_kernels: error: --source {', '.join(unknown)}: not among {', '.join(sorted(known))}")
+            return 1
+        units = [u for u in units if u.name in args.source or u.stem in args.source]
+        sources = [u for u in units if u != ew_source]
 
     def run(job: tuple[Path, str]) -> CompileResult:
         source, arch = job
@@ -288,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         return compile_one(nvcc, source, registry.get(source.name, ()), arch, Path(tmp), text)
 
     with tempfile.TemporaryDirectory(prefix="check_kernels.") as tmp:
-        jobs = [(s, a) for s in [*sources, ew_source] for a in archs]
+        jobs = [(s, a) for s in units for a in archs]
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
             results = list(pool.map(run, jobs))
 
@@ -324,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         for e in errors:
             print(f"check_kernels: error: {e}")
         return 1
-    print(f"check_kernels: ok: {len(sources)} source(s) and the elementwise kernels x {len(archs)} arch(s), no spills")
+    what = f"{len(sources)} source(s)" + (" and the elementwise kernels" if ew_source in units else "")
+    print(f"check_kernels: ok: {what} x {len(archs)} arch(s), no spills")
     return 0
 
 

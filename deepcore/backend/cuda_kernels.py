@@ -23,6 +23,10 @@ import numpy
 
 __all__ = [
     "BLOCK_KERNEL_THREADS",
+    "CONV_CTYPES",
+    "CONV_KERNELS",
+    "CONV_NAME_EXPRESSIONS",
+    "CONV_SOURCE",
     "KERNEL_INSTANCES",
     "SCE_NAME_EXPRESSIONS",
     "WARP_KERNEL_MAX_CLASSES",
@@ -46,10 +50,19 @@ SCE_NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     for lab in _LABEL_CTYPES.values()
 )
 
+# The im2col / col2im and pooling kernels that conv_kernels.py launches, each over
+# these element types. Listed here rather than there because this registry must
+# not import conv_kernels.py (which imports kernel_source from this module).
+CONV_SOURCE = "conv2d.cu"
+CONV_CTYPES = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+CONV_KERNELS = ("im2col", "col2im", "max_pool2d_forward", "max_pool2d_backward", "avg_pool2d_forward",
+                "avg_pool2d_backward")
+CONV_NAME_EXPRESSIONS: tuple[str, ...] = tuple(f"{k}<{t}>" for k in CONV_KERNELS for t in CONV_CTYPES.values())
+
 # Every template instance the host code may launch, per source file. NVRTC only
 # emits the instances named here, and tools/check_kernels.py compiles exactly
 # these with nvcc, so a new instance must be added here to be checked at all.
-KERNEL_INSTANCES: dict[str, tuple[str, ...]] = {SCE_SOURCE: SCE_NAME_EXPRESSIONS}
+KERNEL_INSTANCES: dict[str, tuple[str, ...]] = {SCE_SOURCE: SCE_NAME_EXPRESSIONS, CONV_SOURCE: CONV_NAME_EXPRESSIONS}
 
 # Must equal sce::kWarpKernelThreads / sce::kBlockKernelThreads in the .cu:
 # __launch_bounds__ there promises ptxas these sizes, and a larger launch fails.

@@ -16,6 +16,8 @@ import array_api_compat.cupy as cp_compat
 import cupy
 import numpy as np
 
+from . import conv_kernels as conv
+from . import dropout_hash
 from . import elementwise_kernels as ek
 from .base import Array, Backend
 from .elementwise_kernels import ElementwiseSpec
@@ -56,16 +58,20 @@ class CupyBackend(Backend):
         cupy.add(acc, value, out=acc, casting="same_kind")
         return acc
 
-    # ----------------------------------------------------------------- random
-    def make_rng(self, seed: int | None) -> Any:
-        return cupy.random.default_rng(seed)
+    # array_api_compat's isdtype raises for ml_dtypes' bfloat16 (a NumPy "V" kind); CuPy dtypes
+    # are NumPy dtypes, so their kind and name say what they are, as on the NumPy backend.
+    def is_floating(self, x: Array) -> bool:
+        return x.dtype.kind == "f" or x.dtype.name == "bfloat16"
 
+    # ----------------------------------------------------------------- random
     def dropout_mask(self, rng: Any, shape: tuple[int, ...], p: float, *, dtype: Any, device: Any = None) -> Array:
+        """The counter-based mask of the stream ``rng`` (``dropout_hash.Stream``) in one elementwise launch,
+        bit for bit the NumPy backend's: no cuRAND generator (and its states) built per call."""
         with _using_device(device):
             if p >= 1.0:
                 return cupy.zeros(shape, dtype=dtype)
-            keep = rng.random(shape, dtype=cupy.float32) >= p
-            return keep.astype(dtype) * (1.0 / (1.0 - p))
+            return ek.dropout_mask(cupy, _kernel, rng.key, rng.gamma, dropout_hash.threshold(p),
+                                   dropout_hash.mask_value(p, np.dtype(dtype).name), shape, dtype)
 
     # ---------------------------------------------------------- dense algebra
     def matmul(self, a: Array, b: Array, *, transpose_a: bool = False, transpose_b: bool = False) -> Array:
@@ -123,6 +129,47 @@ class CupyBackend(Backend):
             label_smoothing=label_smoothing, reduction=reduction,
         )
 
+    # ------------------------------------------------- convolution and pooling
+    # The gather kernels of kernels/conv2d.cu (compiled per instance on first use) around
+    # 2-D cuBLAS GEMMs; conv_kernels.py holds the column layout and why. `saved` is that
+    # module's ConvSaved / MaxPoolSaved / AvgPoolSaved. Kernels launch on the current
+    # device, so each call makes the input's device current first.
+
+    def conv2d(self, x: Array, weight: Array, bias: Array | None, *, stride: tuple[int, int],
+               padding: tuple[int, int, int, int], dilation: tuple[int, int], groups: int) -> tuple[Array, Any]:
+        if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+            # Mixed dtypes: the reference promotes; the kernels and GEMMs take one type.
+            return super().conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        with x.device:
+            return conv.conv2d_forward(cupy, conv.cupy_function, x, weight, bias, stride=stride, padding=padding,
+                                       dilation=dilation, groups=groups)
+
+    def conv2d_backward(self, dy: Array, saved: Any, *, need_dx: bool = True,
+                        need_bias: bool = True) -> tuple[Array | None, Array, Array | None]:
+        if not isinstance(saved, conv.ConvSaved):  # the forward took the reference path
+            return super().conv2d_backward(dy, saved, need_dx=need_dx, need_bias=need_bias)
+        with dy.device:
+            return conv.conv2d_backward(cupy, conv.cupy_function, dy, saved, need_dx=need_dx, need_bias=need_bias)
+
+    def max_pool2d(self, x: Array, *, kernel_size: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int]) -> tuple[Array, Any]:
+        with x.device:
+            return conv.max_pool2d_forward(cupy, conv.cupy_function, x, kernel_size=kernel_size, stride=stride,
+                                           padding=padding)
+
+    def max_pool2d_backward(self, dy: Array, saved: Any) -> Array:
+        with dy.device:
+            return conv.max_pool2d_backward(cupy, conv.cupy_function, dy, saved)
+
+    def avg_pool2d(self, x: Array, *, kernel_size: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int], count_include_pad: bool) -> tuple[Array, Any]:
+        with x.device:
+            return conv.avg_pool2d_forward(cupy, conv.cupy_function, x, kernel_size=kernel_size, stride=stride,
+                                           padding=padding, count_include_pad=count_include_pad)
+
+    def avg_pool2d_backward(self, dy: Array, saved: Any) -> Array:
+        with dy.device:
+            return conv.avg_pool2d_backward(cupy, conv.cupy_function, dy, saved)
 
     # ------------------------------------------------------ optimizer updates
     # One fused elementwise kernel per update: each element of the parameter and

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ACTIVATIONS", "ALL", "OPTIMIZERS", "ElementwiseSpec", "adam_update", "sgd_update"]
+__all__ = ["ACTIVATIONS", "ALL", "OPTIMIZERS", "RANDOM", "ElementwiseSpec", "adam_update", "dropout_mask",
+           "sgd_update"]
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,33 @@ SIGMOID_BACKWARD = ElementwiseSpec(
 TANH_BACKWARD = ElementwiseSpec(
     "deepcore_tanh_backward", "T dy, T y", "T dx", "dx = dy * ((T)1 - y * y);", "dx = dy (1 - y^2), y = tanh(x)")
 
+# ---------------------------------------------------------------- random masks
+# The counter-based dropout mask of deepcore/backend/dropout_hash.py (its docstring has the
+# definition; tests/test_dropout_hash.py checks this body bit for bit against the NumPy version
+# on the CPU emulator): element i hashes (key, gamma, i // 2) with SplitMix64 and keeps the
+# element when its 32-bit half of the hash is >= threshold. No array is read and no generator
+# state exists: `i` is CuPy's flat (C-order) index of the output, whose dtype decides T. The
+# constants are literals so that this file keeps no import; the tests compare them.
+
+DROPOUT_MASK = ElementwiseSpec(
+    "deepcore_dropout_mask", "uint64 key, uint64 gamma, uint64 threshold, T scale", "T m",
+    """
+    unsigned long long z = key + ((unsigned long long)(i >> 1) + 1ull) * gamma;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z = z ^ (z >> 31);
+    unsigned long long word = (i & 1) ? (z >> 32) : (z & 0xFFFFFFFFull);
+    m = word >= threshold ? scale : (T)0.0f;
+    """,
+    "m = scale if 32-bit half (i % 2) of splitmix64(key + (i // 2 + 1) gamma) >= threshold else 0",
+)
+
 OPTIMIZERS = (SGD, SGD_MOMENTUM, ADAM)
 ACTIVATIONS = (RELU, RELU_BACKWARD, LEAKY_RELU, LEAKY_RELU_BACKWARD, SIGMOID, SIGMOID_BACKWARD, TANH_BACKWARD)
 ALL = OPTIMIZERS + ACTIVATIONS
+#: Kernels with uint64 parameters that read CuPy's index `i`; kept out of ALL, whose bodies
+#: tools/check_kernels.py binds with float/int types and no `i`.
+RANDOM = (DROPOUT_MASK,)
 
 
 # ------------------------------------------------------------- host side
@@ -152,3 +177,14 @@ def adam_update(kernel: Kernels, value: Any, grad: Any, m: Any, v: Any, *, step:
     decay = 1.0 - lr * weight_decay if decoupled else 1.0
     kernel(ADAM)(grad, l2, decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size, bc2_sqrt, value, m, v)
     return value, m, v
+
+
+def dropout_mask(xp: Any, kernel: Kernels, key: int, gamma: int, threshold: int, scale: float,
+                 shape: tuple[int, ...], dtype: Any) -> Any:
+    """``Backend.dropout_mask`` in one kernel launch: a new C-order array of ``dtype``, ``scale`` (already
+    rounded to ``dtype``) where kept, 0 where dropped. The 64-bit values go as ``xp.uint64`` scalars (a
+    Python int above 2**63 would not convert)."""
+    out = xp.empty(shape, dtype=dtype)
+    if out.size:
+        kernel(DROPOUT_MASK)(xp.uint64(key), xp.uint64(gamma), xp.uint64(threshold), scale, out)
+    return out

@@ -12,7 +12,7 @@ from typing import Any
 import array_api_compat.numpy as np_compat
 import numpy as np
 
-from . import malloc_tuning
+from . import dropout_hash, malloc_tuning, numpy_conv
 from .base import Array, Backend, _adam_scalars
 
 
@@ -38,7 +38,13 @@ class NumpyBackend(Backend):
     # dtype.kind answers what xp.isdtype answers for NumPy dtypes, at a tenth of the cost;
     # these run several times per layer call.
     def is_floating(self, x: Array) -> bool:
-        return x.dtype.kind == "f"
+        # ml_dtypes' bfloat16 is a NumPy "V" (void) kind; its name says what it is.
+        return x.dtype.kind == "f" or x.dtype.name == "bfloat16"
+
+    def dtype_from_name(self, name: str) -> Any:
+        if name == "bfloat16":
+            return bfloat16()
+        return super().dtype_from_name(name)
 
     def is_integer(self, x: Array) -> bool:
         return x.dtype.kind in "iu"
@@ -68,24 +74,26 @@ class NumpyBackend(Backend):
         return acc
 
     # ----------------------------------------------------------------- random
-    def dropout_mask(self, rng: np.random.Generator, shape: tuple[int, ...], p: float, *, dtype: Any,
+    def dropout_mask(self, rng: Any, shape: tuple[int, ...], p: float, *, dtype: Any,
                      device: Any = None) -> np.ndarray:
         self._check_device(device)
-        if p >= 1.0:
-            return np.zeros(shape, dtype=dtype)
-        # float32 uniforms are half the bytes of the default float64 draw.
-        mask = rng.random(shape, dtype=np.float32) >= np.float32(p)
-        out = mask.astype(dtype)
-        out *= 1.0 / (1.0 - p)
-        return out
+        # The counter-based hash, vectorised in uint64 (dropout_hash.py): no generator built per call.
+        return dropout_hash.numpy_mask(rng, shape, p, dtype)
 
     # ---------------------------------------------------------- dense algebra
     def matmul(self, a: np.ndarray, b: np.ndarray, *, transpose_a: bool = False,
                transpose_b: bool = False) -> np.ndarray:
+        if a.dtype.itemsize == 2 or b.dtype.itemsize == 2:
+            return _half_product(a.T if transpose_a else a, b.T if transpose_b else b)
         # .T is a view; BLAS reads the transposed layout without a copy.
         return np.matmul(a.T if transpose_a else a, b.T if transpose_b else b)
 
     def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+        if x.dtype.itemsize == 2:
+            y32 = _half_product(x, weight.T, out_dtype=np.float32)
+            if bias is not None:
+                y32 += bias.astype(np.float32)
+            return y32.astype(x.dtype)
         y = np.matmul(x, weight.T)
         if bias is not None:
             y += bias
@@ -93,6 +101,11 @@ class NumpyBackend(Backend):
 
     def linear_backward(self, dy: np.ndarray, x: np.ndarray, weight: np.ndarray, *, need_dx: bool = True,
                         need_bias: bool = True) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+        if dy.dtype.itemsize == 2:
+            dx = _half_product(dy, weight) if need_dx else None
+            dw = _half_product(dy.T, x)
+            db = dy.sum(axis=0, dtype=np.float32).astype(dy.dtype) if need_bias else None
+            return dx, dw, db
         dx = np.matmul(dy, weight) if need_dx else None
         dw = np.matmul(dy.T, x)
         db = dy.sum(axis=0) if need_bias else None
@@ -137,6 +150,31 @@ class NumpyBackend(Backend):
             return out
         out -= np.log(np.exp(out).sum(axis=axis, keepdims=True))
         return out
+
+    # ---------------------------------------------------- convolution, pooling
+    # im2col with one GEMM per group, pooling over strided views: deepcore/backend/numpy_conv.py.
+    def conv2d(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, *, stride: tuple[int, int],
+               padding: tuple[int, int, int, int], dilation: tuple[int, int], groups: int) -> tuple[np.ndarray, Any]:
+        return numpy_conv.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+    def conv2d_backward(self, dy: np.ndarray, saved: Any, *, need_dx: bool = True, need_bias: bool = True,
+                        ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+        return numpy_conv.conv2d_backward(dy, saved, need_dx=need_dx, need_bias=need_bias)
+
+    def max_pool2d(self, x: np.ndarray, *, kernel_size: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int]) -> tuple[np.ndarray, Any]:
+        return numpy_conv.max_pool2d(x, kernel_size=kernel_size, stride=stride, padding=padding)
+
+    def max_pool2d_backward(self, dy: np.ndarray, saved: Any) -> np.ndarray:
+        return numpy_conv.max_pool2d_backward(dy, saved)
+
+    def avg_pool2d(self, x: np.ndarray, *, kernel_size: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int], count_include_pad: bool) -> tuple[np.ndarray, Any]:
+        return numpy_conv.avg_pool2d(x, kernel_size=kernel_size, stride=stride, padding=padding,
+                                     count_include_pad=count_include_pad)
+
+    def avg_pool2d_backward(self, dy: np.ndarray, saved: Any) -> np.ndarray:
+        return numpy_conv.avg_pool2d_backward(dy, saved)
 
     # ------------------------------------------------------------ loss cores
     def softmax_cross_entropy(self, logits: np.ndarray, labels: np.ndarray, *, reduction: str = "mean",
@@ -316,8 +354,91 @@ class NumpyBackend(Backend):
         value += scratch
         return value, m, v
 
+    def rmsprop_update(self, value: np.ndarray, grad: np.ndarray, square_avg: np.ndarray,
+                       grad_avg: np.ndarray | None, buf: np.ndarray | None, *, lr: float, alpha: float, eps: float,
+                       weight_decay: float, momentum: float,
+                       centered: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        ga = grad_avg if centered else None
+        mb = buf if momentum > 0.0 else None
+        arrays = [a for a in (value, square_avg, ga, mb) if a is not None]
+        if value.ndim == 0 or not all(a.flags.writeable for a in arrays):
+            # 0-d operands give NumPy scalars, a read-only array must not be written: the reference
+            # (new arrays) for both, cheap at their sizes.
+            out = super().rmsprop_update(value, grad, square_avg, grad_avg, buf, lr=lr, alpha=alpha, eps=eps,
+                                         weight_decay=weight_decay, momentum=momentum, centered=centered)
+            return tuple(np.asarray(a) if a is not None else None for a in out)  # type: ignore[return-value]
+        if weight_decay != 0.0:
+            wd_grad = np.multiply(value, weight_decay)
+            wd_grad += grad
+            grad = wd_grad
+        scratch = np.multiply(grad, 1.0 - alpha)  # (1-α) g g in PyTorch's addcmul order
+        scratch *= grad
+        square_avg *= alpha
+        square_avg += scratch
+        if ga is not None:
+            w = 1.0 - alpha
+            np.subtract(grad, ga, out=scratch)
+            if abs(w) < 0.5:  # torch.lerp's two spellings
+                scratch *= w
+                ga += scratch
+            else:
+                scratch *= 1.0 - w
+                np.subtract(grad, scratch, out=ga)
+            np.multiply(ga, ga, out=scratch)
+            np.subtract(square_avg, scratch, out=scratch)
+            np.sqrt(scratch, out=scratch)
+        else:
+            np.sqrt(square_avg, out=scratch)
+        scratch += eps
+        np.divide(grad, scratch, out=scratch)
+        if mb is not None:
+            mb *= momentum
+            mb += scratch
+            np.multiply(mb, -lr, out=scratch)
+        else:
+            scratch *= -lr
+        value += scratch
+        return value, square_avg, grad_avg, buf
+
+    def adagrad_update(self, value: np.ndarray, grad: np.ndarray, state_sum: np.ndarray, *, step: int, lr: float,
+                       lr_decay: float, eps: float, weight_decay: float) -> tuple[np.ndarray, np.ndarray]:
+        if value.ndim == 0 or not (value.flags.writeable and state_sum.flags.writeable):
+            v, s = super().adagrad_update(value, grad, state_sum, step=step, lr=lr, lr_decay=lr_decay, eps=eps,
+                                          weight_decay=weight_decay)
+            return np.asarray(v), np.asarray(s)
+        if weight_decay != 0.0:
+            wd_grad = np.multiply(value, weight_decay)
+            wd_grad += grad
+            grad = wd_grad
+        clr = lr / (1 + (step - 1) * lr_decay)
+        scratch = np.multiply(grad, grad)
+        state_sum += scratch
+        np.sqrt(state_sum, out=scratch)
+        scratch += eps
+        np.divide(grad, scratch, out=scratch)
+        scratch *= -clr
+        value += scratch
+        return value, state_sum
+
 
 _UNSIGNED = {k: np.dtype(f"u{k}") for k in (1, 2, 4, 8)}
+
+
+def bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16, NumPy's only one (imported on first use: it is an optional dependency)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError("bfloat16 on the numpy backend needs ml_dtypes: pip install ml_dtypes") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _half_product(a: np.ndarray, b: np.ndarray, out_dtype: Any = None) -> np.ndarray:
+    """``a @ b`` for float16/bfloat16 operands through float32 BLAS, rounded once to the half type
+    (as a GPU's tensor cores accumulate); NumPy's own half products have no BLAS and run ~100x slower."""
+    half = a.dtype if a.dtype.itemsize == 2 else b.dtype
+    product = np.matmul(a.astype(np.float32), b.astype(np.float32))
+    return product if out_dtype is not None else product.astype(half)
 #: Elements per block of rows where a row-wise pass runs block by block (256 KiB of float32).
 _BLOCK_ELEMS = 65536
 

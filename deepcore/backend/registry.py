@@ -153,7 +153,8 @@ def _nvidia_driver_present() -> bool:
 
 
 def best_backend() -> tuple[str, str | None]:
-    """``(name, note)``: ``"cupy"`` when CuPy works here, else ``"numpy"`` with a note saying why not
+    """``(name, note)``: ``"cupy"`` when CuPy works here (a device is visible and a test kernel compiles
+    and runs on it: :func:`cuda_kernel_probe`), else ``"numpy"`` with a one-line note saying why not
     CuPy (None when CuPy is not installed at all). Imports CuPy only where a driver is present and
     nothing else: no torch, no probing of libraries that will not be used."""
     if importlib.util.find_spec("cupy") is None:
@@ -168,7 +169,8 @@ def best_backend() -> tuple[str, str | None]:
 
 def _by_name(name: str) -> Backend:
     _load_entry_points()
-    entry = _registry.get(name)
+    # A namespace's name ("jax.numpy", "array_api_compat.torch") finds the backend registered for it.
+    entry = _registry.get(name) or _registry.get(_by_namespace.get(name, ""))
     if entry is None:
         if name in _generic:
             return _generic[name]
@@ -325,15 +327,65 @@ def use_backend(spec: Any) -> Iterator[Backend]:
         _current.reset(token)
 
 
-def to_backend(x: Array, target: Any, *, device: Any = None) -> Array:
-    """``x`` moved to the backend ``target`` (name, module or Backend), as a new array."""
+def to_backend(x: Array, target: Any, *, device: Any = None, copy: bool | None = None) -> Array:
+    """``x`` on the backend ``target`` (name, module or Backend), on ``device`` when one is given.
+
+    Where the two libraries share ``x``'s device (NumPy and torch CPU tensors, CuPy and torch CUDA
+    tensors) the result is ``x``'s own memory through DLPack, no copy: a write to one shows in the
+    other, as with ``torch.from_numpy``. A copy is made where sharing is impossible or unsafe: ``x``
+    read-only (the other library could write to it), not C-contiguous, on another device than the
+    result's, a library deepcore cannot inspect (array_api_strict, JAX), or a dtype DLPack refuses.
+    ``x`` already on ``target`` (and ``device``) comes back itself. ``copy=True`` always copies,
+    ``copy=False`` raises BufferError where a copy would be needed (the array API's meaning).
+    """
     dst = backend_for(target)
     src = _for_array(x)
+    if src is dst and (device is None or src.device(x) == device):
+        return dst.copy(x) if copy else x
+    if not copy:
+        shared, why = (None, f"it is on device {src.device(x)}") if src is dst else _shared(x, dst, device)
+        if shared is not None:
+            return shared
+        if copy is False:
+            where = f"{dst.name}" + ("" if device is None else f" (device {device})")
+            raise BufferError(f"to_backend(copy=False): x, a {src.name} array of shape {tuple(x.shape)}, cannot move "
+                              f"to {where} without a copy: {why}")
     if src is dst:
-        if device is None or src.device(x) == device:
-            return x
         return dst.xp.asarray(x, device=device, copy=True)
     return dst.from_numpy(src.to_numpy(x), device=device)
+
+
+def _shared(x: Array, dst: Backend, device: Any) -> tuple[Array | None, str]:
+    """``x``'s memory as an array of ``dst`` through DLPack, or None and why not."""
+    problem = _unshareable(x)
+    if problem is not None:
+        return None, problem
+    from_dlpack = getattr(dst.xp, "from_dlpack", None)
+    if from_dlpack is None:
+        return None, f"{dst.name} has no from_dlpack"
+    try:
+        y = from_dlpack(x)
+    except (BufferError, TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError) as exc:
+        return None, f"DLPack refused it ({exc})"  # another device, a dtype DLPack lacks, a tensor needing grad
+    if device is not None and str(dst.device(y)) != str(device):
+        return None, f"it is on device {dst.device(y)}, not {device}"
+    return y, ""
+
+
+def _unshareable(x: Array) -> str | None:
+    """Why ``x``'s memory must not be handed to another library as it is; None when it may.
+
+    Only C-contiguous, writable NumPy / CuPy arrays and contiguous torch tensors are shared: torch takes
+    a read-only NumPy array's memory as writable, and aborts the process on negative strides."""
+    flags = getattr(x, "flags", None)  # NumPy, CuPy
+    if flags is not None and hasattr(flags, "c_contiguous"):
+        if not getattr(flags, "writeable", True):
+            return "it is read-only"
+        return None if flags.c_contiguous else "it is not C-contiguous"
+    is_contiguous = getattr(x, "is_contiguous", None)  # torch
+    if callable(is_contiguous):
+        return None if is_contiguous() else "it is not contiguous"
+    return f"deepcore cannot tell whether a {type(x).__module__}.{type(x).__qualname__}'s memory is contiguous"
 
 
 # ------------------------------------------------------------- built-ins
@@ -350,7 +402,30 @@ def _cupy() -> Backend:
         raise BackendUnavailableError(f"CuPy cannot be imported ({exc}); install it with "
                                       f"pip install 'deepcore[cuda12]' or 'deepcore[cuda13]' to match "
                                       f"the CUDA driver") from exc
-    return CupyBackend()
+    backend = CupyBackend()
+    # Imported already by cupy_backend; a device that shows but cannot compile or run kernels
+    # (no NVRTC: CuPy >= 14 takes it from its `ctk` extra) fails here, once, with the reason kept.
+    failure = cuda_kernel_probe(importlib.import_module("cupy"))
+    if failure is not None:
+        raise BackendUnavailableError(failure)
+    return backend
+
+
+def cuda_kernel_probe(cupy: ModuleType) -> str | None:
+    """None when a tiny ``ElementwiseKernel`` (adding 1 to a 4-element array) compiles through NVRTC,
+    runs on the current device and gives the right answer; else one line saying why not."""
+    want = [1.0, 2.0, 3.0, 4.0]
+    try:
+        kernel = cupy.ElementwiseKernel("T x", "T y", "y = x + (T)1", "deepcore_probe")
+        got = [float(v) for v in cupy.asnumpy(kernel(cupy.arange(4, dtype=cupy.float32)))]
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+        return (f"a 4-element test kernel did not compile or run ({detail}); CuPy >= 14 compiles with the "
+                f"NVRTC of its ctk extra: pip install 'deepcore[cuda12]' or 'deepcore[cuda13]'")
+    if got != want:
+        return f"a 4-element test kernel ran but gave {got} instead of {want}"
+    return None
 
 
 def _generic_factory(module: str, compat: str | None = None) -> Callable[[], Backend]:
@@ -359,7 +434,7 @@ def _generic_factory(module: str, compat: str | None = None) -> Callable[[], Bac
             importlib.import_module(module)
             xp = importlib.import_module(compat or module)
         except ImportError as exc:
-            raise BackendUnavailableError(f"{module} is not installed ({exc})") from exc
+            raise BackendUnavailableError(f"{module} is not installed ({exc}); pip install {module}") from exc
         return Backend(xp, name=module)
 
     return factory
@@ -368,4 +443,25 @@ def _generic_factory(module: str, compat: str | None = None) -> Callable[[], Bac
 register_backend("numpy", _numpy, namespaces=("array_api_compat.numpy", "numpy"))
 register_backend("cupy", _cupy, namespaces=("array_api_compat.cupy", "cupy"))
 register_backend("array_api_strict", _generic_factory("array_api_strict"), namespaces=("array_api_strict",))
-register_backend("torch", _generic_factory("torch", "array_api_compat.torch"), namespaces=("array_api_compat.torch",))
+def _torch() -> Backend:
+    try:
+        from .torch_backend import TorchBackend
+    except ImportError as exc:
+        raise BackendUnavailableError(f"torch is not installed ({exc}); pip install torch") from exc
+    return TorchBackend()
+
+
+register_backend("torch", _torch, namespaces=("array_api_compat.torch",))
+# JAX by its plain name: jax.numpy is its array-API namespace (the module ``jax`` itself has no dtypes).
+register_backend("jax", _generic_factory("jax", "jax.numpy"), namespaces=("jax.numpy",))
+
+
+def _dask() -> Backend:
+    try:
+        from .dask_backend import DaskBackend
+    except ImportError as exc:
+        raise BackendUnavailableError(f"dask is not installed ({exc}); pip install 'dask[array]'") from exc
+    return DaskBackend()
+
+
+register_backend("dask", _dask, namespaces=("array_api_compat.dask.array", "dask.array"))

@@ -1,4 +1,5 @@
-"""The ``deepcore`` command: ``train``, ``evaluate``, ``predict``, ``info``, ``demo`` and ``bench``, one module each.
+"""The ``deepcore`` command: ``train``, ``evaluate``, ``predict``, ``export``, ``info``, ``demo`` and ``bench``, one
+module each.
 
 Bad arguments and failures the user can fix print one line, ``deepcore: error: ...``,
 and exit with status 2 (arguments) or 1 (anything else); never a traceback.
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..cli_errors import EXIT_FAILURE, EXIT_USAGE, OneLineParser, UsageError
-from . import demo, evaluate, info, predict, train
+from . import demo, evaluate, export, info, predict, train
 
 BENCH_HELP = "time deepcore's backends against each other and PyTorch"
 
@@ -73,8 +74,8 @@ def _out_of_memory(exc: MemoryError) -> str:
 def _parser(with_bench: bool = True) -> argparse.ArgumentParser:
     parser = OneLineParser(prog="deepcore", description="Train neural networks on NumPy or CuPy.")
     parser.add_argument("--version", action="version", version=f"deepcore {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,info,demo,bench}")
-    for command in (train, evaluate, predict, info, demo):
+    sub = parser.add_subparsers(dest="command", metavar="{train,evaluate,predict,export,info,demo,bench}")
+    for command in (train, evaluate, predict, export, info, demo):
         command.add_parser(sub)
     if with_bench:
         from ..bench.command import add_parser as add_bench_parser

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ class Trained:
     loss_recorded: bool
     classes: list[str] | None
     settings: dict[str, Any]  # the training run's settings (`deepcore train`'s flags), {} when absent
+    in_channels: int | None = None  # a convolutional model's input channels (it takes (N, C, H, W) images)
+    input_shape: tuple[int, int, int] | None = None  # the (C, H, W) it was trained on, when recorded
 
 
 def _settings(extra: dict[str, Any]) -> dict[str, Any]:
@@ -102,7 +105,7 @@ def _settings(extra: dict[str, Any]) -> dict[str, Any]:
 def read_trained(path: Path, loss_flag: str | None, command: str) -> Trained:
     """The checkpoint's metadata and architecture; a one-line error when it cannot be rebuilt."""
     from ..checkpoint import load_checkpoint
-    from ..nn.spec import input_features, output_features
+    from ..nn.spec import input_channels, input_features, output_features
 
     ckpt = load_checkpoint(path)
     extra = ckpt.extra or {}
@@ -131,8 +134,69 @@ def read_trained(path: Path, loss_flag: str | None, command: str) -> Trained:
     n_out = output_features(architecture)
     if classes is not None and n_out is not None and len(classes) != n_out:
         classes = None  # names for another head: better none than wrong ones
+    channels = input_channels(architecture)
     return Trained(path, ckpt, architecture, input_features(architecture), n_out, loss,
-                   loss_flag is not None or recorded is not None, classes, settings)
+                   loss_flag is not None or recorded is not None, classes, settings, channels,
+                   _input_shape(path, extra, settings, channels))
+
+
+def _input_shape(path: Path, extra: dict[str, Any], settings: dict[str, Any],
+                 channels: int | None) -> tuple[int, int, int] | None:
+    """The (C, H, W) images a convolutional model was trained on: ``extra["input_shape"]`` (``deepcore train``'s
+    last checkpoint), else the run's settings (every epoch's checkpoint), as ``[C, H, W]`` or ``"C,H,W"``."""
+    value = extra.get("input_shape", settings.get("input_shape"))
+    if value is None or channels is None:
+        return None
+    dims = value.split(",") if isinstance(value, str) else value
+    try:
+        shape = tuple(int(d) for d in dims) if isinstance(dims, (list, tuple)) else ()
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"{path}: the recorded input_shape must be [C, H, W], three positive integers, got {value!r}")
+    if shape[0] != channels:
+        raise ValueError(f"{path}: the recorded input_shape {list(shape)} has {shape[0]} channels, but the model's "
+                         f"first layer takes {channels}")
+    return shape[0], shape[1], shape[2]
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    """``1x8x8``."""
+    return "x".join(map(str, shape))
+
+
+def images_of(trained: Trained, x: np.ndarray, own_shape: tuple[int, ...] | None, what: str) -> np.ndarray:
+    """The samples ``x`` as the ``(N, C, H, W)`` images ``trained``'s convolutional model takes, without a copy.
+
+    ``x`` is ``(N, C, H, W)``, ``(N, H, W)`` (one channel) or flat rows ``(N, C*H*W)``, which are reshaped to
+    the image shape the checkpoint records, else to ``own_shape`` (the data set's own image shape, if any).
+    A ValueError starting with ``what`` (e.g. ``"INPUT x.npz"``) names the shapes that do not fit.
+    """
+    from ..data import image_shape
+
+    channels = trained.in_channels
+    want = trained.input_shape
+    takes = f"takes {shape_text(want)} images" if want else f"takes images of {channels} channel(s)"
+    model = f"the model in {trained.path} {takes}"
+    if x.ndim in (3, 4):
+        images = x[:, None] if x.ndim == 3 else x
+        got = tuple(images.shape[1:])
+        if (want is not None and got != want) or got[0] != channels:
+            seen = "" if x.ndim == 4 else f"samples of shape {tuple(x.shape[1:])} (one channel), "
+            raise ValueError(f"{what}: {seen}images of {shape_text(got)} (C x H x W), but {model}")
+        return images
+    if x.ndim != 2:
+        raise ValueError(f"{what}: samples of shape {tuple(x.shape[1:])}, but {model} (N, C, H, W), or flat rows")
+    if want is None and own_shape is not None and len(own_shape) in (2, 3):
+        want = image_shape(own_shape)
+    if want is None:
+        raise ValueError(f"{what}: flat rows of {x.shape[1]} values, but {trained.path} does not record the image "
+                         f"shape its convolutional model was trained on; give the samples as (N, C, H, W) images")
+    if own_shape is not None and len(own_shape) > 1 and image_shape(own_shape) != want:
+        raise ValueError(f"{what}: images of {shape_text(image_shape(own_shape))}, but {model}")
+    if x.shape[1] != math.prod(want) or want[0] != channels:
+        raise ValueError(f"{what}: rows of {x.shape[1]} values, but {model} ({math.prod(want)} values per row)")
+    return x.reshape(len(x), *want)
 
 
 def build_trained(trained: Trained, backend: str) -> Any:
@@ -203,6 +267,8 @@ def run_command(args: argparse.Namespace) -> int:
     if len(test) == 0:
         raise ValueError(f"--dataset: {where} is empty")
     x = np.asarray(test.x).reshape(len(test), -1)
+    if trained.in_channels is not None:  # a convolutional model: the rows as its images
+        x = images_of(trained, x, tuple(splits.input_shape), f"--dataset: {where}")
     y = np.asarray(test.y)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"--dataset: {where} has no class labels (y is {y.dtype} of shape {y.shape})")

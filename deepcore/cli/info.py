@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import __version__
 from ..backend import available_backends, malloc_tuning
-from ..sysinfo import describe_blas
+from ..sysinfo import describe_blas, optional_integrations
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -30,12 +30,10 @@ def collect_info() -> dict[str, Any]:
         "blas": describe_blas(),
         "backends": available_backends(),
         "malloc_tuning": malloc_tuning.tune(),
+        "integrations": optional_integrations(),
     }
     if info["backends"].get("cupy") is True:
-        import cupy
-
-        info["cuda_devices"] = [cupy.cuda.runtime.getDeviceProperties(i)["name"].decode()
-                                for i in range(cupy.cuda.runtime.getDeviceCount())]
+        info["cuda"] = cuda_info(__import__("cupy"))
     for lib in ("cupy", "torch", "array_api_strict", "array_api_compat"):
         try:
             info[lib] = __import__(lib).__version__
@@ -51,12 +49,51 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     print(f"deepcore {info['deepcore']} on Python {info['python']} ({info['platform']})")
     print(f"numpy {info['numpy']}, BLAS: {info['blas']}, allocator tuning: {info['malloc_tuning']}")
-    for lib in ("array_api_compat", "array_api_strict", "torch", "cupy"):
+    for lib in ("array_api_compat", "array_api_strict"):  # torch and CuPy: on the "optional" line
         if lib in info:
             print(f"{lib} {info[lib]}")
+    print("optional: " + ", ".join(f"{lib} {v}" if v else f"{lib} (not installed)"
+                                   for lib, v in info["integrations"].items()))
     print("backends:")
     for name, status in info["backends"].items():
         print(f"  {name:18s} {'available' if status is True else 'unavailable: ' + str(status)}")
-    for i, dev in enumerate(info.get("cuda_devices", [])):
-        print(f"  cuda:{i} {dev}")
+    print_cuda_info(info.get("cuda"))
     return 0
+
+
+def _cuda_version(code: int) -> str:
+    return f"{code // 1000}.{code % 1000 // 10}"  # CUDA's 12080 is 12.8
+
+
+def cuda_info(cupy: Any) -> dict[str, Any]:
+    """The CUDA driver, runtime and NVRTC versions and every device, from a working CuPy; a part that
+    cannot be read is the error's one line instead."""
+    rt = cupy.cuda.runtime
+    out: dict[str, Any] = {}
+    for key, read in (("driver", lambda: _cuda_version(rt.driverGetVersion())),
+                      ("runtime", lambda: _cuda_version(rt.runtimeGetVersion())),
+                      ("nvrtc", lambda: ".".join(str(v) for v in cupy.cuda.nvrtc.getVersion()))):
+        try:
+            out[key] = read()
+        except Exception as exc:
+            out[key] = f"unknown ({type(exc).__name__}: {exc})"
+    out["devices"] = []
+    for i in range(rt.getDeviceCount()):
+        props = rt.getDeviceProperties(i)
+        name = props["name"]
+        out["devices"].append({
+            "id": i, "name": name.decode() if isinstance(name, bytes) else str(name),
+            "compute_capability": f"{props['major']}.{props['minor']}",
+            "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
+            "multiprocessors": props.get("multiProcessorCount"),
+        })
+    return out
+
+
+def print_cuda_info(cuda: dict[str, Any] | None) -> None:
+    if not cuda:
+        return
+    print(f"CUDA: driver {cuda['driver']}, runtime {cuda['runtime']}, NVRTC {cuda['nvrtc']}")
+    for dev in cuda["devices"]:
+        print(f"  cuda:{dev['id']} {dev['name']} (compute capability {dev['compute_capability']}, "
+              f"{dev['memory_gib']} GiB, {dev['multiprocessors']} SMs)")

@@ -3,7 +3,9 @@ scores (hinge) of every row of INPUT, as CSV, the model rebuilt from the checkpo
 
 INPUT is an ``.npz`` (the array named ``x``, or its only array; rows are samples, and a sample of
 several dimensions is flattened) or a ``.csv`` of numbers (one sample a row; a first row with any
-cell that is not a number is a header). Features only: no label column.
+cell that is not a number is a header). Features only: no label column. A convolutional model takes
+an ``.npz`` of images ``(N, C, H, W)`` (or ``(N, H, W)`` for one channel), or flat rows of either kind
+of file, reshaped to the image shape its checkpoint records.
 
 The CSV header is ``row,class[,name],p_0,...,p_{C-1}`` for probabilities, ``score_0,...`` for scores;
 ``row`` counts the input's samples from 0, ``name`` appears when the checkpoint records class names
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..cli_errors import UsageError
-from .evaluate import add_loss_flag, build_trained, check_common_flags, read_trained
+from .evaluate import add_loss_flag, build_trained, check_common_flags, images_of, read_trained
 
 INPUT_SUFFIXES = (".npz", ".csv")
 
@@ -43,7 +45,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def read_features(path: Path) -> np.ndarray:
-    """The samples of ``path`` as a float64 ``(N, features)`` array (or ``(N,)`` for a 1-D npz array)."""
+    """The samples of ``path`` as a float64 array ``(N, ...)``: a CSV's rows ``(N, features)``, an npz array
+    as stored."""
     x = _read_npz(path) if path.suffix.lower() == ".npz" else _read_csv(path)
     if x.shape[0] == 0:
         raise ValueError(f"INPUT {path}: holds no samples")
@@ -68,12 +71,12 @@ def _read_npz(path: Path) -> np.ndarray:
     if x.ndim == 0:
         raise ValueError(f"INPUT {path}: array {name!r} is a scalar, expected (samples, features)")
     x = x.astype(np.float64)
-    if x.ndim > 2:
-        x = x.reshape(len(x), -1)
     bad = np.argwhere(~np.isfinite(x))
     if bad.size:
-        where = f"row {bad[0][0]}" + (f", column {bad[0][1]}" if x.ndim == 2 else "")
-        raise ValueError(f"INPUT {path}: array {name!r} has a non-finite value ({x[tuple(bad[0])]}) at {where}")
+        index = tuple(int(i) for i in bad[0])
+        where = f"row {index[0]}" + (f", column {index[1]}" if x.ndim == 2 else
+                                     f", index {list(index[1:])}" if x.ndim > 2 else "")
+        raise ValueError(f"INPUT {path}: array {name!r} has a non-finite value ({x[index]}) at {where}")
     return x
 
 
@@ -112,6 +115,8 @@ def _read_csv(path: Path) -> np.ndarray:
 
 
 def _fit_width(x: np.ndarray, in_features: int | None, path: Path) -> np.ndarray:
+    if x.ndim > 2:  # a sample of several dimensions is flattened
+        x = x.reshape(len(x), -1)
     if x.ndim == 1:
         if in_features not in (None, 1):
             raise ValueError(f"INPUT {path}: a 1-D array of {len(x)} values, but the model takes {in_features} "
@@ -161,7 +166,11 @@ def run_command(args: argparse.Namespace) -> int:
     if args.output is not None and args.output.is_dir():
         raise UsageError(f"-o: {str(args.output)!r} is a directory, expected a file path")
     trained = read_trained(args.checkpoint, args.loss, "predict")
-    x = _fit_width(read_features(path), trained.in_features, path)
+    x = read_features(path)
+    if trained.in_channels is not None:  # a convolutional model: images, or flat rows reshaped to them
+        x = images_of(trained, x[:, None] if x.ndim == 1 else x, None, f"INPUT {path}")
+    else:
+        x = _fit_width(x, trained.in_features, path)
     model = build_trained(trained, backend)
     params = model.parameters()
     dtype = np.float64 if params and str(params[0].dtype).endswith("float64") else np.float32

@@ -12,22 +12,41 @@ from typing import Any
 from ..cli_errors import UsageError
 
 
-def parse_hidden(text: str) -> list[int]:
+def parse_widths(text: str, flag: str = "--hidden") -> list[int]:
+    """``"256,128"`` -> ``[256, 128]``; anything but positive integers, comma-separated, is a UsageError naming
+    ``flag``."""
     try:
         widths = [int(w) for w in text.split(",") if w.strip()]
     except ValueError:
-        raise UsageError(f"--hidden must be comma-separated positive integers, got {text!r}") from None
+        raise UsageError(f"{flag} must be comma-separated positive integers, got {text!r}") from None
     if not widths or any(w <= 0 for w in widths):
-        raise UsageError(f"--hidden must be comma-separated positive integers, got {text!r}")
+        raise UsageError(f"{flag} must be comma-separated positive integers, got {text!r}")
     return widths
+
+
+def parse_hidden(text: str) -> list[int]:
+    return parse_widths(text, "--hidden")
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int]:
+    """``--input-shape C,H,W`` -> ``(C, H, W)``, three positive integers."""
+    try:
+        dims = tuple(int(d) for d in str(text).split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) <= 0:
+        raise UsageError(f"--input-shape must be C,H,W, three positive integers (channels, height, width), "
+                         f"got {text!r}")
+    return dims[0], dims[1], dims[2]
 
 
 #: The flags that make a run what it is. Every checkpoint of the run records them (extra["settings"]);
 #: on --resume they come from there, and one given on the command line that contradicts the record is
 #: an error. A new flag that changes the data, its split, the model or the training belongs here.
-RUN_SETTINGS = ("dataset", "label_column", "num_classes", "val_fraction", "seed", "model", "hidden", "dropout",
-                "batchnorm", "loss", "label_smoothing", "optimizer", "lr", "weight_decay", "schedule", "warmup",
-                "epochs", "batch_size", "reg", "max_norm")
+RUN_SETTINGS = ("dataset", "label_column", "num_classes", "val_fraction", "seed", "model", "input_shape",
+                "channels", "hidden", "dropout", "batchnorm", "loss", "label_smoothing", "optimizer", "lr",
+                "weight_decay", "schedule", "warmup", "epochs", "batch_size", "reg", "max_norm", "precision",
+                "accumulate", "clip_grad_norm")
 _TRACKED = (*RUN_SETTINGS, "out")  # flags whose presence on the command line matters
 #: The files that make a folder hold a run, which a new run must not silently replace.
 RUN_FILES = ("checkpoint.safetensors", "history.json")
@@ -87,8 +106,10 @@ def _comparable(dest: str, value: Any) -> Any:
     if value is None or isinstance(value, bool):
         return value
     try:
-        if dest == "hidden":
-            return tuple(parse_hidden(str(value)))
+        if dest in ("hidden", "channels"):
+            return tuple(parse_widths(str(value), _flag(dest)))
+        if dest == "input_shape":
+            return parse_input_shape(value if isinstance(value, str) else ",".join(map(str, value)))
         if dest == "reg":
             kind, _, rest = str(value).partition(":")
             return kind, tuple(float(v) for v in rest.split(",")) if rest else ()

@@ -4,9 +4,9 @@ schedule built from the flags and handed to :func:`deepcore.train.fit`."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from .. import __version__
 from ..backend import BackendUnavailableError, UnknownBackendError, get_backend, use_backend
 from ..backend import best_backend as choose_backend
 from ..cli_errors import EXIT_FAILURE, UsageError
+from ..mixed_precision import PRECISIONS
+from .models import CNN_CHANNELS, build_model, check_model_size, cnn_style
 from .run_settings import (
     RUN_SETTINGS,
     check_out,
@@ -22,6 +24,8 @@ from .run_settings import (
     given_flags,
     mark_defaults,
     parse_hidden,
+    parse_input_shape,
+    parse_widths,
     split_record,
     take_settings,
 )
@@ -54,11 +58,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, metavar="N",
                    help="the class count of a .npz or .csv file; every label must be below it (default: the "
                         "largest label + 1, refused when most of those classes would be empty)")
-    p.add_argument("--model", choices=("linear", "mlp"), default="mlp",
-                   help="linear: the course's Wx + b; mlp: Linear-ReLU blocks, then a linear output")
-    p.add_argument("--hidden", default="256", help="hidden widths of the MLP, comma-separated")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden layer")
-    p.add_argument("--batchnorm", action="store_true", help="BatchNorm1d after each hidden linear layer")
+    p.add_argument("--model", choices=("linear", "mlp", "cnn"), default="mlp",
+                   help="linear: the course's Wx + b; mlp: Linear-ReLU blocks, then a linear output; cnn: a "
+                        "convolutional network for the image shape (LeNet-like below 32x32, VGG-style with "
+                        "BatchNorm2d from 32x32 on), then the --hidden layers")
+    p.add_argument("--channels", metavar="C1,C2,...",
+                   help="--model cnn: the convolutions' widths, comma-separated (default: 32,64; 32,64,128 for "
+                        "images of 32x32 and more)")
+    p.add_argument("--input-shape", metavar="C,H,W",
+                   help="--model cnn: the image shape of a dataset of flat rows (a .csv, a 2-D .npz x), channels "
+                        "first; rows are reshaped to it")
+    p.add_argument("--hidden", default="256",
+                   help="hidden widths of the MLP (of the fully connected layers after a cnn's convolutions), "
+                        "comma-separated")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden (fully connected) layer")
+    p.add_argument("--batchnorm", action="store_true",
+                   help="BatchNorm1d after each hidden linear layer (and for a LeNet-like cnn BatchNorm2d after "
+                        "each convolution)")
     p.add_argument("--loss", choices=("softmax-ce", "hinge"), default="softmax-ce",
                    help="softmax cross-entropy or the multiclass SVM (hinge) loss")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing of softmax-ce, in [0, 1]")
@@ -72,6 +88,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=64,
                    help="samples per step and process (under mpirun -n N a step sees N times as many)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="forward and backward in float16 (with loss scaling) or bfloat16, float32 master weights")
+    p.add_argument("--accumulate", type=int, default=1, metavar="K",
+                   help="batches per optimizer step (gradient accumulation: one step of K batches)")
+    p.add_argument("--clip-grad-norm", type=float, metavar="MAX",
+                   help="rescale the gradients to this global L2 norm when they exceed it")
     p.add_argument("--reg", default="none", help="none | l2:LAMBDA | l1:LAMBDA | elastic:LAMBDA,BETA")
     p.add_argument("--max-norm", type=float, help="max-norm constraint c on each unit's incoming weights")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out")
@@ -131,83 +153,6 @@ def _check_data_flags(args: argparse.Namespace) -> str | None:
         raise UsageError(f"--no-verify applies to {', '.join(n for n in DATASET_NAMES if n != 'digits')} "
                          f"(files checked against known checksums), not to {args.dataset}")
     return named
-
-
-def model_size(kind: str, in_features: int, num_classes: int, hidden: Sequence[int], batchnorm: bool = False) -> int:
-    """The number of values in :func:`build_model`'s model: weights, biases, BatchNorm's parameters and buffers."""
-    if kind == "linear":
-        return in_features * num_classes + num_classes
-    total, width = 0, in_features
-    for h in hidden:
-        total += width * h + h + (4 * h if batchnorm else 0)
-        width = h
-    return total + width * num_classes + num_classes
-
-
-# Copies of the parameters that training holds: the parameters, their gradients, the snapshot
-# taken before each step (to undo a diverged one), plus the optimizer's per-parameter state.
-_OPTIMIZER_SLOTS = {"gd": 0, "sgd": 0, "momentum": 1, "nesterov": 1, "adam": 2, "adamw": 2}
-
-
-def _memory_available(backend_name: str) -> int:
-    from ..data.limits import memory_limit
-
-    if backend_name == "cupy":
-        try:
-            import cupy
-
-            return int(cupy.cuda.Device().mem_info[0])
-        except Exception:  # noqa: BLE001 - no device information: judge by the host's memory
-            pass
-    return memory_limit()
-
-
-def check_model_size(args: argparse.Namespace, in_features: int, num_classes: int, hidden: Sequence[int],
-                     backend_name: str, *, at_least: bool = False) -> None:
-    """UsageError, naming --hidden (or --model linear, --num-classes), when training the model would need
-    more memory than the backend has: parameters, gradients, the step's snapshot and the optimizer's state
-    in float32, plus a batch's activations. Checked before anything is allocated; ``at_least`` when the
-    data's size is not known yet (a lower bound, with 1 feature)."""
-    from ..data.limits import format_bytes
-
-    params = model_size(args.model, in_features, num_classes, hidden, args.batchnorm)
-    widths = [] if args.model == "linear" else list(hidden)
-    activations = args.batch_size * (in_features + 3 * sum(widths) + 2 * num_classes) * 2
-    need = 4 * (params * (3 + _OPTIMIZER_SLOTS.get(args.optimizer, 2)) + activations)
-    available = _memory_available(backend_name)
-    if need <= available:
-        return
-    flags = f"--hidden {args.hidden}" if args.model == "mlp" else "--model linear"
-    if args.num_classes is not None:
-        flags += f" with --num-classes {args.num_classes}"
-    shape = "-".join(map(str, [in_features, *widths, num_classes]))
-    what = f"{'at least ' if at_least else ''}{params:,} parameters ({format_bytes(4 * params)} as float32)"
-    where = "GPU memory free" if backend_name == "cupy" else "memory available"
-    raise UsageError(f"{flags}: the {shape} {'MLP' if args.model == 'mlp' else 'linear model'} has "
-                     f"{what}, and training it with {args.optimizer} needs about {format_bytes(need)}, more than "
-                     f"the {format_bytes(available)} of {where}; choose smaller "
-                     + ("--hidden widths" if args.model == "mlp" else "--num-classes"))
-
-
-def build_model(kind: str, in_features: int, num_classes: int, hidden: Sequence[int], *, dropout: float = 0.0,
-                batchnorm: bool = False, seed: int = 0) -> Any:
-    """``linear``: the course's ``f(x, W) = Wx + b``; ``mlp``: Linear-ReLU blocks, then a linear output."""
-    from .. import nn
-
-    if kind == "linear":
-        return nn.Sequential(nn.Linear(in_features, num_classes, seed=seed))
-    layers: list[nn.Module] = []
-    width = in_features
-    for i, h in enumerate(hidden):
-        layers.append(nn.Linear(width, h, init="he", seed=seed + i))
-        if batchnorm:
-            layers.append(nn.BatchNorm1d(h))
-        layers.append(nn.ReLU())
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout, seed=seed + 100 + i))
-        width = h
-    layers.append(nn.Linear(width, num_classes, seed=seed + len(hidden)))
-    return nn.Sequential(*layers)
 
 
 def build_optimizer(name: str, params: list[Any], lr: float | None, weight_decay: float) -> Any:
@@ -279,7 +224,7 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
             args.out = args.resume.parent
     hidden = parse_hidden(args.hidden)
     regularizer = _parse_reg(args.reg)
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "accumulate"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if not 0.0 <= args.dropout < 1.0:
@@ -290,6 +235,8 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
         raise UsageError(f"--resume: no checkpoint at {args.resume}")
     for name, value, ok, want in (("--lr", args.lr, args.lr is None or args.lr > 0, "> 0"),
                                   ("--max-norm", args.max_norm, args.max_norm is None or args.max_norm > 0, "> 0"),
+                                  ("--clip-grad-norm", args.clip_grad_norm,
+                                   args.clip_grad_norm is None or args.clip_grad_norm > 0, "> 0"),
                                   ("--weight-decay", args.weight_decay, args.weight_decay >= 0, ">= 0"),
                                   ("--label-smoothing", args.label_smoothing, 0 <= args.label_smoothing <= 1,
                                    "in [0, 1]"),
@@ -304,12 +251,22 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
     named = _check_data_flags(args)
     backend_name = args.backend or best_backend()
     try:
-        get_backend(backend_name)
+        backend = get_backend(backend_name)
     except (UnknownBackendError, BackendUnavailableError) as exc:
         raise UsageError(f"--backend: {exc}") from None
+    if args.precision != "fp32":
+        try:
+            backend.dtype_from_name(PRECISIONS[args.precision])
+        except (TypeError, AttributeError) as exc:
+            raise UsageError(f"--precision {args.precision}: {exc}") from None
+    channels, flag_shape = _check_cnn_flags(args, named)
     # The model's size before the data is read: exact for a named set, a lower bound for a file.
     features, classes = data.KNOWN_SIZES.get(named, (1, args.num_classes or 2))
-    check_model_size(args, features, classes, hidden, backend_name, at_least=named is None)
+    image = (flag_shape or data.IMAGE_SHAPES.get(named, (1, 1, 1))) if args.model == "cnn" else None
+    if image is not None:
+        features = math.prod(image)
+    check_model_size(args, features, classes, hidden, backend_name, at_least=named is None, image_shape=image,
+                     channels=channels)
     report = (lambda _m: None) if args.quiet or not comm.is_root else print
     check_out(args)
     if resumed is not None and resumed.note is not None:
@@ -328,24 +285,33 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
     split = split_record(splits)
     if resumed is not None:
         check_split(resumed, split, args.dataset)
+    image = None
+    if args.model == "cnn":  # the rows seen as (N, C, H, W) images, without a copy
+        image = _image_shape(args, splits, flag_shape)
+        splits = data.as_images(splits, image)
+        args.channels = ",".join(map(str, channels or CNN_CHANNELS[cnn_style(image)]))
     train_ds, val_ds = splits.train, splits.val
     in_features = splits.num_features
     n_val = 0 if val_ds is None else len(val_ds)
     labels = f", labels in column {splits.label_column}" if splits.label_column else ""
+    sample = f"{'x'.join(map(str, image))} images" if image else f"{in_features} features"
     report(f"deepcore {__version__}: {splits.name}, {len(train_ds)} train / {n_val} val / "
-        f"{len(splits.test)} test, {in_features} features, {splits.num_classes} classes{labels}; "
+        f"{len(splits.test)} test, {sample}, {splits.num_classes} classes{labels}; "
         f"backend {backend_name}")
 
-    check_model_size(args, in_features, splits.num_classes, hidden, backend_name)
+    check_model_size(args, in_features, splits.num_classes, hidden, backend_name, image_shape=image,
+                     channels=channels)
     with use_backend(backend_name):
         model = build_model(args.model, in_features, splits.num_classes, hidden, dropout=args.dropout,
-                            batchnorm=args.batchnorm, seed=args.seed)
+                            batchnorm=args.batchnorm, seed=args.seed, image_shape=image, channels=channels)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.lr, args.weight_decay)
     planned = args.epochs if resumed is None else max(resumed.planned, args.epochs)
-    # What every checkpoint of the run records (extra["settings"]), and --resume takes back.
+    # What every checkpoint of the run records (extra["settings"]), and --resume takes back; for a cnn
+    # the image shape too, with which `deepcore evaluate` and `predict` reshape rows.
     settings = {dest: getattr(args, dest) for dest in RUN_SETTINGS if hasattr(args, dest)} | {
         "dataset": dataset_key(args.dataset), "hidden": ",".join(map(str, hidden)), "lr": float(optimizer.lr),
-        "epochs": planned, "split": split}
+        "epochs": planned, "split": split, "channels": args.channels if image else None,
+        "input_shape": ",".join(map(str, image)) if image else None}
     # Built for the total it was planned for: a resumed schedule keeps its T_max, step size, milestones.
     schedule = build_schedule(args.schedule, optimizer, args.epochs if resumed is None else resumed.planned,
                               args.warmup)
@@ -356,7 +322,8 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
     history = fit(model, loss_name, optimizer, train_ds, val_ds, epochs=args.epochs, batch_size=args.batch_size,
                   regularizer=regularizer, constraint=None if args.max_norm is None else MaxNorm(args.max_norm),
                   scheduler=schedule, seed=args.seed, verbose=not args.quiet, checkpoint=ckpt, resume=args.resume,
-                  loss_kwargs=loss_kwargs, run_settings=settings)
+                  loss_kwargs=loss_kwargs, run_settings=settings, precision=args.precision,
+                  accumulate=args.accumulate, clip_grad_norm=args.clip_grad_norm)
     if not comm.is_root:  # rank 0 alone evaluates, writes and prints the results
         comm.barrier()
         return 0
@@ -368,7 +335,8 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
                            "settings": settings}
                     | ({"scheduler": schedule.state_dict()} if schedule is not None else {})
                     | {"architecture": architecture_of(model)}  # for `deepcore evaluate` / `predict`
-                    | ({"classes": list(splits.classes)} if splits.classes else {}))
+                    | ({"classes": list(splits.classes)} if splits.classes else {})
+                    | ({"input_shape": list(image)} if image else {}))
     png = training_curves(history, args.out / "curves.png", note=report, dataset=splits.name,
                           model=_describe_model(args), test_accuracy=test.get("accuracy"))
     acc = f", test accuracy {test['accuracy']:.2%}" if "accuracy" in test else ""
@@ -379,11 +347,56 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
     return 0
 
 
+def _check_cnn_flags(args: argparse.Namespace, named: str | None) -> tuple[list[int] | None, tuple[int, ...] | None]:
+    """--channels and --input-shape, checked against --model and --dataset before the data is read:
+    ``(the conv widths or None for the default, the image shape given or None)``."""
+    from ..data import IMAGE_SHAPES
+
+    for flag, value in (("--channels", args.channels), ("--input-shape", args.input_shape)):
+        if value is not None and args.model != "cnn":
+            raise UsageError(f"{flag} applies to --model cnn, not to --model {args.model}")
+    channels = None if args.channels is None else parse_widths(args.channels, "--channels")
+    shape = None
+    if args.input_shape is not None:
+        given = args.input_shape
+        shape = parse_input_shape(given if isinstance(given, str) else ",".join(map(str, given)))
+    if named is not None and shape is not None and shape != IMAGE_SHAPES[named]:
+        raise UsageError(f"--input-shape {','.join(map(str, shape))}: {named} has images of "
+                         f"{'x'.join(map(str, IMAGE_SHAPES[named]))} (C,H,W); leave --input-shape out")
+    if args.model == "cnn" and shape is None and named is None and Path(args.dataset).suffix.lower() == ".csv":
+        raise UsageError(f"--model cnn needs images, but the rows of {args.dataset} are flat: give their shape "
+                         f"with --input-shape C,H,W")
+    return channels, shape
+
+
+def _image_shape(args: argparse.Namespace, splits: Any, given: tuple[int, ...] | None) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` a cnn sees the data as: --input-shape, else the data's own image shape."""
+    from ..data import image_shape
+
+    own = tuple(splits.input_shape)
+    if given is not None:
+        if math.prod(given) != splits.num_features:
+            raise UsageError(f"--input-shape {','.join(map(str, given))}: {math.prod(given)} values per sample, "
+                             f"but {args.dataset} has {splits.num_features} features per sample")
+        if len(own) > 1 and image_shape(own) != given:
+            raise UsageError(f"--input-shape {','.join(map(str, given))}: {args.dataset} has samples of shape "
+                             f"{own}, images of {'x'.join(map(str, image_shape(own)))}; leave --input-shape out")
+        return given[0], given[1], given[2]
+    if len(own) == 1:
+        raise UsageError(f"--model cnn needs images, but {args.dataset} has flat rows of {own[0]} features: save x "
+                         f"as (N, C, H, W) or (N, H, W), or give the image shape with --input-shape C,H,W")
+    if len(own) > 3:
+        raise UsageError(f"--model cnn takes images (N, C, H, W), but the samples of {args.dataset} have shape "
+                         f"{own}; reshape x to (N, C, H, W), or give --input-shape C,H,W")
+    return image_shape(own)
+
+
 def _describe_model(args: argparse.Namespace) -> str:
-    """``mlp 256,128 + BatchNorm + dropout 0.2`` (the curves' title)."""
+    """``mlp 256,128 + BatchNorm + dropout 0.2``, ``cnn 32,64 + fc 256`` (the curves' title)."""
     if args.model == "linear":
         return "linear"
-    return (f"mlp {args.hidden}" + (" + BatchNorm" if args.batchnorm else "")
+    head = f"cnn {args.channels} + fc {args.hidden}" if args.model == "cnn" else f"mlp {args.hidden}"
+    return (head + (" + BatchNorm" if args.batchnorm else "")
             + (f" + dropout {args.dropout:g}" if args.dropout else ""))
 
 

@@ -29,7 +29,7 @@ from .cifar import (
     read_cifar_binary,
     read_cifar_pickle,
 )
-from .datasets import ArrayDataset, DatasetSplits, split_indices, train_val_split
+from .datasets import ArrayDataset, DatasetSplits, as_images, image_shape, split_indices, train_val_split
 from .digits import DIGITS_CLASSES, load_digits, load_digits_arrays
 from .download import LOCAL_RESOURCES, RESOURCES, Resource, default_data_dir, download_file, file_digests
 from .errors import ChecksumError, DataFormatError, DatasetNotFoundError, DownloadError
@@ -53,6 +53,7 @@ __all__ = [
     "CIFAR10_CLASSES",
     "DATASET_NAMES",
     "DIGITS_CLASSES",
+    "IMAGE_SHAPES",
     "KNOWN_SIZES",
     "LOCAL_RESOURCES",
     "FASHION_MNIST_CLASSES",
@@ -68,6 +69,7 @@ __all__ = [
     "Resource",
     "RestrictedUnpickler",
     "Standardizer",
+    "as_images",
     "batches",
     "curve",
     "dataset_name",
@@ -76,6 +78,7 @@ __all__ = [
     "epoch_order",
     "file_digests",
     "four_points",
+    "image_shape",
     "load_cifar10",
     "load_dataset",
     "load_digits",
@@ -99,6 +102,8 @@ DATASET_NAMES = ("digits", "mnist", "fashion-mnist", "cifar10")
 _ALIASES = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}
 # (features per sample, classes) of the named sets, known before any file is read.
 KNOWN_SIZES = {"digits": (64, 10), "mnist": (784, 10), "fashion-mnist": (784, 10), "cifar10": (3072, 10)}
+# Their images, channels first (what a convolutional model takes), also known before any file is read.
+IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 def dataset_name(spec: str | os.PathLike[str]) -> str | None:
@@ -119,7 +124,8 @@ def load_dataset(spec: str | os.PathLike[str], *, data_dir: str | os.PathLike[st
     """A data set by name (``"digits"``, ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``) or a ``.npz``/``.csv`` path.
 
     x is float32 ``(N, features)`` (image sets scaled to [0, 1] and
-    flattened; ``input_shape`` keeps the image shape), labels int64.
+    flattened; ``input_shape`` keeps the image shape, and :func:`as_images`
+    views the rows as ``(N, C, H, W)`` images for a convolutional model), labels int64.
     ``data_dir``, ``download``, ``fetch``, ``progress`` and ``verify`` (check
     files found on disk against the known checksums) go to the MNIST and CIFAR
     loaders; ``label_column`` and ``num_classes`` to :func:`load_file`; ``seed``

@@ -15,7 +15,7 @@ import numpy as np
 
 from .._checks import check_int
 
-__all__ = ["ArrayDataset", "DatasetSplits", "split_indices", "train_val_split"]
+__all__ = ["ArrayDataset", "DatasetSplits", "as_images", "image_shape", "split_indices", "train_val_split"]
 
 
 def _is_labels(y: np.ndarray | None) -> bool:
@@ -199,3 +199,39 @@ def train_val_split(dataset: ArrayDataset, val_fraction: float = 0.1, *, seed: i
     y = dataset.y if dataset.y is not None else np.zeros(len(dataset), dtype=np.float64)
     keep, held = split_indices(y, val_fraction, seed=seed, stratify=stratify, fn="train_val_split")
     return dataset.subset(keep), dataset.subset(held)
+
+
+def image_shape(shape: Sequence[int], *, what: str = "input_shape") -> tuple[int, int, int]:
+    """The channels-first image shape ``(C, H, W)`` of one sample of shape ``shape``.
+
+    ``(H, W)`` is a one-channel image, ``(1, H, W)``; ``(C, H, W)`` is kept. Any other rank
+    (flat rows among them, whose image shape cannot be told) is a ValueError naming ``what``.
+    """
+    dims = tuple(int(d) for d in shape)
+    if len(dims) == 2:
+        dims = (1, *dims)
+    if len(dims) != 3 or min(dims) < 1:
+        raise ValueError(f"{what}: expected an image shape (H, W) or (C, H, W) of positive sizes, got {tuple(shape)}")
+    return dims[0], dims[1], dims[2]
+
+
+def as_images(splits: DatasetSplits, shape: Sequence[int] | None = None) -> DatasetSplits:
+    """``splits`` with every ``x`` seen as images ``(N, C, H, W)``, for a convolutional model.
+
+    ``shape`` is ``(C, H, W)``, by default :func:`image_shape` of ``splits.input_shape``
+    (the digits' ``(8, 8)`` becomes ``(1, 8, 8)``); its product must be the features per row.
+    The arrays are reshaped, not copied (rows are C-contiguous, channel-major as CIFAR-10's are).
+    """
+    dims = image_shape(splits.input_shape if shape is None else shape,
+                       what="as_images: shape" if shape is not None else f"as_images: {splits.name or 'the data'}")
+    if math.prod(dims) != splits.num_features:
+        raise ValueError(f"as_images: shape {dims} holds {math.prod(dims)} values per sample, but "
+                         f"{splits.name or 'the data'} has {splits.num_features} features per sample")
+
+    def view(ds: ArrayDataset) -> ArrayDataset:
+        return ArrayDataset(ds.x.reshape(len(ds.x), *dims), ds.y, name=ds.name, classes=ds.classes)
+
+    return DatasetSplits(train=view(splits.train), test=view(splits.test),
+                         val=None if splits.val is None else view(splits.val), name=splits.name,
+                         num_classes=splits.num_classes, input_shape=dims, classes=splits.classes,
+                         label_column=splits.label_column)

@@ -292,6 +292,22 @@ _NCCL_DTYPES = {
 }
 
 
+def nccl_missing_advice(cupy: Any) -> str:
+    """Why ``cupy.cuda.nccl.available`` is False and the fix: CuPy 14's wheels do not bundle NCCL;
+    CuPy loads it (through cuda-pathfinder) from NVIDIA's ``nvidia-nccl-cu12`` / ``-cu13`` wheel."""
+    try:
+        major = int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:  # no runtime to ask: name both
+        major = None
+    if major in (12, 13):
+        wheel, extra = f"nvidia-nccl-cu{major}", f"deepcore[cuda{major}]"
+    else:
+        wheel = "nvidia-nccl-cu12 (CUDA 12) or nvidia-nccl-cu13 (CUDA 13)"
+        extra = "deepcore[cuda12] or deepcore[cuda13]"
+    return (f"CuPy {getattr(cupy, '__version__', '?')} found no NCCL library (CuPy's wheels do not include it): "
+            f"pip install {wheel}, which the {extra} extra installs")
+
+
 class NCCLCommunicator(Communicator):
     """Collectives between GPUs through ``cupy.cuda.nccl``; one GPU per rank.
 
@@ -311,7 +327,7 @@ class NCCLCommunicator(Communicator):
         except ImportError as exc:
             raise DistributedError(f"NCCL needs CuPy with NCCL support, which is not importable ({exc})") from None
         if not getattr(nccl, "available", True):
-            raise DistributedError("this CuPy was built without NCCL support; install a cupy-cuda* wheel")
+            raise DistributedError(nccl_missing_advice(cupy))
         self.cupy, self.nccl = cupy, nccl
         self.mpi = MPICommunicator() if mpi is None else mpi
         self.rank, self.size = self.mpi.rank, self.mpi.size

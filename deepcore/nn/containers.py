@@ -113,3 +113,49 @@ class Flatten(Module):
             return backend.xp.reshape(dy, shape) if need_input_grad else None
 
         return y, backward
+
+
+class Residual(Module):
+    """``y = block(x) + shortcut(x)``, the shortcut the identity when None (ResNet's skip connection).
+
+    Backward: ``dx = block'(dy) + shortcut'(dy)`` (``dy`` itself for the identity); both branches add
+    their parameters' gradients.
+    """
+
+    def __init__(self, block: Module, shortcut: Module | None = None) -> None:
+        super().__init__()
+        if not isinstance(block, Module):
+            raise TypeError(f"Residual: block must be a deepcore.nn.Module, got {type(block).__name__}")
+        if shortcut is not None and not isinstance(shortcut, Module):
+            raise TypeError(f"Residual: shortcut must be a deepcore.nn.Module or None, got {type(shortcut).__name__}")
+        self.block = block
+        self.shortcut = shortcut
+
+    def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
+        y, block_back = self.block.forward(x, train=train)
+        if self.shortcut is None:
+            skip, skip_back = x, None
+        else:
+            skip, skip_back = self.shortcut.forward(x, train=train)
+        if tuple(y.shape) != tuple(skip.shape):
+            what = "the input" if self.shortcut is None else "the shortcut's output"
+            raise ValueError(f"Residual: the block's output has shape {tuple(y.shape)} but {what} has shape "
+                             f"{tuple(skip.shape)}; give a shortcut that maps x to the block's output shape")
+        out = y + skip
+        out_shape = tuple(out.shape)
+
+        @input_grad_optional
+        def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
+            check_grad_shape(self, dy, out_shape)
+            if not need_input_grad:
+                for back in (block_back, skip_back):
+                    if back is not None:
+                        if takes_input_grad_flag(back):
+                            back(dy, need_input_grad=False)
+                        else:
+                            back(dy)
+                return None
+            dx = block_back(dy)
+            return dx + (dy if skip_back is None else skip_back(dy))
+
+        return out, backward

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..backend.base import Array
-from ..rng import check_seed, derive_seed
+from ..backend.dropout_hash import stream
+from ..rng import check_seed
 from .module import (
     Backward,
     Module,
@@ -22,7 +23,11 @@ def _identity(dy: Array, *, need_input_grad: bool = True) -> Array | None:
 
 class Dropout(Module):
     """Training: ``y = x * m / (1 - p)`` with ``m_i ~ Bernoulli(1 - p)``, and ``dx = dy * m / (1 - p)``;
-    inference: ``y = x``. The same as PyTorch's ``nn.Dropout``."""
+    inference: ``y = x``. The same as PyTorch's ``nn.Dropout``.
+
+    ``m`` is a pure function of ``(seed, calls, element index)`` (the counter-based hash of
+    ``deepcore/backend/dropout_hash.py``), so every backend draws the same masks and a run resumed
+    from the extra state ``{"seed", "calls"}``, on any backend, continues the same sequence."""
 
     def __init__(self, p: float = 0.5, *, seed: int | None = None) -> None:
         super().__init__()
@@ -48,11 +53,10 @@ class Dropout(Module):
         backend = input_backend(self, x)
         if not train or self.p == 0.0:
             return x, _identity
-        call_seed = derive_seed(self.seed, self.calls)
-        self.calls += 1
-        rng = backend.make_rng(call_seed)
-        mask = backend.dropout_mask(rng, tuple(x.shape), self.p, dtype=x.dtype, device=backend.device(x))
         shape = tuple(x.shape)
+        mask = backend.dropout_mask(stream(self.seed, self.calls), shape, self.p, dtype=x.dtype,
+                                    device=backend.device(x))
+        self.calls += 1
 
         @input_grad_optional
         def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:

@@ -325,7 +325,8 @@ class Module:
                 )
             target = get_backend(old)
             value = to_backend(new, target, device=target.device(old)) if not _is_same(new, target) else new
-            converted[name] = target.xp.asarray(target.astype(value, old.dtype), copy=True)
+            # On the parameter's own device, whichever device is current.
+            converted[name] = target.xp.asarray(target.astype(value, old.dtype), copy=True, device=target.device(old))
         params = dict(self.named_parameters())
         for name, value in converted.items():
             if name in params:

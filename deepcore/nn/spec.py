@@ -6,13 +6,17 @@
 >>> model = model_from_architecture(spec)   # fresh weights; load a checkpoint's state into it
 
 The document is ``{"version": 1, "model": NODE}``, a NODE being ``{"type": NAME, ...the constructor
-arguments}``: ``Linear`` (in_features, out_features, bias, dtype), ``ReLU``, ``LeakyReLU``
-(negative_slope), ``Sigmoid``, ``Tanh``, ``Softmax`` (axis), ``Dropout`` (p), ``BatchNorm1d``
-(num_features, eps, momentum, affine, track_running_stats, dtype), ``Flatten`` (start_dim,
-end_dim) and ``Sequential`` (layers: a list of NODEs, nested to any depth). Weights, running
-statistics and dropout's seed and call count are state, not architecture: they live in the
-checkpoint's tensors and extra states. Only these built-in layers are described, each by its
-exact class (a subclass may change what its constructor means): anything else raises
+arguments}``: ``Linear`` (in_features, out_features, bias, dtype), ``Conv2d`` (in_channels, out_channels,
+kernel_size, stride, padding, dilation, groups, bias, dtype), ``MaxPool2d`` (kernel_size, stride,
+padding), ``AvgPool2d`` (kernel_size, stride, padding, count_include_pad), ``GlobalAvgPool2d``, ``ReLU``,
+``LeakyReLU`` (negative_slope), ``Sigmoid``, ``Tanh``, ``Softmax`` (axis), ``Dropout`` (p),
+``BatchNorm1d`` and ``BatchNorm2d`` (num_features, eps, momentum, affine, track_running_stats, dtype),
+``Flatten`` (start_dim, end_dim), ``Sequential`` (layers: a list of NODEs) and ``Residual`` (block: a
+NODE, shortcut: a NODE or null), nested to any depth. A pair (kernel_size, stride, padding, dilation)
+is written as a list of two integers (an integer alone is read as both); Conv2d's padding may also be
+``"same"``. Weights, running statistics and dropout's seed and call count are state, not architecture:
+they live in the checkpoint's tensors and extra states. Only these built-in layers are described, each
+by its exact class (a subclass may change what its constructor means): anything else raises
 :class:`ArchitectureError` naming the module.
 
 Save it with a checkpoint, ``save_checkpoint(path, model, extra={"architecture": architecture_of(model)})``
@@ -25,13 +29,15 @@ from collections.abc import Callable
 from typing import Any
 
 from .activations import LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
-from .batchnorm import BatchNorm1d
-from .containers import Flatten, Sequential
+from .batchnorm import BatchNorm1d, BatchNorm2d
+from .containers import Flatten, Residual, Sequential
+from .conv import Conv2d
 from .dropout import Dropout
 from .linear import Linear
 from .module import Module
+from .pooling import AvgPool2d, GlobalAvgPool2d, MaxPool2d
 
-__all__ = ["ARCHITECTURE_VERSION", "ArchitectureError", "architecture_of", "input_features",
+__all__ = ["ARCHITECTURE_VERSION", "ArchitectureError", "architecture_of", "input_channels", "input_features",
            "model_from_architecture", "output_features"]
 
 #: The layout written by :func:`architecture_of`; :func:`model_from_architecture` reads 1..this.
@@ -58,36 +64,74 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_pair(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(e) for e in v))
+
+
+def _pair(v: Any) -> list[int]:
+    # Layers keep pairs as tuples; JSON has lists.
+    return [int(e) for e in v] if isinstance(v, (list, tuple)) else [int(v), int(v)]
+
+
 _Field = tuple[str, Callable[[Any], Any], Callable[[Any], bool], str]
+_PAIR = "an integer or a list of two integers"
+_BOOL: tuple[Callable[[Any], bool], str] = (lambda v: isinstance(v, bool), "true or false")
+_DTYPE: tuple[Callable[[Any], bool], str] = (lambda v: v in _DTYPES, f"one of {', '.join(_DTYPES)}")
+
+
+_WINDOW: tuple[_Field, ...] = (
+    ("kernel_size", lambda m: _pair(m.kernel_size), _is_pair, _PAIR),
+    ("stride", lambda m: _pair(m.stride), _is_pair, _PAIR),
+    ("padding", lambda m: _pair(m.padding), _is_pair, _PAIR),
+)
+_BATCHNORM: tuple[_Field, ...] = (
+    ("num_features", lambda m: m.num_features, _is_int, "an integer"),
+    ("eps", lambda m: m.eps, _is_number, "a number"),
+    ("momentum", lambda m: m.momentum, lambda v: v is None or _is_number(v), "a number or null"),
+    ("affine", lambda m: bool(m.affine), *_BOOL),
+    ("track_running_stats", lambda m: bool(m.track_running_stats), *_BOOL),
+    ("dtype", lambda m: _bn_dtype(m), *_DTYPE),
+)
 _LAYERS: dict[str, tuple[type[Module], tuple[_Field, ...]]] = {
     "Linear": (Linear, (
         ("in_features", lambda m: m.in_features, _is_int, "an integer"),
         ("out_features", lambda m: m.out_features, _is_int, "an integer"),
-        ("bias", lambda m: m.bias is not None, lambda v: isinstance(v, bool), "true or false"),
-        ("dtype", lambda m: _dtype_name(m.weight.dtype), lambda v: v in _DTYPES, f"one of {', '.join(_DTYPES)}"),
+        ("bias", lambda m: m.bias is not None, *_BOOL),
+        ("dtype", lambda m: _dtype_name(m.weight.dtype), *_DTYPE),
     )),
+    "Conv2d": (Conv2d, (
+        ("in_channels", lambda m: m.in_channels, _is_int, "an integer"),
+        ("out_channels", lambda m: m.out_channels, _is_int, "an integer"),
+        ("kernel_size", lambda m: _pair(m.kernel_size), _is_pair, _PAIR),
+        ("stride", lambda m: _pair(m.stride), _is_pair, _PAIR),
+        ("padding", lambda m: m.padding if isinstance(m.padding, str) else _pair(m.padding),
+         lambda v: v == "same" or _is_pair(v), f"{_PAIR}, or \"same\""),
+        ("dilation", lambda m: _pair(m.dilation), _is_pair, _PAIR),
+        ("groups", lambda m: m.groups, _is_int, "an integer"),
+        ("bias", lambda m: m.bias is not None, *_BOOL),
+        ("dtype", lambda m: _dtype_name(m.weight.dtype), *_DTYPE),
+    )),
+    "MaxPool2d": (MaxPool2d, _WINDOW),
+    "AvgPool2d": (AvgPool2d, (*_WINDOW, ("count_include_pad", lambda m: bool(m.count_include_pad), *_BOOL))),
+    "GlobalAvgPool2d": (GlobalAvgPool2d, ()),
     "ReLU": (ReLU, ()),
     "LeakyReLU": (LeakyReLU, (("negative_slope", lambda m: m.negative_slope, _is_number, "a number"),)),
     "Sigmoid": (Sigmoid, ()),
     "Tanh": (Tanh, ()),
     "Softmax": (Softmax, (("axis", lambda m: m.axis, _is_int, "an integer"),)),
     "Dropout": (Dropout, (("p", lambda m: m.p, _is_number, "a number"),)),
-    "BatchNorm1d": (BatchNorm1d, (
-        ("num_features", lambda m: m.num_features, _is_int, "an integer"),
-        ("eps", lambda m: m.eps, _is_number, "a number"),
-        ("momentum", lambda m: m.momentum, lambda v: v is None or _is_number(v), "a number or null"),
-        ("affine", lambda m: bool(m.affine), lambda v: isinstance(v, bool), "true or false"),
-        ("track_running_stats", lambda m: bool(m.track_running_stats), lambda v: isinstance(v, bool),
-         "true or false"),
-        ("dtype", lambda m: _bn_dtype(m), lambda v: v in _DTYPES, f"one of {', '.join(_DTYPES)}"),
-    )),
+    "BatchNorm1d": (BatchNorm1d, _BATCHNORM),
+    "BatchNorm2d": (BatchNorm2d, _BATCHNORM),
     "Flatten": (Flatten, (("start_dim", lambda m: m.start_dim, _is_int, "an integer"),
                           ("end_dim", lambda m: m.end_dim, _is_int, "an integer"))),
 }
-_REQUIRED = {"Linear": ("in_features", "out_features"), "BatchNorm1d": ("num_features",)}
+_REQUIRED = {"Linear": ("in_features", "out_features"), "Conv2d": ("in_channels", "out_channels", "kernel_size"),
+             "MaxPool2d": ("kernel_size",), "AvgPool2d": ("kernel_size",), "BatchNorm1d": ("num_features",),
+             "BatchNorm2d": ("num_features",)}
+_CONTAINERS = ("Sequential", "Residual")
 
 
-def _bn_dtype(m: BatchNorm1d) -> str:
+def _bn_dtype(m: BatchNorm1d | BatchNorm2d) -> str:
     for _, value in (*((n, p.value) for n, p in m.named_parameters()), *m.named_buffers()):
         if _dtype_name(value.dtype).startswith("float"):
             return _dtype_name(value.dtype)
@@ -102,12 +146,15 @@ def architecture_of(model: Module) -> dict[str, Any]:
 def _node_of(module: Any, where: str) -> dict[str, Any]:
     if type(module) is Sequential:
         return {"type": "Sequential", "layers": [_node_of(m, f"{where}[{i}]") for i, m in enumerate(module)]}
+    if type(module) is Residual:
+        return {"type": "Residual", "block": _node_of(module.block, f"{where}.block"),
+                "shortcut": None if module.shortcut is None else _node_of(module.shortcut, f"{where}.shortcut")}
     for name, (cls, fields) in _LAYERS.items():
         if type(module) is cls:
             return {"type": name, **{arg: get(module) for arg, get, _, _ in fields}}
     raise ArchitectureError(
         f"architecture_of: {where} is a {type(module).__module__}.{type(module).__qualname__}, which has no "
-        f"JSON description; describable: Sequential, {', '.join(_LAYERS)} (exact classes, not subclasses)")
+        f"JSON description; describable: {', '.join((*_CONTAINERS, *_LAYERS))} (exact classes, not subclasses)")
 
 
 def model_from_architecture(spec: Any) -> Module:
@@ -137,9 +184,16 @@ def _build(node: Any, where: str) -> Module:
             raise ArchitectureError(f"architecture {where}: Sequential takes exactly 'layers', a list of layers; "
                                     f"got fields {sorted(node)}")
         return Sequential(*(_build(child, f"{where}.layers[{i}]") for i, child in enumerate(layers)))
+    if kind == "Residual":
+        if "block" not in node or not set(node) <= {"type", "block", "shortcut"}:
+            raise ArchitectureError(f"architecture {where}: Residual takes 'block' (a layer) and 'shortcut' (a "
+                                    f"layer or null); got fields {sorted(node)}")
+        shortcut = node.get("shortcut")
+        return Residual(_build(node["block"], f"{where}.block"),
+                        None if shortcut is None else _build(shortcut, f"{where}.shortcut"))
     if kind not in _LAYERS:
-        raise ArchitectureError(f"architecture {where}: unknown layer type {kind!r}; known: Sequential, "
-                                f"{', '.join(_LAYERS)}")
+        raise ArchitectureError(f"architecture {where}: unknown layer type {kind!r}; known: "
+                                f"{', '.join((*_CONTAINERS, *_LAYERS))}")
     cls, fields = _LAYERS[kind]
     known = {arg: (ok, want) for arg, _, ok, want in fields}
     unknown = sorted(set(node) - {"type"} - set(known))
@@ -156,7 +210,7 @@ def _build(node: Any, where: str) -> Module:
         ok, want = known[arg]
         if not ok(value):
             raise ArchitectureError(f"architecture {where}.{arg}: expected {want}, got {value!r}")
-        kwargs[arg] = value
+        kwargs[arg] = tuple(value) if isinstance(value, list) else value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -164,27 +218,58 @@ def _build(node: Any, where: str) -> Module:
 
 
 def _layers_in_order(node: Any) -> list[dict[str, Any]]:
+    """The leaves in forward order; a Residual's block stands for it (its output has the block's shape)."""
     if isinstance(node, dict) and node.get("type") == "Sequential" and isinstance(node.get("layers"), list):
         return [leaf for child in node["layers"] for leaf in _layers_in_order(child)]
+    if isinstance(node, dict) and node.get("type") == "Residual":
+        return _layers_in_order(node.get("block"))
     return [node] if isinstance(node, dict) else []
 
 
-_WIDTH_IN = {"Linear": "in_features", "BatchNorm1d": "num_features"}
-_WIDTH_OUT = {"Linear": "out_features", "BatchNorm1d": "num_features"}
+_WIDTH = {"Linear": ("in_features", "out_features"), "BatchNorm1d": ("num_features", "num_features")}
+_CHANNELS = {"Conv2d": ("in_channels", "out_channels"), "BatchNorm2d": ("num_features", "num_features")}
+_SPATIAL = ("MaxPool2d", "AvgPool2d")  # keep the channels, change the size: (N, C, H, W) in and out
 
 
 def input_features(spec: dict[str, Any]) -> int | None:
-    """The width of the model's input: the first Linear's ``in_features`` (or BatchNorm1d's
-    ``num_features``) in forward order; None when no layer fixes it."""
+    """The width of the model's input rows: the first Linear's ``in_features`` (or BatchNorm1d's
+    ``num_features``) in forward order; None when no layer fixes it, or when the model takes images
+    (a Conv2d, BatchNorm2d or pooling comes first: see :func:`input_channels`)."""
     for layer in _layers_in_order(spec.get("model")):
-        if layer.get("type") in _WIDTH_IN:
-            return layer.get(_WIDTH_IN[layer["type"]])
+        kind = layer.get("type")
+        if kind in _WIDTH:
+            return layer.get(_WIDTH[kind][0])
+        if kind in _CHANNELS or kind in _SPATIAL or kind == "GlobalAvgPool2d":
+            return None
+    return None
+
+
+def input_channels(spec: dict[str, Any]) -> int | None:
+    """The channels C of the images ``(N, C, H, W)`` a convolutional model takes: the first Conv2d's
+    ``in_channels`` (or BatchNorm2d's ``num_features``) in forward order, poolings passed over; None
+    for a model that takes rows (a Linear or BatchNorm1d first) or when no layer fixes it."""
+    for layer in _layers_in_order(spec.get("model")):
+        kind = layer.get("type")
+        if kind in _CHANNELS:
+            return layer.get(_CHANNELS[kind][0])
+        if kind in _WIDTH or kind == "GlobalAvgPool2d":
+            return None
     return None
 
 
 def output_features(spec: dict[str, Any]) -> int | None:
-    """The width of the model's output: the last Linear's ``out_features`` (or BatchNorm1d's ``num_features``)."""
+    """The width of the model's output rows: the last Linear's ``out_features`` (or BatchNorm1d's
+    ``num_features``); after a GlobalAvgPool2d, the channels of the Conv2d or BatchNorm2d before it. None
+    when no layer fixes it or the output is not rows (a model ending in a convolution or a pooling)."""
+    pooled = False  # the output is (N, C): a GlobalAvgPool2d comes after everything seen so far
     for layer in reversed(_layers_in_order(spec.get("model"))):
-        if layer.get("type") in _WIDTH_OUT:
-            return layer.get(_WIDTH_OUT[layer["type"]])
+        kind = layer.get("type")
+        if kind in _WIDTH:
+            return layer.get(_WIDTH[kind][1])
+        if kind == "GlobalAvgPool2d":
+            pooled = True
+        elif kind in _CHANNELS:
+            return layer.get(_CHANNELS[kind][1]) if pooled else None
+        elif kind in _SPATIAL and not pooled:
+            return None
     return None

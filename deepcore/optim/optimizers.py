@@ -6,12 +6,18 @@ with foreach and fused off). The arithmetic lives in the backend
 CuPy in one fused kernel per parameter, any other array-API library through
 the reference. ``step()`` checks every gradient before it changes anything, so
 a failed step leaves parameters and optimizer state as they were.
+
+Parameters come as a list (one group) or as PyTorch's parameter groups,
+``[{"params": [...], "lr": 0.01, "weight_decay": 0.0}, ...]``, each group
+overriding any of the constructor's hyperparameters; ``opt.param_groups`` holds
+them (:class:`~deepcore.optim.groups.ParamGroup`, checked dicts) and schedules
+set each group's ``"lr"``. ``opt.lr`` (and ``opt.momentum`` etc.) read the first
+group and set every group.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -20,6 +26,8 @@ from ..backend import Backend, BackendMismatchError, backend_of, get_backend, to
 from ..backend.base import Array
 from ..backend.registry import known_backend
 from ..nn.module import Param
+from .checks import backend_or_none, jsonable, learning_rate, real, state_int
+from .groups import NAME_KEY, ParamGroup, parse_param_groups
 
 __all__ = ["GD", "SGD", "Adam", "AdamW", "Optimizer"]
 
@@ -27,54 +35,114 @@ _STATE_DICT_KEYS = ("type", "hyperparams", "step_count", "state")
 
 
 class Optimizer:
-    """Base class: the parameter list, per-parameter state, checked steps and state dicts.
+    """Base class: parameter groups, per-parameter state, checked steps and state dicts.
 
     Subclasses name their constructor hyperparameters in ``HYPERPARAMS`` (what
-    ``state_dict()["hyperparams"]`` holds), their per-parameter arrays in
-    ``STATE_ARRAYS`` and integers in ``STATE_INTS``, and implement
-    ``_check_hyperparams`` and ``_update``.
+    ``state_dict()["hyperparams"]`` and each saved group hold, and what a group may override),
+    their per-parameter arrays in ``STATE_ARRAYS`` (those a state may lack in ``STATE_OPTIONAL``)
+    and integers in ``STATE_INTS``, and implement ``_check_hyperparams`` and ``_update``.
     """
 
     HYPERPARAMS: ClassVar[tuple[str, ...]] = ("lr",)
     STATE_ARRAYS: ClassVar[tuple[str, ...]] = ()
     STATE_INTS: ClassVar[tuple[str, ...]] = ()
+    STATE_OPTIONAL: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, params: Iterable[Param], **hyperparams: Any) -> None:
+    def __init__(self, params: Iterable[Param] | Iterable[Mapping[str, Any]], **hyperparams: Any) -> None:
         fn = type(self).__name__
-        checked = self._check_hyperparams(hyperparams)
-        self.params: list[Param] = _check_params(params, fn)
-        self._set_hyperparams(checked)
+        defaults = self._check_hyperparams(hyperparams)
+        specs = parse_param_groups(params, fn, self.HYPERPARAMS)
+        groups = [self._make_group(members, overrides, defaults, fn if label is None else f"{fn}: {label}")
+                  for members, overrides, label in specs]
+        d = self.__dict__
+        #: The constructor's hyperparameters: what a group (or ``add_param_group``) does not set.
+        d["defaults"] = defaults
+        #: The groups (``ParamGroup`` dicts): ``"params"`` and every hyperparameter.
+        d["param_groups"] = groups
+        #: Every parameter, group after group (``state`` and state dicts number them in this order).
+        d["params"] = [p for group in groups for p in group["params"]]
+        d["_group_of"] = [group for group in groups for _ in group["params"]]
         #: Successful ``step()`` calls; Adam's bias correction uses each parameter's own count.
         self.step_count = 0
         #: One dict per parameter (empty until the parameter's first update).
         self.state: list[dict[str, Any]] = [{} for _ in self.params]
 
+    def _make_group(self, members: list[Param], overrides: Mapping[str, Any], defaults: Mapping[str, Any],
+                    where: str) -> ParamGroup:
+        cls = type(self)
+        name = {NAME_KEY: overrides[NAME_KEY]} if NAME_KEY in overrides else {}
+        hyper = {k: v for k, v in overrides.items() if k != NAME_KEY}
+
+        def check(h: Mapping[str, Any]) -> dict[str, Any]:
+            return cls._check_hyperparams({k: v for k, v in h.items() if k != NAME_KEY}, fn=where)
+
+        checked = cls._check_hyperparams({**defaults, **hyper}, fn=where) if hyper else dict(defaults)
+        return ParamGroup(list(members), {**checked, **name}, check, self.HYPERPARAMS, where)
+
+    def add_param_group(self, group: Mapping[str, Any]) -> None:
+        """Add a group (``{"params": [...], <hyperparameter>: value}``, the rest from ``defaults``),
+        as ``torch.optim.Optimizer.add_param_group``; its parameters must be new to this optimizer.
+        Schedules built before do not know the new group: build them after."""
+        fn = f"{type(self).__name__}.add_param_group"
+        if not isinstance(group, Mapping):
+            raise TypeError(f"{fn}: expected a dict with a 'params' key, got {type(group).__name__}")
+        ((members, overrides, _),) = parse_param_groups([group], fn, self.HYPERPARAMS)
+        known = {id(p): i for i, p in enumerate(self.params)}
+        for p in members:
+            if id(p) in known:
+                raise ValueError(f"{fn}: {_label(known[id(p)], p)} is already in a group of this optimizer")
+        where = f"{type(self).__name__}: params[{len(self.param_groups)}]"
+        new = self._make_group(members, overrides, self.defaults, where)
+        self.param_groups.append(new)
+        self.params.extend(members)
+        self._group_of.extend(new for _ in members)
+        self.state.extend({} for _ in members)
+
     # ------------------------------------------------------- hyperparameters
     @property
     def lr(self) -> float:
-        """The learning rate; schedules set it between steps."""
-        return self._lr
+        """The first group's learning rate; setting it sets every group's (and the default)."""
+        return self.param_groups[0]["lr"]
 
     @lr.setter
     def lr(self, value: float) -> None:
-        self._lr = _learning_rate(value, type(self).__name__)
+        self._set_everywhere("lr", value)
+
+    def __getattr__(self, name: str) -> Any:
+        # opt.momentum, opt.betas, ...: the first group's value, as opt.lr.
+        d = self.__dict__
+        if "defaults" in d and name in d["defaults"]:
+            return d["param_groups"][0][name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "lr" and name in self.HYPERPARAMS and "param_groups" in self.__dict__:
+            self._set_everywhere(name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def _set_everywhere(self, name: str, value: Any) -> None:
+        """``name = value`` in the defaults and every group, all checked before any changes."""
+        checked = [group.validate({name: value}) for group in self.param_groups]
+        defaults = self._check_hyperparams({**self.defaults, name: value})
+        for group, values in zip(self.param_groups, checked, strict=True):
+            group.set_checked(values)
+        self.defaults[name] = defaults[name]
 
     @classmethod
-    def _check_hyperparams(cls, h: Mapping[str, Any]) -> dict[str, Any]:
-        """Every attribute to set, validated, from the constructor's (or a state dict's) values."""
-        return {"lr": _learning_rate(h["lr"], cls.__name__)}
-
-    def _set_hyperparams(self, checked: Mapping[str, Any]) -> None:
-        for name, value in checked.items():
-            setattr(self, name, value)
+    def _check_hyperparams(cls, h: Mapping[str, Any], fn: str | None = None) -> dict[str, Any]:
+        """Every hyperparameter, validated, from the constructor's (a group's, a state dict's) values;
+        ``fn`` names the caller in messages (the class name by default)."""
+        return {"lr": learning_rate(h["lr"], fn or cls.__name__)}
 
     def hyperparams(self) -> dict[str, Any]:
-        """The constructor's hyperparameters, JSON-able (tuples as lists)."""
-        return {name: _jsonable(getattr(self, name)) for name in self.HYPERPARAMS}
+        """The defaults (the constructor's hyperparameters, as set since), JSON-able (tuples as lists)."""
+        return {name: jsonable(self.defaults[name]) for name in self.HYPERPARAMS}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams().items())
-        return f"{type(self).__name__}({len(self.params)} params, {args})"
+        groups = f", {len(self.param_groups)} groups" if len(self.param_groups) > 1 else ""
+        return f"{type(self).__name__}({len(self.params)} params{groups}, {args})"
 
     # ------------------------------------------------------------------ steps
     def zero_grad(self) -> None:
@@ -104,12 +172,14 @@ class Optimizer:
                 plan.append((i, backend, grad, state))
             else:
                 plan.append(self._prepare(i, p))
+        group_of = self._group_of
         for i, backend, grad, state in plan:
             self.state[i] = state
-            self._update(self.params[i], backend, grad, state)
+            self._update(self.params[i], backend, grad, state, group_of[i])
         self.step_count += 1
 
-    def _update(self, p: Param, backend: Backend, grad: Array, state: dict[str, Any]) -> None:
+    def _update(self, p: Param, backend: Backend, grad: Array, state: dict[str, Any], group: ParamGroup) -> None:
+        """Update ``p`` (with ``grad`` in its dtype) and ``state`` in place, with ``group``'s hyperparameters."""
         raise NotImplementedError(f"{type(self).__name__} does not implement _update")
 
     def _prepare(self, i: int, p: Param) -> tuple[int, Backend, Array, dict[str, Any]]:
@@ -162,21 +232,34 @@ class Optimizer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """``{"type", "hyperparams", "step_count", "state"}``; ``state`` maps each parameter's index
-        (a string) to its dict of arrays and ints (empty before its first update). The arrays are the
-        optimizer's own, not copies: convert or copy them before the next ``step()``."""
+        """``{"type", "hyperparams", "step_count", "state", "param_groups"}``: ``hyperparams`` the defaults;
+        ``state`` maps each parameter's index (a string) to its dict of arrays and ints (empty before
+        its first update); ``param_groups`` one dict per group, its parameters' indices under ``"params"``
+        with its hyperparameters (and ``"name"``), as ``torch.optim.Optimizer.state_dict`` holds them.
+        The arrays are the optimizer's own, not copies: convert or copy them before the next ``step()``."""
+        groups, start = [], 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            saved = {"params": list(range(start, start + n)),
+                     **{name: jsonable(group[name]) for name in self.HYPERPARAMS}}
+            if NAME_KEY in group:
+                saved[NAME_KEY] = group[NAME_KEY]
+            groups.append(saved)
+            start += n
         return {
             "type": type(self).__name__,
             "hyperparams": self.hyperparams(),
             "step_count": self.step_count,
             "state": {str(i): dict(s) for i, s in enumerate(self.state)},
+            "param_groups": groups,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what ``state_dict()`` returned, with arrays from any backend (NumPy from a file, say)
-        converted to each parameter's backend, device and dtype. Everything (type, parameter indices,
-        keys, shapes, hyperparameters) is checked before anything changes. A missing parameter entry
-        means "no state yet"."""
+        converted to each parameter's backend, device and dtype. Everything (type, groups, parameter
+        indices, keys, shapes, hyperparameters) is checked before anything changes. A missing parameter
+        entry means "no state yet". A state dict without ``param_groups`` (written before groups existed)
+        is one group holding every parameter with ``hyperparams``' values."""
         fn = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"{fn}: expected a dict as returned by state_dict(), got {type(state_dict).__name__}")
@@ -193,8 +276,12 @@ class Optimizer:
         if unknown:
             raise ValueError(f"{fn}: unknown hyperparameters {unknown}; {type(self).__name__} has "
                              f"{list(self.HYPERPARAMS)}")
-        checked = self._check_hyperparams({**self.hyperparams(), **hyper})
-        step_count = _state_int(state_dict["step_count"], "'step_count'", fn)
+        defaults = self._check_hyperparams({**self.defaults, **hyper}, fn=fn)
+        saved_groups = state_dict.get("param_groups")
+        if saved_groups is None:
+            saved_groups = [{"params": list(range(len(self.params))), **hyper}]
+        group_values = self._load_groups(saved_groups, defaults, fn)
+        step_count = state_int(state_dict["step_count"], "'step_count'", fn)
         entries = state_dict["state"]
         if not isinstance(entries, Mapping):
             raise TypeError(f"{fn}: 'state' must be a dict, got {type(entries).__name__}")
@@ -202,9 +289,43 @@ class Optimizer:
         for key, entry in entries.items():
             i = _param_index(key, len(self.params), fn)
             new_state[i] = self._load_entry(i, entry, fn)
-        self._set_hyperparams(checked)
+        self.defaults.update(defaults)
+        for group, values in zip(self.param_groups, group_values, strict=True):
+            group.set_checked(values)
         self.step_count = step_count
         self.state = new_state
+
+    def _load_groups(self, saved: Any, defaults: Mapping[str, Any], fn: str) -> list[dict[str, Any]]:
+        """Each saved group's hyperparameters, checked; the groups must hold the same parameters as ours."""
+        if not isinstance(saved, list) or not all(isinstance(g, Mapping) for g in saved):
+            raise TypeError(f"{fn}: 'param_groups' must be a list of dicts, got {saved!r:.80}")
+        ours = [len(g["params"]) for g in self.param_groups]
+        if len(saved) != len(ours):
+            raise ValueError(f"{fn}: the state dict has {len(saved)} parameter groups, this optimizer has "
+                             f"{len(ours)}; build the optimizer with the same groups")
+        out, start = [], 0
+        for g, (entry, n) in enumerate(zip(saved, ours, strict=True)):
+            where = f"param_groups[{g}]"
+            indices = entry.get("params")
+            if not isinstance(indices, (list, tuple)):
+                raise TypeError(f"{fn}: {where}['params'] must be a list of parameter indices, got {indices!r:.80}")
+            indices = [state_int(i, f"{where}['params']", fn) for i in indices]
+            if indices != list(range(start, start + n)):
+                raise ValueError(f"{fn}: {where} holds parameters {indices}, but this optimizer's group {g} holds "
+                                 f"{list(range(start, start + n))}; build the optimizer with the same groups")
+            unknown = sorted(set(entry) - {"params", NAME_KEY, *self.HYPERPARAMS})
+            if unknown:
+                raise ValueError(f"{fn}: {where} has unknown keys {unknown}; {type(self).__name__} has "
+                                 f"{list(self.HYPERPARAMS)}")
+            values = {k: v for k, v in entry.items() if k in self.HYPERPARAMS}
+            checked = self._check_hyperparams({**defaults, **values}, fn=f"{fn}: {where}")
+            if NAME_KEY in entry:
+                if not isinstance(entry[NAME_KEY], str):
+                    raise TypeError(f"{fn}: {where}['{NAME_KEY}'] must be a string, got {entry[NAME_KEY]!r}")
+                checked[NAME_KEY] = entry[NAME_KEY]
+            out.append(checked)
+            start += n
+        return out
 
     def _load_entry(self, i: int, entry: Any, fn: str) -> dict[str, Any]:
         where = f"state[{str(i)!r}]"
@@ -212,15 +333,19 @@ class Optimizer:
             raise TypeError(f"{fn}: {where} must be a dict, got {type(entry).__name__}")
         if not entry:
             return {}
-        expected = set(self.STATE_ARRAYS) | set(self.STATE_INTS)
-        if set(entry) != expected:
-            raise ValueError(f"{fn}: {where} must have keys {sorted(expected)}, got {sorted(entry)}")
+        allowed = set(self.STATE_ARRAYS) | set(self.STATE_INTS)
+        required = allowed - set(self.STATE_OPTIONAL)
+        if not required <= set(entry) <= allowed:
+            expected = sorted(required) + [f"{k} (optional)" for k in sorted(allowed - required)]
+            raise ValueError(f"{fn}: {where} must have keys {expected}, got {sorted(entry)}")
         p = self.params[i]
         backend = get_backend(p.value)
-        out: dict[str, Any] = {name: _state_int(entry[name], f"{where}[{name!r}]", fn) for name in self.STATE_INTS}
+        out: dict[str, Any] = {name: state_int(entry[name], f"{where}[{name!r}]", fn) for name in self.STATE_INTS}
         for name in self.STATE_ARRAYS:
+            if name not in entry:
+                continue
             value = entry[name]
-            if _backend_or_none(value) is None:
+            if backend_or_none(value) is None:
                 value = np.asarray(value)
             shape = tuple(value.shape)
             if shape != p.shape:
@@ -241,16 +366,16 @@ class SGD(Optimizer):
     nesterov: bool
     weight_decay: float
 
-    def __init__(self, params: Iterable[Param], lr: float, momentum: float = 0.0, dampening: float = 0.0,
-                 nesterov: bool = False, weight_decay: float = 0.0) -> None:
+    def __init__(self, params: Iterable[Param] | Iterable[Mapping[str, Any]], lr: float, momentum: float = 0.0,
+                 dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                          weight_decay=weight_decay)
 
     @classmethod
-    def _check_hyperparams(cls, h: Mapping[str, Any]) -> dict[str, Any]:
-        fn = cls.__name__
-        momentum = _real(h.get("momentum", 0.0), "momentum", fn, ">= 0", lambda x: x >= 0)
-        dampening = _real(h.get("dampening", 0.0), "dampening", fn, "(any finite number)", lambda x: True)
+    def _check_hyperparams(cls, h: Mapping[str, Any], fn: str | None = None) -> dict[str, Any]:
+        fn = fn or cls.__name__
+        momentum = real(h.get("momentum", 0.0), "momentum", fn, ">= 0", lambda x: x >= 0)
+        dampening = real(h.get("dampening", 0.0), "dampening", fn, "(any finite number)", lambda x: True)
         nesterov = h.get("nesterov", False)
         if not isinstance(nesterov, (bool, np.bool_)):
             raise TypeError(f"{fn}: nesterov must be True or False, got {nesterov!r}")
@@ -258,18 +383,18 @@ class SGD(Optimizer):
             raise ValueError(f"{fn}: nesterov=True requires momentum > 0 and dampening == 0, "
                              f"got momentum={momentum}, dampening={dampening}")
         return {
-            "lr": _learning_rate(h["lr"], fn),
+            "lr": learning_rate(h["lr"], fn),
             "momentum": momentum,
             "dampening": dampening,
             "nesterov": bool(nesterov),
-            "weight_decay": _real(h.get("weight_decay", 0.0), "weight_decay", fn, ">= 0", lambda x: x >= 0),
+            "weight_decay": real(h.get("weight_decay", 0.0), "weight_decay", fn, ">= 0", lambda x: x >= 0),
         }
 
-    def _update(self, p: Param, backend: Backend, grad: Array, state: dict[str, Any]) -> None:
+    def _update(self, p: Param, backend: Backend, grad: Array, state: dict[str, Any], group: ParamGroup) -> None:
         buf = state.get("momentum_buffer")
         p.value, buf = backend.sgd_update(
-            p.value, grad, buf, lr=self.lr, momentum=self.momentum, dampening=self.dampening,
-            nesterov=self.nesterov, weight_decay=self.weight_decay, first_step=buf is None,
+            p.value, grad, buf, lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+            nesterov=group["nesterov"], weight_decay=group["weight_decay"], first_step=buf is None,
         )
         if buf is not None:
             state["momentum_buffer"] = buf
@@ -280,7 +405,7 @@ class GD(SGD):
 
     HYPERPARAMS = ("lr",)
 
-    def __init__(self, params: Iterable[Param], lr: float) -> None:
+    def __init__(self, params: Iterable[Param] | Iterable[Mapping[str, Any]], lr: float) -> None:
         super().__init__(params, lr)
 
 
@@ -298,13 +423,13 @@ class Adam(Optimizer):
     eps: float
     weight_decay: float
 
-    def __init__(self, params: Iterable[Param], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    def __init__(self, params: Iterable[Param] | Iterable[Mapping[str, Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     @classmethod
-    def _check_hyperparams(cls, h: Mapping[str, Any]) -> dict[str, Any]:
-        fn = cls.__name__
+    def _check_hyperparams(cls, h: Mapping[str, Any], fn: str | None = None) -> dict[str, Any]:
+        fn = fn or cls.__name__
         betas = h["betas"]
         try:
             pair = tuple(betas)
@@ -312,23 +437,23 @@ class Adam(Optimizer):
             pair = ()
         if len(pair) != 2:
             raise ValueError(f"{fn}: betas must be a pair (beta1, beta2), got {betas!r}")
-        checked = tuple(_real(b, f"betas[{k}]", fn, "in [0, 1)", lambda x: 0 <= x < 1) for k, b in enumerate(pair))
+        checked = tuple(real(b, f"betas[{k}]", fn, "in [0, 1)", lambda x: 0 <= x < 1) for k, b in enumerate(pair))
         return {
-            "lr": _learning_rate(h["lr"], fn),
+            "lr": learning_rate(h["lr"], fn),
             "betas": checked,
-            "eps": _real(h["eps"], "eps", fn, ">= 0", lambda x: x >= 0),
-            "weight_decay": _real(h["weight_decay"], "weight_decay", fn, ">= 0", lambda x: x >= 0),
+            "eps": real(h["eps"], "eps", fn, ">= 0", lambda x: x >= 0),
+            "weight_decay": real(h["weight_decay"], "weight_decay", fn, ">= 0", lambda x: x >= 0),
         }
 
-    def _update(self, p: Param, backend: Backend, grad: Array, state: dict[str, Any]) -> None:
+    def _update(self, p: Param, backend: Backend, grad: Array, state: dict[str, Any], group: ParamGroup) -> None:
         if not state:
             xp = backend.xp
             state.update(step=0, exp_avg=xp.zeros_like(p.value), exp_avg_sq=xp.zeros_like(p.value))
         state["step"] += 1
-        beta1, beta2 = self.betas
+        beta1, beta2 = group["betas"]
         p.value, state["exp_avg"], state["exp_avg_sq"] = backend.adam_update(
-            p.value, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=self.lr, beta1=beta1,
-            beta2=beta2, eps=self.eps, weight_decay=self.weight_decay, decoupled=self.DECOUPLED,
+            p.value, grad, state["exp_avg"], state["exp_avg_sq"], step=state["step"], lr=group["lr"], beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], decoupled=self.DECOUPLED,
         )
 
 
@@ -337,67 +462,14 @@ class AdamW(Adam):
 
     DECOUPLED = True
 
-    def __init__(self, params: Iterable[Param], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01) -> None:
+    def __init__(self, params: Iterable[Param] | Iterable[Mapping[str, Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 # ------------------------------------------------------------------ helpers
-def _check_params(params: Any, fn: str) -> list[Param]:
-    if isinstance(params, Param):
-        raise TypeError(f"{fn}: params must be a list of Params (e.g. model.parameters()), got a single Param; "
-                        f"wrap it in a list")
-    if isinstance(params, (str, bytes, Mapping)) or not isinstance(params, Iterable):
-        raise TypeError(f"{fn}: params must be a list of deepcore.nn.Param (e.g. model.parameters()), "
-                        f"got {type(params).__name__}")
-    items = list(params)
-    if not items:
-        raise ValueError(f"{fn}: params must not be empty, got an empty list (does the model have parameters?)")
-    seen: dict[int, int] = {}
-    for i, p in enumerate(items):
-        if not isinstance(p, Param):
-            raise TypeError(f"{fn}: params[{i}] must be a deepcore.nn.Param (pass model.parameters()), "
-                            f"got {type(p).__name__}")
-        if id(p) in seen:
-            raise ValueError(f"{fn}: params[{i}] ({p.name!r}) is the same Param as params[{seen[id(p)]}]; "
-                             f"each parameter may appear once")
-        seen[id(p)] = i
-    return items
-
-
-def _real(value: Any, name: str, fn: str, expected: str, ok: Callable[[float], bool]) -> float:
-    """``value`` as a Python float (so float32 arrays stay float32), if finite and ``ok``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{fn}: {name} must be a number {expected}, got {value!r}")
-    x = float(value)
-    if not math.isfinite(x) or not ok(x):
-        raise ValueError(f"{fn}: {name} must be a finite number {expected}, got {value!r}")
-    return x
-
-
-def _learning_rate(value: Any, fn: str) -> float:
-    return _real(value, "lr", fn, ">= 0", lambda x: x >= 0)
-
-
-def _jsonable(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
-
-
 def _label(i: int, p: Param) -> str:
     return f"parameter {i} ({p.name!r})" if p.name else f"parameter {i}"
-
-
-def _state_int(value: Any, name: str, fn: str) -> int:
-    """A non-negative integer from an int, a NumPy integer, or a 0-d integer array of any backend."""
-    raw = value
-    if hasattr(value, "shape") and not isinstance(value, np.generic):
-        backend = _backend_or_none(value)
-        if tuple(value.shape) != () or backend is None:
-            raise TypeError(f"{fn}: {name} must be a non-negative integer, got an array of shape {tuple(value.shape)}")
-        value = backend.to_numpy(value)[()]
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0:
-        return int(value)
-    raise ValueError(f"{fn}: {name} must be a non-negative integer, got {raw!r}")
 
 
 def _param_index(key: Any, n: int, fn: str) -> int:
@@ -409,13 +481,6 @@ def _param_index(key: Any, n: int, fn: str) -> int:
         raise ValueError(f"{fn}: 'state' has an entry for parameter {key!r}, but this optimizer has {n} "
                          f"parameters (keys '0' to '{n - 1}')")
     return i
-
-
-def _backend_or_none(x: Any) -> Backend | None:
-    try:
-        return get_backend(x)
-    except (TypeError, ValueError):
-        return None
 
 
 def _convert(x: Array, p: Param, backend: Backend) -> Array:
@@ -437,7 +502,7 @@ def _match(x: Array, p: Param, backend: Backend, what: str) -> Array:
     if tuple(x.shape) != p.shape:
         raise ValueError(f"{what} has shape {tuple(x.shape)} but the parameter now has shape {p.shape}; "
                          f"the parameter was replaced: build a new optimizer")
-    same = _backend_or_none(x) is backend and (backend.single_device or backend.device(x) == backend.device(p.value))
+    same = backend_or_none(x) is backend and (backend.single_device or backend.device(x) == backend.device(p.value))
     if same and x.dtype == p.value.dtype:
         return x
     return _convert(x, p, backend)

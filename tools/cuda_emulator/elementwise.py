@@ -3,10 +3,11 @@
 :func:`build` writes one C++ function per kernel and type (float, double) with the kernel's
 body pasted in verbatim, bound the way CuPy binds it: each input a by-value ``T`` (or
 ``int``) read from its array, or the same scalar for every element; each output a ``T&``
-into its array, so a parameter that is both read and written updates in place. The
-compiled library is called through :class:`EmulatedElementwise`, which takes arguments the
-way ``cupy.ElementwiseKernel.__call__`` does (inputs, then optional outputs; Python
-scalars cast to ``T``) with NumPy arrays, and returns the outputs.
+into its array, so a parameter that is both read and written updates in place; ``i`` is the
+element's flat index, as in CuPy. The compiled library is called through
+:class:`EmulatedElementwise`, which takes arguments the way ``cupy.ElementwiseKernel.__call__``
+does (inputs, then optional outputs; Python scalars cast to ``T``) with NumPy arrays, and
+returns the outputs.
 
 Stricter than CuPy: every array must have the same shape (no broadcasting) and be
 C-contiguous, and every ``T`` array the same dtype. Host ``exp``/``sqrt`` stand in for
@@ -28,7 +29,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 _TYPES = {"float": np.dtype(np.float32), "double": np.dtype(np.float64)}
 _FIXED = {"int32": ("int", np.dtype(np.int32)), "float32": ("float", np.dtype(np.float32)),
-          "float64": ("double", np.dtype(np.float64))}
+          "float64": ("double", np.dtype(np.float64)), "uint64": ("unsigned long long", np.dtype(np.uint64))}
 
 
 def _emulated():
@@ -60,6 +61,7 @@ def source(specs) -> str:
             lines.append(f'extern "C" {signature} {{')
             lines.append(f"    using T = {t};")
             lines.append("    for (long long _i = 0; _i < _n; ++_i) {")
+            lines.append("        const long long i = _i;  // CuPy's flat index of the element")
             for k, (ptype, name, is_output) in enumerate(params):
                 ct = _ctype(ptype, t)
                 if is_output:
