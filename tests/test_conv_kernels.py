@@ -450,30 +450,35 @@ def test_column_matrix_past_two_to_the_32_elements_uses_64_bit_indices(conv_lib,
         path.unlink(missing_ok=True)
 
 
-def test_cupy_functions_compile_one_instance_per_module(monkeypatch):
-    """cupy_function hands NVRTC the whole conv2d.cu with one name expression, and caches it."""
+def test_kernels_compile_one_instance_per_module_and_device(monkeypatch):
+    """cupy_function (and the loss's _sce_function) hand NVRTC the whole source with one name
+    expression, and keep the result per device: a loaded module belongs to its device."""
     from types import SimpleNamespace
 
     made = []
+    current = SimpleNamespace(id=0)
 
     class FakeModule:
         def __init__(self, code, options, name_expressions):
-            made.append((code, options, tuple(name_expressions)))
+            made.append((code, options, tuple(name_expressions), current.id))
 
         def get_function(self, name):
-            return ("kernel", name)
+            return ("kernel", name, current.id)
 
-    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(RawModule=FakeModule))
-    cv.cupy_function.cache_clear()
-    try:
-        assert cv.cupy_function("col2im<float>") == ("kernel", "col2im<float>")
-        assert cv.cupy_function("col2im<float>") == ("kernel", "col2im<float>")
-        (code, options, names), = made
-        assert code == ck.kernel_source(ck.CONV_SOURCE) and options == ("-std=c++17",) and names == ("col2im<float>",)
-        with pytest.raises(KeyError, match="is not a kernel of conv2d.cu"):
-            cv.cupy_function("col2im<int>")
-    finally:
-        cv.cupy_function.cache_clear()
+    fake = SimpleNamespace(RawModule=FakeModule, cuda=SimpleNamespace(Device=lambda: current))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(ck, "_COMPILED", {})
+    assert cv.cupy_function("col2im<float>") == ("kernel", "col2im<float>", 0)
+    assert cv.cupy_function("col2im<float>") == ("kernel", "col2im<float>", 0)
+    (code, options, names, _), = made
+    assert code == ck.kernel_source(ck.CONV_SOURCE) and options == ("-std=c++17",) and names == ("col2im<float>",)
+    current.id = 1
+    assert cv.cupy_function("col2im<float>") == ("kernel", "col2im<float>", 1) and len(made) == 2
+    sce = ck.SCE_NAME_EXPRESSIONS[0]
+    assert ck._sce_function(sce) == ("kernel", sce, 1)
+    assert made[-1][2] == (sce,) and made[-1][0] == ck.kernel_source(ck.SCE_SOURCE)
+    with pytest.raises(KeyError, match="is not a kernel of conv2d.cu"):
+        cv.cupy_function("col2im<int>")
 
 
 @pytest.mark.skipif(not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()),

@@ -727,3 +727,18 @@ def test_one_process_under_a_launcher_without_mpi4py_is_single(monkeypatch):
     monkeypatch.setattr(comm_mod, "_world", None)
     monkeypatch.setattr(comm_mod, "_have_mpi4py", lambda: False)
     assert comm_mod.init().size == 1
+
+
+def test_a_float16_model_reduces_its_loss_in_float64():
+    """A loss beyond float16's range (65504) must come back as itself, not inf."""
+    from deepcore.distributed import SingleProcess
+
+    model = nn.Linear(3, 2, seed=0).to(dtype="float16")
+    params = model.parameters()
+    for p in params:
+        p.grad = np.ones(p.shape, dtype=np.float16)
+    reducer = GradientReducer(params, _PretendTwoRanks(SingleProcess()))
+    assert reducer.reduce(np.float16(60000.0) * np.float32(1.2)) == pytest.approx(72000.0)
+    for p in params:  # the gradients still travel in the parameters' dtype, averaged
+        assert p.grad.dtype == np.float16
+        np.testing.assert_array_equal(p.grad, np.ones(p.shape, dtype=np.float16))

@@ -37,13 +37,12 @@ CuPy is imported inside :func:`cupy_function` only.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy
 
-from .cuda_kernels import CONV_CTYPES, CONV_NAME_EXPRESSIONS, CONV_SOURCE, kernel_source
+from .cuda_kernels import CONV_CTYPES, CONV_SOURCE, compiled_function
 
 __all__ = [
     "COLS_BUDGET_BYTES",
@@ -107,18 +106,10 @@ class AvgPoolSaved:
     count_include_pad: bool
 
 
-@functools.cache
 def cupy_function(name_expression: str) -> Any:
-    """The compiled kernel for one instance of ``kernels/conv2d.cu``: NVRTC builds a module with
-    that instance only, on first use (a training run needs a few of the 24)."""
-    import cupy
-
-    if name_expression not in CONV_NAME_EXPRESSIONS:
-        raise KeyError(f"{name_expression!r} is not a kernel of {CONV_SOURCE}; have {CONV_NAME_EXPRESSIONS}")
-    # -std=c++17 matches tools/check_kernels.py, so the CI compile check sees the same language.
-    module = cupy.RawModule(code=kernel_source(CONV_SOURCE), options=("-std=c++17",),
-                            name_expressions=[name_expression])
-    return module.get_function(name_expression)
+    """The compiled kernel for one instance of ``kernels/conv2d.cu`` on the current device: NVRTC
+    builds a module with that instance only, on first use (a training run needs a few of the 24)."""
+    return compiled_function(CONV_SOURCE, name_expression)
 
 
 # ----------------------------------------------------------------------- helpers

@@ -124,10 +124,11 @@ class CupyBackend(Backend):
             )
         from .cuda_kernels import fused_softmax_cross_entropy
 
-        return fused_softmax_cross_entropy(
-            logits, labels, class_weights=class_weights, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, reduction=reduction,
-        )
+        with logits.device:  # the kernel, and its module, are the logits' device's
+            return fused_softmax_cross_entropy(
+                logits, labels, class_weights=class_weights, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, reduction=reduction,
+            )
 
     # ------------------------------------------------- convolution and pooling
     # The gather kernels of kernels/conv2d.cu (compiled per instance on first use) around

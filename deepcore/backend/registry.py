@@ -452,8 +452,16 @@ def _torch() -> Backend:
 
 
 register_backend("torch", _torch, namespaces=("array_api_compat.torch",))
-# JAX by its plain name: jax.numpy is its array-API namespace (the module ``jax`` itself has no dtypes).
-register_backend("jax", _generic_factory("jax", "jax.numpy"), namespaces=("jax.numpy",))
+def _jax() -> Backend:
+    try:
+        from .jax_backend import JaxBackend
+    except ImportError as exc:
+        raise BackendUnavailableError(f"jax is not installed ({exc}); pip install jax") from exc
+    return JaxBackend()
+
+
+# JAX by its plain name too: jax.numpy is its array-API namespace (the module ``jax`` itself has no dtypes).
+register_backend("jax", _jax, namespaces=("jax.numpy",))
 
 
 def _dask() -> Backend:

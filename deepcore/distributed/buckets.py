@@ -171,9 +171,12 @@ class GradientReducer:
             xp, dtype, device = backend.xp, first.dtype, backend.device(first)
             parts = [_flat_grad(self.params[i], xp, dtype, device) for i in bucket]
             last = k == len(self.buckets) - 1
+            # A half-precision bucket would turn a loss of 70000 into inf: the loss then goes on
+            # its own, as float64 on the host (one more short message).
+            loss_apart = last and getattr(dtype, "itemsize", 4) < 4
             if last:
                 flags = [0.0 if p.grad is None else 1.0 for p in self.params]
-                parts.append(xp.reshape(_as_array(loss, xp, dtype, device), (1,)))
+                parts.append(xp.reshape(_as_array(0.0 if loss_apart else loss, xp, dtype, device), (1,)))
                 parts.append(xp.asarray(flags, dtype=dtype, device=device))
             flat = xp.concat(parts)
             self._sync(flat)
@@ -190,6 +193,8 @@ class GradientReducer:
             if last:
                 tail = backend.to_numpy(flat[n_grad:])
                 mean_loss = float(tail[0])
+                if loss_apart:
+                    mean_loss = float(self.comm.allreduce_host([float(loss)])[0]) / size
                 for p, present in zip(self.params, tail[1:], strict=True):
                     if present <= 0:
                         p.grad = None
