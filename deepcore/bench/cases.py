@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import mlp, workloads
+from . import cnn, mlp, workloads
 from .contenders import CASES, NotApplicable, available_contenders, device_of, library_of
 from .workloads import Workload
 
@@ -29,6 +29,8 @@ def make_workload(case: str, contender: str, **params: Any) -> Workload:
         wl = mlp.mlp_step(contender, **params)
     elif case == "mlp_gemms":
         wl = mlp.mlp_gemms(contender, **params)
+    elif case in ("cnn_step", "conv", "conv_gemms", "cnn_epoch"):
+        wl = getattr(cnn, case)(contender, **params)
     else:
         wl = mlp.epoch(contender, **params)
     wl.info = {"case": case, "contender": contender, "backend": library_of(contender),

@@ -19,6 +19,10 @@ CASES: dict[str, tuple[str, ...]] = {
     "mlp_step": ("numpy", "numpy-dx", "numpy-plain", "torch", "cupy", "torch-cuda"),
     "mlp_gemms": ("numpy", "torch"),
     "epoch": ("numpy", "numpy-fit", "numpy-plain", "torch", "cupy", "torch-cuda"),
+    "cnn_step": ("numpy", "torch", "cupy", "torch-cuda"),
+    "conv": ("numpy", "torch", "cupy", "torch-cuda"),
+    "conv_gemms": ("numpy", "torch"),
+    "cnn_epoch": ("numpy", "numpy-fit", "torch"),
 }
 
 

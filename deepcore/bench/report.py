@@ -17,14 +17,15 @@ from .runner import Result, format_time
 
 
 def format_table(results: Sequence[Result]) -> str:
-    """case, shape, contender, device, median per call, IQR, and the ratio to the reference
-    (the median of the per-round ratios; see :attr:`Result.ratio`)."""
-    header = ("case", "params", "contender", "device", "median", "iqr", "ratio", "vs")
+    """case, shape, contender, device, median per call, IQR, GFLOP/s (where the workload counts its
+    FLOPs), and the ratio to the reference (the median of the per-round ratios; see :attr:`Result.ratio`)."""
+    header = ("case", "params", "contender", "device", "median", "iqr", "GFLOP/s", "ratio", "vs")
     rows = [header]
     for r in results:
         q = _quartiles(r.samples)
         rows.append((r.spec.case, r.spec.param_id, r.contender, r.info.get("device", "?"), format_time(r.median),
-                     format_time(q[2] - q[0]), "-" if r.ratio is None else f"{r.ratio:.2f}x", r.reference or "-"))
+                     format_time(q[2] - q[0]), "-" if r.gflops is None else f"{r.gflops:.1f}",
+                     "-" if r.ratio is None else f"{r.ratio:.2f}x", r.reference or "-"))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = []
     for i, row in enumerate(rows):
@@ -87,7 +88,7 @@ def to_json(results: Sequence[Result], env: dict[str, Any] | None = None, *, rou
                  "threads": env.get("threads", {}).get("blas_threads"),
                  "torch_threads": env.get("threads", {}).get("torch_threads"),
                  "reference": r.reference, "ratio_to_reference": r.ratio,
-                 "ratio_of_medians": r.ratio_of_medians, **r.extra}
+                 "ratio_of_medians": r.ratio_of_medians, "gflops": r.gflops, **r.extra}
         benchmarks.append({
             "group": f"{r.spec.case}[{r.spec.param_id}]",
             "name": r.name,

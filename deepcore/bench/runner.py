@@ -51,6 +51,13 @@ class Result:
         return statistics.median(self.samples) if self.samples else math.nan
 
     @property
+    def gflops(self) -> float | None:
+        """``info["flops"]`` (a workload that counts them) per median call, in GFLOP/s."""
+        flops = self.info.get("flops")
+        med = self.median
+        return flops / med / 1e9 if flops and med > 0 else None
+
+    @property
     def name(self) -> str:
         return f"{self.spec.case}[{self.spec.param_id}-{self.contender}]"
 

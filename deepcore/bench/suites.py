@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .cnn import HIDDEN, LENET_SHAPE
 from .mlp import MLP, WIDE_MLP
 
 
@@ -32,6 +33,18 @@ class Spec:
         if self.case in ("mlp_step", "mlp_gemms"):
             sizes = p.get("sizes", MLP)
             return ("" if tuple(sizes) == MLP else "-".join(map(str, sizes)) + "-") + f"b{p['batch']}"
+        if self.case in ("cnn_step", "cnn_epoch"):
+            tag = "x".join(map(str, p.get("image_shape", LENET_SHAPE)))
+            if self.case == "cnn_epoch":
+                tag = f"{p['n']}x{tag}"
+            if p.get("channels") is not None:
+                tag += "-c" + ",".join(map(str, p["channels"]))
+            if tuple(p.get("hidden", HIDDEN)) != HIDDEN:
+                tag += "-h" + ",".join(map(str, p["hidden"]))
+            return tag + f"-b{p['batch']}"
+        if self.case in ("conv", "conv_gemms"):
+            tag = f"{p['n']}x{p['c']}x{p['hw']}x{p['hw']}-o{p['o']}-k{p.get('k', 3)}"
+            return tag + ("-bias" if p.get("bias") else "")
         return f"{p['n']}x{MLP[0]}-b{p['batch']}"
 
 
@@ -61,19 +74,40 @@ def _mlp_specs() -> list[Spec]:
     return out
 
 
+#: The 3x3 convolution of the issue: N=128, 64 -> 64 channels, 32x32, padding 1, no bias (as before a
+#: BatchNorm2d); its plain GEMMs beside it.
+CONV = {"n": 128, "c": 64, "o": 64, "hw": 32}
+#: Tiny convolutional sizes for the tests: an 8x8 LeNet-like net with widths 4, 8 and one hidden layer of 16.
+TINY_CNN = {"image_shape": (1, 8, 8), "channels": (4, 8), "hidden": (16,)}
+
+
+def _cnn_specs(full: bool) -> list[Spec]:
+    """The LeNet step of ``deepcore train --model cnn`` on 28x28 at batch 128 (and in ``full`` the
+    VGG-style CIFAR step at batch 64 and the MNIST-sized epoch, slow), the 3x3 convolution, its GEMMs."""
+    out = [_spec("cnn_step", batch=128)]
+    if full:
+        out.append(_spec("cnn_step", batch=64, image_shape=(3, 32, 32)))
+    out += [_spec("conv", **CONV), _spec("conv_gemms", **CONV)]
+    if full:
+        out.append(_spec("cnn_epoch", slow=True, n=60000, batch=128))
+    return out
+
+
 def suite(name: str) -> list[Spec]:
     """``"tiny"`` (seconds; for tests), ``"quick"`` (``deepcore bench``'s default) or ``"full"``
-    (what the pytest-benchmark suite sweeps; 4096^3 matmul marked slow)."""
+    (what the pytest-benchmark suite sweeps; 4096^3 matmul and the CNN epoch marked slow)."""
     if name == "tiny":
         return [_spec("matmul", m=64, k=64, n=64), _spec("softmax", n=64, c=10),
                 _spec("softmax_ce", n=64, c=10), _spec("mlp_step", batch=16),
                 _spec("mlp_step", batch=8, sizes=(32, 16, 16, 4)), _spec("mlp_gemms", batch=16),
-                _spec("epoch", n=512, batch=128)]
+                _spec("epoch", n=512, batch=128), _spec("cnn_step", batch=8, **TINY_CNN),
+                _spec("conv", n=2, c=4, o=4, hw=8), _spec("conv_gemms", n=2, c=4, o=4, hw=8),
+                _spec("cnn_epoch", n=64, batch=16, **TINY_CNN)]
     if name == "quick":
         return [_spec("matmul", m=512, k=512, n=512), _spec("matmul", m=128, k=784, n=256, transpose_b=True),
                 _spec("softmax", n=4096, c=1000), _spec("softmax_ce", n=4096, c=1000),
                 _spec("softmax_ce", n=128, c=10),
-                *_mlp_specs(), _spec("epoch", n=60000, batch=128)]
+                *_mlp_specs(), _spec("epoch", n=60000, batch=128), *_cnn_specs(full=False)]
     if name == "full":
         specs = [_spec("matmul", m=s, k=s, n=s, slow=s >= 4096) for s in (512, 2048, 4096)]
         specs += [_spec("matmul", m=m, k=k, n=n, transpose_b=t) for m, k, n, t in MLP_MATMULS]
@@ -81,7 +115,7 @@ def suite(name: str) -> list[Spec]:
             specs += [_spec(case, n=n, c=c) for n, c in SOFTMAX_SHAPES]
         specs += _mlp_specs()
         specs.append(_spec("epoch", n=60000, batch=128))
-        return specs
+        return specs + _cnn_specs(full=True)
     raise ValueError(f"unknown suite {name!r}; suites: tiny, quick, full")
 
 
