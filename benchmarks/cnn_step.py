@@ -11,7 +11,7 @@ Every item is a workload of ``deepcore.bench`` (``deepcore/bench/cnn.py``: the s
 ``deepcore bench`` and ``pytest benchmarks/test_cnn_step.py benchmarks/test_conv.py``):
 
 - ``lenet``: one training step (forward, softmax cross-entropy, backward, SGD momentum 0.9) of the network
-  ``deepcore train --model cnn`` builds for 1x28x28 (conv5x5 32 - ReLU - maxpool 2 - conv5x5 64 - ReLU -
+  ``deepcore train --model cnn`` builds for 1x28x28 (conv5x5 32 - ReLU - maxpool 2 - conv3x3 64 - ReLU -
   maxpool 2 - fc 256 - ReLU - fc 10), batch 128, random data; PyTorch runs a mirror with the same layers
   and initial weights (``cnn.torch_mirror``);
 - ``vgg``: the same for the 3x32x32 network (per width 32, 64, 128 two conv3x3-BatchNorm2d-ReLU, then
@@ -49,6 +49,7 @@ WORKER = r"""
 import json, sys, time
 threads, case, contender, params = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 epoch = case == "cnn_epoch"
+import numpy  # loaded before the pools are pinned: threadpoolctl pins only the libraries loaded
 if contender.startswith("torch"):
     import torch
     torch.set_num_threads(threads)

@@ -137,3 +137,87 @@ def test_threads_and_environment():
 def _restore_threads():
     yield
     bench.restore_threads()
+
+
+# ---- the convolutional cases (deepcore/bench/cnn.py)
+
+TINY_LENET = {"image_shape": (1, 8, 8), "channels": (4, 8), "hidden": (16,)}
+TINY_VGG = {"image_shape": (3, 32, 32), "channels": (4, 8, 8), "hidden": (16,)}
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs PyTorch")
+@pytest.mark.parametrize("net", [TINY_LENET, TINY_VGG], ids=["lenet", "vgg-batchnorm"])
+def test_the_cnn_step_contenders_compute_the_same_training(net):
+    """deepcore's ``--model cnn`` network and its PyTorch mirror (same layers, same initial weights, same
+    data) follow the same loss curve, so the benchmark compares equal work."""
+    curves = {}
+    for contender in ("numpy", "torch"):
+        wl = bench.make_workload("cnn_step", contender, batch=4, **net)
+        curves[contender] = [float(np.asarray(wl.fn() if contender == "numpy" else wl.fn().item()))
+                             for _ in range(4)]
+    assert curves["numpy"][-1] < curves["numpy"][0]
+    np.testing.assert_allclose(curves["torch"], curves["numpy"], rtol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs PyTorch")
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_conv_contenders_compute_the_same_gradient(bias):
+    got = {c: bench.make_workload("conv", c, n=2, c=3, o=4, hw=6, bias=bias) for c in ("numpy", "torch")}
+    dx_np, dx_torch = got["numpy"].fn(), got["torch"].fn().numpy()
+    assert dx_np.shape == (2, 3, 6, 6)
+    np.testing.assert_allclose(dx_np, dx_torch, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["numpy"].fn(), dx_np)  # no gradient accumulates between calls
+
+
+def test_conv_flops_and_the_gemms_of_the_same_size():
+    conv = bench.make_workload("conv", "numpy", n=2, c=3, o=4, hw=6)
+    gemms = bench.make_workload("conv_gemms", "numpy", n=2, c=3, o=4, hw=6)
+    fwd = 2 * 2 * 4 * 6 * 6 * 3 * 3 * 3  # 2 N O OH OW C KH KW (padding 1 keeps 6x6)
+    assert conv.info["flops_forward"] == fwd and conv.info["flops"] == 3 * fwd and conv.info["bias"] is False
+    assert gemms.info["flops"] == conv.info["flops"]
+    nl, ckk = 2 * 6 * 6, 3 * 9
+    assert gemms.info["gemms"] == [[4, ckk, nl], [ckk, nl, 4], [ckk, 4, nl]]
+    assert sum(2 * m * k * n for m, k, n in gemms.info["gemms"]) == gemms.info["flops"]
+
+
+def test_the_lenet_step_counts_its_flops():
+    """1x28x28 LeNet (conv5x5 32, pool, conv3x3 64 (the side is 14 by then), pool, 3136-256-10): 3x each
+    layer's forward, 2x the first conv's (no dx)."""
+    from deepcore.bench.cnn import _deepcore_cnn, network_flops
+
+    model = _deepcore_cnn("numpy", (1, 28, 28), None, (256,))
+    n = 128
+    conv1 = 2 * n * 32 * 28 * 28 * 1 * 25
+    conv2 = 2 * n * 64 * 14 * 14 * 32 * 9
+    fcs = 2 * n * (64 * 7 * 7 * 256 + 256 * 10)
+    assert network_flops(model, n, (1, 28, 28)) == 2 * conv1 + 3 * (conv2 + fcs)
+    wl = bench.make_workload("cnn_step", "numpy", batch=2, **TINY_LENET)
+    assert wl.info["flops"] > 0 and "lenet 3x3 4,8" in wl.info["model"]
+
+
+def test_the_cnn_epoch_contenders_each_run_an_epoch():
+    for contender in ("numpy", "numpy-fit") + (("torch",) if HAVE_TORCH else ()):
+        wl = bench.make_workload("cnn_epoch", contender, n=24, batch=8, **TINY_LENET)
+        wl.call()
+        assert wl.info["steps"] == 3 and wl.info["shape"] == [24, 1, 8, 8]
+
+
+def test_suites_cover_the_convolutional_cases():
+    for name in ("quick", "full"):
+        ids = {f"{s.case}[{s.param_id}]" for s in bench.suite(name)}
+        assert {"cnn_step[1x28x28-b128]", "conv[128x64x32x32-o64-k3]", "conv_gemms[128x64x32x32-o64-k3]"} <= ids
+    full = bench.suite("full")
+    assert "cnn_step[3x32x32-b64]" in {f"{s.case}[{s.param_id}]" for s in full}
+    assert [(s.kwargs, s.slow) for s in full if s.case == "cnn_epoch"] == [({"n": 60000, "batch": 128}, True)]
+    assert bench.CASES["conv_gemms"] == ("numpy", "torch")
+
+
+def test_the_table_and_the_json_give_gflops(capsys, tmp_path):
+    out = tmp_path / "conv.json"
+    assert main(_bench("--backends", "numpy", "--cases", "conv,conv_gemms,mlp_step", "--save", str(out))) == 0
+    table = capsys.readouterr().out
+    assert "GFLOP/s" in table
+    rows = {r.split()[0] + r.split()[1]: r.split() for r in table[table.index("case "):].splitlines()[2:] if r}
+    assert float(rows["conv2x4x8x8-o4-k3"][-3]) > 0 and rows["mlp_stepb16"][-3] == "-"
+    gflops = {b["name"]: b["extra_info"]["gflops"] for b in json.loads(out.read_text())["benchmarks"]}
+    assert gflops["conv[2x4x8x8-o4-k3-numpy]"] > 0 and gflops["conv_gemms[2x4x8x8-o4-k3-numpy]"] > 0

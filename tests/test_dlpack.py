@@ -154,8 +154,6 @@ def test_load_state_dict_copies():
         assert not shares(state[k], v), k
 
 
-@pytest.mark.xfail(reason="optimizers._convert needs to_backend(..., copy=True): until then a state dict loaded "
-                          "across backends is shared with the optimizer that wrote it", strict=False)
 def test_optimizer_state_loaded_across_backends_is_not_shared():
     from deepcore import optim
 

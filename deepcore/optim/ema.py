@@ -178,8 +178,7 @@ def _copy(x: Array) -> Array:
 def _like(x: Array, target: Array) -> Array:
     """A new array with ``x``'s values on ``target``'s backend and device, in ``target``'s dtype."""
     backend = get_backend(target)
-    y = backend.astype(to_backend(x, backend, device=backend.device(target)), target.dtype)
-    return backend.copy(y) if y is x else y
+    return backend.astype(to_backend(x, backend, device=backend.device(target), copy=True), target.dtype)
 
 
 def _lerp(avg: Array, value: Array, weight: float) -> Array:

@@ -485,9 +485,8 @@ def _param_index(key: Any, n: int, fn: str) -> int:
 
 def _convert(x: Array, p: Param, backend: Backend) -> Array:
     """A new array with ``x``'s values on ``p``'s backend and device, in ``p``'s dtype."""
-    y = to_backend(x, backend, device=backend.device(p.value))
-    y = backend.astype(y, p.value.dtype)
-    return backend.copy(y) if y is x else y
+    # copy=True: a shared buffer would let this optimizer's in-place updates write into the state's owner.
+    return backend.astype(to_backend(x, backend, device=backend.device(p.value), copy=True), p.value.dtype)
 
 
 def _in_place_of(x: Array, value: Array, backend: Backend) -> bool:
