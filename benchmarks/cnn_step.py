@@ -72,7 +72,7 @@ else:
         for _ in range(calls):
             wl.call()
         samples.append((time.perf_counter() - t0) / calls)
-blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+blas = [p for p in threadpool_info() if p["user_api"] == "blas" and "numpy" in p["filepath"]]
 out = {"median": sorted(samples)[len(samples) // 2], "flops": wl.info.get("flops")}
 if blas:
     out["blas"] = f"{blas[0]['internal_api']} {blas[0]['version']} ({blas[0].get('architecture')}), " \
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"CPU: {cpu_model()}, {cores} cores; Python {platform.python_version()}, NumPy {np.__version__}")
     print(f"load average at the start: {_load()}")
-    rows, floors, libs = [], [], {}
+    rows, floors, libs, raw = [], [], {}, []
     for threads in args.threads:
         per_item: dict[str, dict[str, list[dict]]] = {}
         for r in range(args.rounds):
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 got = per_item.setdefault(item, {ours: [], "torch": []})
                 for contender in order:
                     res = _run(threads, case, contender, params)
-                    libs.setdefault("blas", res.get("blas"))
+                    if contender == ours:  # NumPy's BLAS, as deepcore's process loaded it
+                        libs.setdefault("blas", res.get("blas"))
                     if "torch" in res:
                         libs.setdefault(f"torch{threads}", res["torch"])
                     got[contender].append(res)
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             def gf(ts: list[float], flops: float = flops) -> str:
                 return f"{flops / statistics.median(ts) / 1e9:.1f}"
 
+            raw.append(f"{item} @ {threads} threads: {ours} " + ", ".join(_fmt_time(t) for t in a)
+                       + "; torch " + ", ".join(_fmt_time(t) for t in b))
             rows.append(f"| {label} | {threads} | {_fmt_time(statistics.median(a))} | "
                         f"{_fmt_time(statistics.median(b))} | {ratio:.2f}x | {gf(a)} | {gf(b)} |")
         if "conv" in per_item and "gemms" in per_item:
@@ -185,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
               "torch conv GFLOP/s | torch.mm GEMMs GFLOP/s | torch conv / GEMMs |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         print("\n".join(floors))
+    print()
+    print("per round (in the order run; the ratios pair the figures of one round):")
+    print("\n".join(raw))
     return 0
 
 

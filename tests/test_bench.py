@@ -221,3 +221,16 @@ def test_the_table_and_the_json_give_gflops(capsys, tmp_path):
     assert float(rows["conv2x4x8x8-o4-k3"][-3]) > 0 and rows["mlp_stepb16"][-3] == "-"
     gflops = {b["name"]: b["extra_info"]["gflops"] for b in json.loads(out.read_text())["benchmarks"]}
     assert gflops["conv[2x4x8x8-o4-k3-numpy]"] > 0 and gflops["conv_gemms[2x4x8x8-o4-k3-numpy]"] > 0
+
+
+def test_a_numpy_workload_loads_no_other_library():
+    """A benchmark process of one contender (``benchmarks/cnn_step.py``, ``plain_loop.py``) loads only that
+    contender's library: probing every registered backend would import torch, JAX, Dask and SciPy's BLAS."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom deepcore.bench import make_workload\n"
+            "make_workload('conv', 'numpy', n=1, c=2, o=2, hw=4).call()\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'jax', 'dask', 'scipy', 'cupy'}))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -4,6 +4,7 @@ reaches the fused kernel, trains a model, and refuses mixed NumPy/CuPy inputs.""
 from __future__ import annotations
 
 import importlib.abc
+import re
 import shutil
 import sys
 import types
@@ -39,10 +40,13 @@ def test_kernels_compile_for_sm80_and_sm90_without_spills(capsys):
     out = capsys.readouterr().out
     assert "no spills" in out and "sm_80" in out and "sm_90" in out
     assert "sm_90  deepcore_adam<float>" in out  # the ElementwiseKernel bodies are compiled too
+    for t in ("float", "double", "__half", "__nv_bfloat16"):  # and the dropout mask, for every mask dtype
+        assert f"sm_90  deepcore_dropout_mask<{t}>" in out
 
 
 def _nvrtc_loads() -> bool:
     try:
+        import cupy  # noqa: F401
         from cupy_backends.cuda.libs import nvrtc
 
         nvrtc.getVersion()
@@ -51,13 +55,121 @@ def _nvrtc_loads() -> bool:
         return False
 
 
-@pytest.mark.skipif(not (shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()) or not _nvrtc_loads(),
-                    reason="needs nvcc, and CuPy with libnvrtc")
-def test_kernels_compile_through_nvrtc_as_at_run_time(capsys):
-    """CuPy's NVRTC with the name expressions cuda_kernels.py hands it: no GPU needed."""
-    assert _load_check_kernels().main(["--nvrtc"]) == 0
+needs_nvrtc = pytest.mark.skipif(not _nvrtc_loads(), reason="needs CuPy with libnvrtc (no GPU needed)")
+
+
+def test_elementwise_unit_binds_uint64_and_cupys_index():
+    """The nvcc harness binds the dropout mask as CuPy does: uint64 scalars as unsigned long long and
+    CuPy's flat index ``i`` (CUPY_FOR's ptrdiff_t) in scope, for every dtype the mask is drawn in."""
+    ck = _load_check_kernels()
+    text, instances = ck.elementwise_unit()
+    assert "const unsigned long long* key_p" in text and "[[maybe_unused]] const ptrdiff_t i = _i;" in text
+    assert "uint64" not in text.split("{", 1)[1].replace("uint64 key", "")  # no CuPy type name left for nvcc
+    assert {f"deepcore_dropout_mask<{t}>" for t in ("float", "double", "__half", "__nv_bfloat16")} <= set(instances)
+    assert "deepcore_relu<float>" in instances and "deepcore_relu<__half>" not in instances
+    assert {spec.name for spec, _ in ck.elementwise_specs()} >= {"deepcore_dropout_mask", "deepcore_adam"}
+
+
+def test_array_inputs_match_what_the_host_code_passes():
+    """The --nvrtc pass binds inputs named in ARRAY_INPUTS as arrays and the rest as scalars, as
+    CuPy's generated code differs for the two; the host code (optimizers and the mask here, the CuPy
+    backend's activation launches by their annotations) must pass exactly that."""
+    import ast
+
+    from deepcore.backend import elementwise_kernels as ek
+
+    ck = _load_check_kernels()
+    seen: dict[str, list[bool]] = {}
+
+    def record(spec):
+        def launch(*args):
+            n_in = sum(not out for *_, out in spec.params())
+            seen[spec.name] = [isinstance(a, np.ndarray) for a in args[:n_in]]
+        return launch
+
+    v = np.zeros(4, np.float32)
+    ek.sgd_update(np, record, v, v, None, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                  first_step=True)
+    ek.sgd_update(np, record, v, v, None, lr=0.1, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0,
+                  first_step=True)
+    ek.adam_update(record, v, v, v.copy(), v.copy(), step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                   weight_decay=0.0, decoupled=True)
+    ek.dropout_mask(np, record, 1, 3, 5, 2.0, (4,), np.float32)
+    tree = ast.parse((ROOT / "deepcore" / "backend" / "cupy_backend.py").read_text(encoding="utf-8"))
+    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+        kinds = {a.arg: ast.unparse(a.annotation) == "Array" for a in fn.args.args if a.annotation is not None}
+        for call in (c for c in ast.walk(fn) if isinstance(c, ast.Call) and ast.unparse(c.func) == "_launch"):
+            name = getattr(ek, call.args[0].attr).name
+            seen[name] = [kinds[ast.unparse(a)] for a in call.args[1:]]
+    specs = {spec.name: spec for spec, _ in ck.elementwise_specs()}
+    assert set(seen) == set(specs)
+    for name, is_array in seen.items():
+        inputs = [param for _, param, out in specs[name].params() if not out]
+        assert is_array == [param in ck.ARRAY_INPUTS for param in inputs], name
+
+
+def test_rawmodule_options_are_the_ones_the_backend_compiles_with():
+    import ast
+
+    ck = _load_check_kernels()
+    text = (ROOT / "deepcore" / "backend" / "cuda_kernels.py").read_text(encoding="utf-8")
+    found = re.findall(r"RawModule\(.{0,200}?options=(\([^)]*\))", text, re.DOTALL)
+    assert [ast.literal_eval(o) for o in found] == [ck.RAWMODULE_OPTIONS]
+
+
+@needs_nvrtc
+def test_kernels_compile_through_cupys_own_nvrtc_path_as_at_run_time(capsys):
+    """Every RawModule instance and every ElementwiseKernel as CuPy generates it, through CuPy's
+    compile_with_cache with the options it adds at run time (-ftz=true among them): no GPU, no nvcc."""
+    assert _load_check_kernels().main(["--nvrtc", "--no-nvcc"]) == 0
     out = capsys.readouterr().out
     assert "sm_90  NVRTC softmax_cross_entropy.cu: 12 instance(s) ok" in out
+    assert "sm_90  NVRTC conv2d.cu: 24 instance(s) ok" in out
+    assert "sm_90  NVRTC elementwise_kernels: 24 ElementwiseKernel(s) ok" in out
+    assert "-ftz=true" in out and "--device-as-default-execution-space" in out
+
+
+@needs_nvrtc
+def test_cupys_generated_code_for_the_dropout_mask():
+    from deepcore.backend import elementwise_kernels as ek
+
+    cc = _load_check_kernels().CupyCompiler()
+    code = cc.elementwise_code(ek.DROPOUT_MASK, "bfloat16")
+    assert "typedef bfloat16 T;" in code and "CUPY_FOR(i, _ind.size())" in code
+    assert "const unsigned long long key" in code  # a scalar parameter, as the host passes it
+    res = cc.elementwise(ek.DROPOUT_MASK, "float16", "90")
+    assert res.cubin.startswith(b"\x7fELF") and b"deepcore_dropout_mask" in res.cubin
+    assert "-ftz=true" in res.options and "-arch=sm_90" in res.options
+
+
+@needs_nvrtc
+def test_cupys_nvrtc_pass_fails_on_a_compile_error(tmp_path, monkeypatch, capsys):
+    ck = _load_check_kernels()
+    broken = tmp_path / "elementwise_kernels.py"
+    text = (ROOT / "deepcore" / "backend" / "elementwise_kernels.py").read_text(encoding="utf-8")
+    broken.write_text(text.replace("m = word >= threshold ? scale : (T)0.0f;", "m = word >= threshhold;"))
+    monkeypatch.setattr(ck, "ELEMENTWISE_PY", broken)
+    assert ck.main(["--nvrtc", "--no-nvcc", "--arch", "sm_90", "--source", "elementwise_kernels"]) == 1
+    out = capsys.readouterr().out
+    assert "deepcore_dropout_mask T=float32 [sm_90]: CuPy NVRTC: CompileException" in out
+    assert "threshhold" in out and "deepcore_relu" not in out.split("check_kernels: error", 1)[1]
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    for src in (ROOT / "kernels").glob("*.cu"):
+        (kernels / src.name).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    sce = kernels / "softmax_cross_entropy.cu"
+    sce.write_text(sce.read_text(encoding="utf-8") + "\nstatic_assert(false, \"planted by the test\");\n")
+    assert ck.main(["--nvrtc", "--no-nvcc", "--arch", "sm_90", "--kernels-dir", str(kernels),
+                    "--source", "softmax_cross_entropy.cu"]) == 1
+    assert "softmax_cross_entropy.cu [sm_90]: CuPy NVRTC: CompileException" in capsys.readouterr().out
+
+
+def test_nvrtc_pass_without_cupy_is_an_error_not_a_skip(monkeypatch, capsys):
+    ck = _load_check_kernels()
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy raises ImportError
+    assert ck.main(["--nvrtc", "--no-nvcc", "--arch", "sm_90", "--source", "elementwise_kernels"]) == 1
+    assert "--nvrtc needs CuPy and libnvrtc: ModuleNotFoundError" in capsys.readouterr().out
+    assert ck.main(["--no-nvcc"]) == 1
 
 
 class _RefuseImport(importlib.abc.MetaPathFinder):

@@ -1,24 +1,37 @@
 #!/usr/bin/env python3
-"""Compile-check deepcore's CUDA kernels with nvcc, without a GPU.
+"""Compile-check deepcore's CUDA kernels with nvcc and with CuPy's NVRTC, without a GPU.
 
 For every ``kernels/*.cu`` this compiles every template instance that
 ``deepcore/backend/cuda_kernels.py`` lists in ``KERNEL_INSTANCES`` (the same
 instances NVRTC builds at run time: the softmax cross-entropy's, and the
 convolution and pooling kernels that ``conv_kernels.py`` launches), and the ElementwiseKernel bodies of
-``deepcore/backend/elementwise_kernels.py`` for float and double, to a cubin
-for each target architecture, with ``ptxas -v``. It prints one line per kernel and architecture (registers,
-shared memory, stack frame, spill stores/loads) and exits 1 on any compile
+``deepcore/backend/elementwise_kernels.py`` (``ALL`` for float and double; ``RANDOM``, the dropout
+mask with its uint64 scalars and CuPy's index ``i``, for every float type it is launched with), to a
+cubin for each target architecture, with ``ptxas -v``. It prints one line per kernel and architecture
+(registers, shared memory, stack frame, spill stores/loads) and exits 1 on any compile
 error, any register spill, or a template kernel that no instance covers.
 ``--source NAME`` (repeatable) compiles only those units.
 
-Without nvcc it prints ``skipped: nvcc not found`` and exits 0, or exits 2
-with ``--require-nvcc``. ``main(argv)`` returns the exit code, for tests.
+``--nvrtc`` also compiles everything the way CuPy does at run time, through CuPy's own
+path (``cupy._core.core.compile_with_cache`` into ``cupy.cuda.compiler``): each
+``RawModule`` source with deepcore's options and its name expressions, and each
+ElementwiseKernel as CuPy generates it (``cupy._core._kernel._get_elementwise_kernel_code``:
+its typedefs, ``CArray`` parameters, ``CUPY_FOR`` loop and ``i``) for every dtype the backend
+launches it with; CuPy adds its headers, include paths, ``--std=c++17``, ``-ftz=true`` and
+``--device-as-default-execution-space``. No GPU is needed: only the two device queries on that
+path (the architecture, and loading the cubin) are replaced, the first by ``--arch``, the
+second by keeping the cubin. ``--nvrtc`` works without nvcc (the nvcc pass is then skipped);
+``--no-nvcc`` skips it on purpose.
+
+Without nvcc (and without ``--nvrtc``) it prints ``skipped: nvcc not found`` and exits 0, or
+exits 2 with ``--require-nvcc``. ``main(argv)`` returns the exit code, for tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import importlib.util
 import os
 import re
@@ -26,8 +39,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS_DIR = REPO / "kernels"
@@ -103,26 +118,44 @@ def load_instances() -> dict[str, tuple[str, ...]]:
 
 
 ELEMENTWISE_UNIT = "elementwise_kernels"  # how the generated unit is named in the report
+#: CuPy's C types for the fixed-type parameters (``cupy._core._kernel._get_typename``).
+ELEMENTWISE_CTYPES = {"int32": "int", "uint64": "unsigned long long", "float32": "float", "float64": "double"}
+#: nvcc's types for T (CuPy has its own ``float16`` / ``bfloat16`` classes; the --nvrtc pass uses those).
+NVCC_T = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
+#: The dtypes the CUDA backend launches each group of bodies with: ``ALL`` only for float32/float64
+#: (``cupy_backend._fusable``), the dropout mask (``RANDOM``) for every floating dtype.
+ELEMENTWISE_DTYPES = {"ALL": ("float32", "float64"), "RANDOM": ("float16", "bfloat16", "float32", "float64")}
+#: The inputs the host code passes as arrays; every other input is a scalar (``lr``, ``slope``,
+#: ``nesterov``, the dropout mask's ``key``, ...). tests/test_cuda.py checks this against the host code.
+ARRAY_INPUTS = frozenset({"g", "x", "dy", "y"})
+
+
+def elementwise_specs() -> list[tuple[Any, tuple[str, ...]]]:
+    """Every ElementwiseSpec with the dtypes it is launched with."""
+    ek = _load_by_path("_deepcore_elementwise_kernels", ELEMENTWISE_PY)
+    return [(spec, ELEMENTWISE_DTYPES[group]) for group in ("ALL", "RANDOM") for spec in getattr(ek, group)]
 
 
 def elementwise_unit() -> tuple[str, tuple[str, ...]]:
-    """The CUDA backend's ElementwiseKernel bodies as __global__ templates over T (float and
-    double, the types the backend launches them with), bound as CuPy binds them: inputs by
-    value, outputs by reference. Returns the unit's text and its instances."""
-    specs = _load_by_path("_deepcore_elementwise_kernels", ELEMENTWISE_PY).ALL
-    fixed = {"int32": "int", "float32": "float", "float64": "double"}
-    lines, instances = [], []
-    for spec in specs:
+    """The CUDA backend's ElementwiseKernel bodies as __global__ templates over T (the types the
+    backend launches them with), bound as CuPy binds them: inputs by value, outputs by reference,
+    uint64 as ``unsigned long long`` and CuPy's flat index ``i`` (a ``ptrdiff_t``, as ``CUPY_FOR``
+    declares it) in scope. Returns the unit's text and its instances."""
+    lines = ["#include <cstddef>", "#include <cuda_fp16.h>", "#include <cuda_bf16.h>", ""]
+    instances = []
+    for spec, dtypes in elementwise_specs():
         params = spec.params()
-        args = ", ".join(f"{'' if out else 'const '}{fixed.get(t, t)}* {name}_p" for t, name, out in params)
+        args = ", ".join(f"{'' if out else 'const '}{ELEMENTWISE_CTYPES.get(t, t)}* {name}_p"
+                         for t, name, out in params)
         lines += ["template <typename T>", f"__global__ void {spec.name}(long long _n, {args}) {{",
                   "    const long long _i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;",
-                  "    if (_i >= _n) return;"]
+                  "    if (_i >= _n) return;",
+                  "    [[maybe_unused]] const ptrdiff_t i = _i;"]
         for t, name, out in params:
-            ctype = fixed.get(t, t)
+            ctype = ELEMENTWISE_CTYPES.get(t, t)
             lines.append(f"    {ctype}& {name} = {name}_p[_i];" if out else f"    const {ctype} {name} = {name}_p[_i];")
         lines += ["    {" + spec.body + "}", "}", ""]
-        instances += [f"{spec.name}<float>", f"{spec.name}<double>"]
+        instances += [f"{spec.name}<{NVCC_T[d]}>" for d in dtypes]
     return "\n".join(lines), tuple(instances)
 
 
@@ -207,43 +240,174 @@ def compile_one(nvcc: str, source: Path, instances: tuple[str, ...], arch: str, 
     return CompileResult(source, arch, proc.returncode == 0, cmd, log, parse_ptxas(log))
 
 
-def cuda_include_dir(nvcc: str) -> Path:
-    """The toolkit's include folder (where cuda_fp16.h is); nvcc may be a wrapper script."""
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), str(Path(nvcc).resolve().parents[1]),
-             "/usr/local/cuda"]
-    for root in filter(None, roots):
-        if (Path(root) / "include" / "cuda_fp16.h").is_file():
-            return Path(root) / "include"
-    return Path("/usr/local/cuda/include")
+#: The options deepcore's RawModules are built with (cuda_kernels.compiled_function; tests/test_cuda.py
+#: checks that the two agree).
+RAWMODULE_OPTIONS = ("-std=c++17",)
 
 
-def nvrtc_check(source: Path, instances: tuple[str, ...], archs: tuple[str, ...], include_dir: Path) -> list[str]:
-    """Compile ``source`` the way ``cupy.RawModule`` does at run time (NVRTC,
-    name expressions), through CuPy's NVRTC bindings: needs CuPy and libnvrtc,
-    not a GPU. ``-I`` stands in for the CUDA include path CuPy adds itself."""
-    try:
-        from cupy_backends.cuda.libs import nvrtc
+@dataclass
+class CupyCompiled:
+    cubin: bytes
+    options: tuple[str, ...]  # what NVRTC was handed, CuPy's additions included
+    mapping: dict[str, str] | None  # name expression -> lowered name (RawModule)
 
-        nvrtc.getVersion()  # loads libnvrtc, which CuPy looks for only now
-    except Exception as exc:  # ImportError, or CUDA's library finder failing with its own error type
-        return [f"--nvrtc needs CuPy's NVRTC bindings and libnvrtc: {type(exc).__name__}: {exc}"]
-    errors = []
-    text = source.read_text(encoding="utf-8")
-    for arch in archs:
-        prog = nvrtc.createProgram(text, source.name, (), ())
+
+class CupyCompiler:
+    """CuPy's run-time compile path (``cupy._core.core.compile_with_cache`` -> ``cupy.cuda.compiler``)
+    with no device: the architecture comes from the caller instead of the current device, and the
+    cubin is kept instead of loaded. Everything else (headers, include paths, options, NVRTC) is
+    CuPy's own. Needs CuPy and libnvrtc, not a GPU or a driver."""
+
+    def __init__(self) -> None:
+        import cupy
+        from cupy._core import _carray, _kernel, core
+        from cupy.cuda import compiler, function
+
+        self.cupy, self.core, self.compiler, self.kernel, self.carray = cupy, core, compiler, _kernel, _carray
+        self.function = function
+        self.nvrtc_version = compiler._get_nvrtc_version()  # loads libnvrtc: fails here if it is missing
+
+    @contextlib.contextmanager
+    def _without_device(self, seen: dict[str, Any]) -> Iterator[None]:
+        compiler, function = self.compiler, self.function
+
+        def arch_options(arch: str | None = None) -> tuple[str, str]:
+            # compiler._get_arch_for_options_for_nvrtc without its per-device memo (which asks the driver).
+            if not compiler._use_ptx and int(arch) <= int(compiler._get_max_compute_capability()):
+                return f"-arch=sm_{arch}", "cubin"
+            return f"-arch=compute_{arch}", "ptx"
+
+        class KeptModule(function.Module):
+            def load(self, cubin: bytes) -> None:  # instead of cuModuleLoadData, which needs a driver
+                seen["cubin"] = bytes(cubin)
+
+        class Program(compiler._NVRTCProgram):
+            def compile(self, options: tuple[str, ...] = (), log_stream: Any = None) -> Any:
+                if self.src:  # not CuPy's empty-file preprocess
+                    seen["options"] = tuple(options)
+                obj, mapping = super().compile(options, log_stream)
+                if self.src:
+                    seen["mapping"] = dict(mapping) if mapping else None
+                return obj, mapping
+
+        saved = {name: getattr(compiler, name) for name in ("_get_arch_for_options_for_nvrtc", "function",
+                                                             "_NVRTCProgram")}
+        saved_env = os.environ.get("CUPY_CACHE_IN_MEMORY")
+        compiler._get_arch_for_options_for_nvrtc = arch_options
+        compiler.function = type(function)("cupy.cuda.function")
+        compiler.function.Module, compiler.function.LinkState = KeptModule, function.LinkState
+        compiler._NVRTCProgram = Program
+        os.environ["CUPY_CACHE_IN_MEMORY"] = "1"  # compile every time; never read or write ~/.cupy
         try:
-            for inst in instances:
-                nvrtc.addNameExpression(prog, inst)
-            try:
-                nvrtc.compileProgram(prog, ("-std=c++17", f"-arch={arch}", f"-I{include_dir}"))
-                for inst in instances:
-                    nvrtc.getLoweredName(prog, inst)
-            except nvrtc.NVRTCError as exc:  # the program log says why
-                errors.append(f"{source.name} [{arch}]: NVRTC: {exc}\n{nvrtc.getProgramLog(prog).rstrip()}")
-                continue
-            print(f"{arch:6} NVRTC {source.name}: {len(instances)} instance(s) ok")
+            yield
         finally:
-            nvrtc.destroyProgram(prog)
+            for name, value in saved.items():
+                setattr(compiler, name, value)
+            if saved_env is None:
+                os.environ.pop("CUPY_CACHE_IN_MEMORY", None)
+            else:
+                os.environ["CUPY_CACHE_IN_MEMORY"] = saved_env
+
+    def raw_module(self, text: str, name_expressions: tuple[str, ...], arch: str) -> CupyCompiled:
+        """As ``cupy.RawModule(code=text, options=RAWMODULE_OPTIONS, name_expressions=...)`` compiles."""
+        seen: dict[str, Any] = {}
+        with self._without_device(seen):
+            self.core.compile_with_cache(text, RAWMODULE_OPTIONS, arch, prepend_cupy_headers=False,
+                                         name_expressions=list(name_expressions))
+        return CupyCompiled(seen["cubin"], seen["options"], seen.get("mapping"))
+
+    def elementwise_code(self, spec: Any, dtype: str) -> str:
+        """The source CuPy generates for ``ElementwiseKernel(spec...)`` called with 1-D contiguous
+        arrays of ``dtype`` for T (and for the array inputs) and scalars for the other inputs."""
+        import numpy
+
+        cupy, kernel = self.cupy, self.kernel
+        k = cupy.ElementwiseKernel(spec.in_params, spec.out_params, spec.body, spec.name)
+        t = _numpy_dtype(dtype)
+        ins = [(ty, name) for ty, name, out in spec.params() if not out]
+        outs = [(ty, name) for ty, name, out in spec.params() if out]
+
+        def dt(ty: str) -> Any:
+            return t if ty == "T" else numpy.dtype(ty)
+
+        in_dtypes = tuple(dt(ty) if name in ARRAY_INPUTS or ty != "T" else None for ty, name in ins)
+        _, _, type_map = k._decide_params_type(in_dtypes, tuple(dt(ty) for ty, _ in outs))
+        # CuPy's _ArgInfo kinds: 1 ndarray, 2 indexer, 3 scalar (cupy/_core/_kernel.pxd).
+        arginfos = [kernel._ArgInfo(1, cupy.ndarray, dt(ty), 1, True, True) if name in ARRAY_INPUTS
+                    else kernel._ArgInfo(3, dt(ty).type, dt(ty), 0, True, True) for ty, name in ins]
+        arginfos += [kernel._ArgInfo(1, cupy.ndarray, dt(ty), 1, True, True) for ty, _ in outs]
+        arginfos.append(kernel._ArgInfo(2, self.carray.Indexer, None, 1, True, True))
+        return kernel._get_elementwise_kernel_code(tuple(arginfos), type_map, k.params, k.operation, k.name,
+                                                   k.preamble, "", "", ())
+
+    def elementwise(self, spec: Any, dtype: str, arch: str) -> CupyCompiled:
+        """As CuPy compiles that kernel on its first call (``compile_with_cache(code, options=())``)."""
+        code = self.elementwise_code(spec, dtype)
+        seen: dict[str, Any] = {}
+        with self._without_device(seen):
+            self.core.compile_with_cache(code, (), arch)
+        return CupyCompiled(seen["cubin"], seen["options"], None)
+
+
+def _numpy_dtype(name: str) -> Any:
+    import numpy
+
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return numpy.dtype(ml_dtypes.bfloat16)
+    return numpy.dtype(name)
+
+
+def nvrtc_checks(sources: list[Path], registry: dict[str, tuple[str, ...]], archs: tuple[str, ...],
+                 elementwise: bool) -> list[str]:
+    """Every RawModule source and (``elementwise``) every ElementwiseKernel through CuPy's own NVRTC
+    path, per architecture; returns the errors."""
+    try:
+        cc = CupyCompiler()
+    except Exception as exc:  # ImportError, or CUDA's library finder failing with its own error type
+        return [f"--nvrtc needs CuPy and libnvrtc: {type(exc).__name__}: {exc}"]
+    errors: list[str] = []
+    shown = False
+    for arch in archs:
+        num = arch.removeprefix("sm_").removeprefix("compute_")
+        for source in sources:
+            instances = registry.get(source.name, ())
+            try:
+                res = cc.raw_module(source.read_text(encoding="utf-8"), instances, num)
+            except Exception as exc:  # CompileException carries NVRTC's log
+                errors.append(f"{source.name} [{arch}]: CuPy NVRTC: {type(exc).__name__}: {exc}")
+                continue
+            missing = [i for i in instances if not (res.mapping or {}).get(i)]
+            if missing or not res.cubin:
+                errors.append(f"{source.name} [{arch}]: CuPy NVRTC lowered no name for {', '.join(missing)}")
+                continue
+            if not shown:
+                print(f"NVRTC {'.'.join(map(str, cc.nvrtc_version))} through CuPy {cc.cupy.__version__}'s compile "
+                      f"path; RawModule options as at run time: {' '.join(res.options)}")
+                shown = True
+            print(f"{arch:6} NVRTC {source.name}: {len(instances)} instance(s) ok")
+        if not elementwise:
+            continue
+        count = 0
+        for spec, dtypes in elementwise_specs():
+            for dtype in dtypes:
+                try:
+                    res = cc.elementwise(spec, dtype, num)
+                except Exception as exc:
+                    errors.append(f"{ELEMENTWISE_UNIT} {spec.name} T={dtype} [{arch}]: CuPy NVRTC: "
+                                  f"{type(exc).__name__}: {exc}")
+                    continue
+                if spec.name.encode() not in res.cubin:
+                    errors.append(f"{ELEMENTWISE_UNIT} {spec.name} T={dtype} [{arch}]: no {spec.name} in the cubin")
+                    continue
+                if "-ftz=true" not in res.options:
+                    errors.append(f"{spec.name} [{arch}]: CuPy no longer adds -ftz=true: {' '.join(res.options)}")
+                count += 1
+                last = res
+        if count:
+            print(f"{arch:6} NVRTC {ELEMENTWISE_UNIT}: {count} ElementwiseKernel(s) ok, as CuPy generates them "
+                  f"(options: {' '.join(o for o in last.options if not o.startswith('-I'))})")
     return errors
 
 
@@ -254,16 +418,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", action="append", help=f"target, repeatable (default: {' '.join(DEFAULT_ARCHS)})")
     parser.add_argument("--kernels-dir", type=Path, default=KERNELS_DIR, help="folder of .cu files")
     parser.add_argument("--nvrtc", action="store_true",
-                        help="also compile with NVRTC via CuPy, as at run time (needs CuPy + libnvrtc, no GPU)")
+                        help="also compile through CuPy's own NVRTC path, as at run time (needs CuPy + libnvrtc, "
+                             "no GPU, no nvcc)")
+    parser.add_argument("--no-nvcc", action="store_true", help="skip the nvcc pass (with --nvrtc: NVRTC only)")
     parser.add_argument("--source", action="append", metavar="NAME",
                         help=f"check only this .cu file of --kernels-dir, or {ELEMENTWISE_UNIT} for the "
                              "ElementwiseKernel bodies; repeatable (default: all of them)")
     args = parser.parse_args(argv)
 
-    nvcc = find_nvcc(args.nvcc)
-    if nvcc is None:
-        print("check_kernels: skipped: nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
-        return 2 if args.require_nvcc else 0
+    nvcc = None if args.no_nvcc else find_nvcc(args.nvcc)
+    if nvcc is None and not args.no_nvcc:
+        if args.require_nvcc or not args.nvrtc:
+            print("check_kernels: skipped: nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
+            return 2 if args.require_nvcc else 0
+        print("check_kernels: nvcc not found: the NVRTC pass only")
+    if args.no_nvcc and not args.nvrtc:
+        print("check_kernels: error: --no-nvcc without --nvrtc checks nothing")
+        return 1
 
     archs = tuple(args.arch or DEFAULT_ARCHS)
     sources = sorted(Path(args.kernels_dir).glob("*.cu"))
@@ -302,14 +473,17 @@ def main(argv: list[str] | None = None) -> int:
         text = ew_text if source == ew_source else None
         return compile_one(nvcc, source, registry.get(source.name, ()), arch, Path(tmp), text)
 
-    with tempfile.TemporaryDirectory(prefix="check_kernels.") as tmp:
-        jobs = [(s, a) for s in units for a in archs]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-            results = list(pool.map(run, jobs))
+    results: list[CompileResult] = []
+    if nvcc is not None:
+        with tempfile.TemporaryDirectory(prefix="check_kernels.") as tmp:
+            jobs = [(s, a) for s in units for a in archs]
+            workers = max(1, min(len(jobs), os.cpu_count() or 1))
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(run, jobs))
+        print(f"check_kernels: {nvcc}, archs {' '.join(archs)}")
+        print(f"{'arch':6} {'kernel':44} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st':>8} {'spill ld':>8}")
 
     names = demangle(sorted({f.mangled for r in results for f in r.functions}))
-    print(f"check_kernels: {nvcc}, archs {' '.join(archs)}")
-    print(f"{'arch':6} {'kernel':44} {'regs':>4} {'smem':>6} {'stack':>5} {'spill st':>8} {'spill ld':>8}")
     for res in results:
         rel = res.source.name
         if not res.ok:
@@ -331,16 +505,15 @@ def main(argv: list[str] | None = None) -> int:
                 errors.append(f"{rel} [{res.arch}]: no ptxas report for instance {inst}")
 
     if args.nvrtc:
-        include_dir = cuda_include_dir(nvcc)
-        for source in sources:
-            errors.extend(nvrtc_check(source, registry.get(source.name, ()), archs, include_dir))
+        errors.extend(nvrtc_checks(sources, registry, archs, elementwise=ew_source in units))
 
     if errors:
         for e in errors:
             print(f"check_kernels: error: {e}")
         return 1
     what = f"{len(sources)} source(s)" + (" and the elementwise kernels" if ew_source in units else "")
-    print(f"check_kernels: ok: {what} x {len(archs)} arch(s), no spills")
+    passes = " + ".join(p for p, on in (("nvcc", nvcc is not None), ("CuPy NVRTC", args.nvrtc)) if on)
+    print(f"check_kernels: ok: {what} x {len(archs)} arch(s) ({passes})" + (", no spills" if nvcc else ""))
     return 0
 
 

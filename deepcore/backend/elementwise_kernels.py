@@ -140,8 +140,8 @@ DROPOUT_MASK = ElementwiseSpec(
 OPTIMIZERS = (SGD, SGD_MOMENTUM, ADAM)
 ACTIVATIONS = (RELU, RELU_BACKWARD, LEAKY_RELU, LEAKY_RELU_BACKWARD, SIGMOID, SIGMOID_BACKWARD, TANH_BACKWARD)
 ALL = OPTIMIZERS + ACTIVATIONS
-#: Kernels with uint64 parameters that read CuPy's index `i`; kept out of ALL, whose bodies
-#: tools/check_kernels.py binds with float/int types and no `i`.
+#: Kernels with uint64 parameters that read CuPy's index `i` (tools/check_kernels.py binds
+#: uint64 and defines `i` for these), apart from ALL's float/int-only bodies.
 RANDOM = (DROPOUT_MASK,)
 
 

@@ -16,7 +16,20 @@ case                      what one call does
 ``mlp_gemms``             the matrix products of that step alone: the floor BLAS sets
 ``epoch``                 one epoch (60,000 x 784 synthetic MNIST-shaped data, batch 128,
                           shuffled) of that step
+``cnn_step``              one training step of the network ``deepcore train --model cnn``
+                          builds (LeNet-like for 1x28x28 at batch 128; VGG-style for
+                          3x32x32 at 64 in the full suite); PyTorch runs a mirror with the
+                          same layers and weights
+``conv``                  one 3x3 ``Conv2d`` (N=128, 64 -> 64, 32x32, padding 1, no bias):
+                          forward + backward forming dx and dW
+``conv_gemms``            that convolution's three GEMMs alone, into preallocated outputs:
+                          the floor BLAS sets
+``cnn_epoch``             one shuffled epoch of 60,000 random 1x28x28 images, batch 128, of
+                          the LeNet step (full suite only, slow)
 ========================  ============================================================
+
+Workloads that count their FLOPs (``info["flops"]``: the matrix products, the convolutions and
+Linear layers; see :mod:`.cnn`) get a GFLOP/s column in the table and ``gflops`` in the JSON.
 
 Contenders (each row of a table):
 
@@ -26,7 +39,7 @@ Contenders (each row of a table):
 - ``numpy-dx`` (mlp_step): the same loop with ``forward(x, train=True, input_grad=True)``, which
   also forms the gradient of the input batch (the plain loop does not, as PyTorch does not for
   data without ``requires_grad``);
-- ``numpy-fit`` (epoch): the whole ``deepcore.train.fit(epochs=1)`` loop (batching, the
+- ``numpy-fit`` (epoch, cnn_epoch): the whole ``deepcore.train.fit(epochs=1)`` loop (batching, the
   per-step loss check, metrics) on the same data;
 - ``numpy-plain`` (mlp_step, epoch): the same step hand-written in plain NumPy, the
   framework-overhead baseline;
@@ -45,7 +58,7 @@ least ``min_time``, after a short pause (see :func:`default_cooldown`); the medi
 per-call times is what is reported, and the ratio is the median over rounds of the ratio of
 the two samples taken in the same round. GPU samples end with a device synchronisation.
 
-Modules: :mod:`.contenders` (who runs what), :mod:`.workloads` and :mod:`.mlp` (the work),
+Modules: :mod:`.contenders` (who runs what), :mod:`.workloads`, :mod:`.mlp` and :mod:`.cnn` (the work),
 :mod:`.cases` (case name -> workload), :mod:`.suites` (sizes), :mod:`.runner` (timing),
 :mod:`.report` (table, JSON, comparison), :mod:`.threads` and :mod:`.environment` (what the
 machine is doing), :mod:`.command` (the ``deepcore bench`` subcommand). ``import deepcore``

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import cnn, mlp, workloads
-from .contenders import CASES, NotApplicable, available_contenders, device_of, library_of
+from .contenders import CASES, NotApplicable, contender_status, device_of, library_of
 from .workloads import Workload
 
 
@@ -16,7 +16,7 @@ def make_workload(case: str, contender: str, **params: Any) -> Workload:
         raise ValueError(f"unknown case {case!r}; cases: {', '.join(CASES)}")
     if contender not in CASES[case]:
         raise NotApplicable(f"{contender} does not run {case}")
-    status = available_contenders().get(contender, f"unknown contender {contender!r}")
+    status = contender_status(contender)
     if status is not True:
         raise NotApplicable(str(status))
     if case == "matmul":

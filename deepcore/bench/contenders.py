@@ -51,26 +51,29 @@ def import_torch() -> Any:
     return torch
 
 
-def available_contenders() -> dict[str, bool | str]:
-    """``{contender: True}`` where it can run here, else the reason it cannot."""
-    import deepcore
+def contender_status(name: str) -> bool | str:
+    """True when ``name`` can run here, else the reason. Builds or imports only what that contender
+    needs (CuPy's backend for ``cupy*``, torch for ``torch*``), so a benchmark process of one contender
+    loads no other library: ``deepcore.available_backends()`` would build every registered backend
+    (torch, JAX, Dask and the SciPy BLAS Dask brings in)."""
+    if name not in ALL_CONTENDERS:
+        return f"unknown contender {name!r}"
+    if name.startswith("numpy"):
+        return True
+    if name.startswith("cupy"):
+        from ..backend import backend_status
 
-    out: dict[str, bool | str] = {}
-    cupy_status = deepcore.available_backends().get("cupy", "not registered")
+        status = backend_status("cupy")
+        return True if status is True else f"cupy unavailable: {status}"
     try:
         import torch
-
-        torch_status: bool | str = True
-        cuda_status: bool | str = True if torch.cuda.is_available() else "PyTorch sees no CUDA device"
     except ImportError as exc:
-        torch_status = cuda_status = f"PyTorch is not installed ({exc})"
-    for name in ALL_CONTENDERS:
-        if name.startswith("numpy"):
-            out[name] = True
-        elif name.startswith("cupy"):
-            out[name] = True if cupy_status is True else f"cupy unavailable: {cupy_status}"
-        elif name == "torch":
-            out[name] = torch_status
-        else:
-            out[name] = cuda_status
-    return out
+        return f"PyTorch is not installed ({exc})"
+    if name == "torch":
+        return True
+    return True if torch.cuda.is_available() else "PyTorch sees no CUDA device"
+
+
+def available_contenders() -> dict[str, bool | str]:
+    """``{contender: True}`` where it can run here, else the reason it cannot."""
+    return {name: contender_status(name) for name in ALL_CONTENDERS}

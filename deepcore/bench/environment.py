@@ -38,7 +38,7 @@ def environment() -> dict[str, Any]:
         env["torch"] = torch.__version__
         if torch.cuda.is_available():
             env["torch_cuda_device"] = torch.cuda.get_device_name(0)
-    if deepcore.available_backends().get("cupy") is True:
+    if deepcore.backend.backend_status("cupy") is True:  # CuPy's backend only, not every registered one
         import cupy
 
         env["cupy"] = cupy.__version__

@@ -32,9 +32,10 @@ def no_sync() -> None:
 
 def dc_backend(contender: str) -> Any:
     import deepcore
+    from deepcore.backend import backend_status
 
     name = library_of(contender)
-    status = deepcore.available_backends().get(name)
+    status = backend_status(name)  # builds this backend only, not every registered one
     if status is not True:
         raise NotApplicable(f"backend {name} unavailable: {status}")
     return deepcore.get_backend(name)
