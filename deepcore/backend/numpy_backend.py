@@ -116,7 +116,11 @@ class NumpyBackend(Backend):
         return np.maximum(x, 0, dtype=x.dtype)
 
     def relu_backward(self, dy: np.ndarray, x: np.ndarray) -> np.ndarray:
-        return np.multiply(dy, x > 0)
+        # The mask as dy's dtype, then a same-dtype product: float32 times bool is ~2x slower.
+        out = np.empty(dy.shape, dtype=np.result_type(dy.dtype, x.dtype))
+        np.greater(x, 0, out=out)
+        out *= dy
+        return out
 
     def sigmoid(self, x: np.ndarray) -> np.ndarray:
         # exp(-|x|) never overflows; the two branches of σ are recombined in place.
