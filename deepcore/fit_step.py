@@ -71,32 +71,46 @@ def run_step(plan: StepPlan, micro: list[MicroBatch], epoch: int, step: int, his
     correct: list[int | None] = []
     # Divergence is detected below and reported with its epoch and step, so NumPy's own
     # overflow warnings along the way would only be noise.
-    with backend.silent_fp():
-        for mb in micro:
-            xb = mb.x if plan.half is None else plan.half.cast_input(mb.x)
-            with _weights(plan):
-                pred, backward = model.forward(xb, train=True)
-                value, grad = plan.loss_fn(pred, mb.y, **plan.loss_kwargs)
-                if mb.share != 1.0:
-                    grad = grad * mb.share
-                if plan.scaler is not None:
-                    grad = plan.scaler.scale(grad)
-                backward(grad)  # the batch is data: its gradient is not formed (nn.module's input-gradient rule)
-            local = float(value)
-            local_losses.append(local)
-            if not math.isfinite(local) and plan.reducer is None:
-                _diverge(model, optimizer, before, local, epoch, step, history)
-            group_value = group_value + value * mb.share if len(micro) > 1 else value
-            correct.append(count_correct(pred, mb.y, backend, plan.loss_kwargs.get("ignore_index")))
-        # Several ranks: every gradient becomes its mean over ranks, and the loss too, so all ranks
-        # see the same value and stop together below if it is not finite.
-        loss_value = float(group_value) if plan.reducer is None else plan.reducer.reduce(group_value)
-        if plan.scaler is not None:
-            plan.scaler.unscale(plan.params)
-        if plan.regularizer is not None:
-            penalty = float(plan.regularizer(plan.params))
-            loss_value += penalty
-            local_losses = [local + penalty for local in local_losses]
+    try:
+        with backend.silent_fp():
+            for mb in micro:
+                xb = mb.x if plan.half is None else plan.half.cast_input(mb.x)
+                with _weights(plan):
+                    pred, backward = model.forward(xb, train=True)
+                    value, grad = plan.loss_fn(pred, mb.y, **plan.loss_kwargs)
+                    if mb.share != 1.0:
+                        grad = grad * mb.share
+                    if plan.scaler is not None:
+                        grad = plan.scaler.scale(grad)
+                    backward(grad)  # the batch is data: its gradient is not formed (nn.module's input-gradient rule)
+                local = float(value)
+                if mb.share == 0.0 and len(micro) > 1:
+                    # Nothing of this micro-batch counts (every row ignored, or weighing 0) while the others
+                    # do: its NaN mean must not stand for the step's, as one batch k times as large shows.
+                    local_losses.append(0.0)
+                else:
+                    local_losses.append(local)
+                    if not math.isfinite(local) and plan.reducer is None:
+                        _diverge(model, optimizer, before, local, epoch, step, history)
+                    group_value = group_value + value * mb.share if len(micro) > 1 else value
+                correct.append(count_correct(pred, mb.y, backend, plan.loss_kwargs.get("ignore_index")))
+            # Several ranks: every gradient becomes its mean over ranks, and the loss too, so all ranks
+            # see the same value and stop together below if it is not finite.
+            loss_value = float(group_value) if plan.reducer is None else plan.reducer.reduce(group_value)
+            if plan.scaler is not None:
+                plan.scaler.unscale(plan.params)
+            if plan.regularizer is not None:
+                penalty = float(plan.regularizer(plan.params))
+                loss_value += penalty
+                local_losses = [local + penalty for local in local_losses]
+    except TrainingDiverged:
+        raise
+    except BaseException:
+        # A step that fails part-way (a bad label in a later micro-batch) leaves no gradients or
+        # BatchNorm statistics of its first micro-batches behind.
+        model.restore(before)
+        optimizer.zero_grad()
+        raise
     if not math.isfinite(loss_value):
         _diverge(model, optimizer, before, loss_value, epoch, step, history)
     if plan.clip_grad_norm is not None:

@@ -275,7 +275,8 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
                 result = run_step(plan, micro, epoch, steps, history)
                 for (_, yb), d, local, n_correct in zip(group, denominators, result.local_losses, result.correct,
                                                         strict=True):
-                    total += local * d
+                    if d > 0:  # a micro-batch that counts for nothing adds nothing, NaN mean or not
+                        total += local * d
                     weight += d
                     if n_correct is not None:
                         classification = True

@@ -212,3 +212,29 @@ def test_fp16_run_resumes_exactly_with_the_scaler_state(tmp_path):
     assert len(set(s_history["loss_scale"])) > 1  # the scale moved during the run
     for name, value in straight.items():
         np.testing.assert_array_equal(resumed[name], value)
+
+
+def test_a_micro_batch_of_ignored_rows_counts_for_nothing_and_a_failed_step_leaves_nothing():
+    x = np.random.default_rng(1).standard_normal((8, 5))
+    y = np.array([0, 1, 2, 1, -1, -1, -1, -1])
+    runs = []
+    for batch_size, accumulate in ((8, 1), (4, 2)):
+        model = _mlp()
+        model.to(dtype="float64")
+        history = fit(model, "softmax-ce", SGD(model.parameters(), lr=0.1), (x, y), epochs=2, batch_size=batch_size,
+                      shuffle=False, accumulate=accumulate, loss_kwargs={"ignore_index": -1}, verbose=False)
+        runs.append((_state(model), history["loss"]))
+    (big, big_loss), (acc, acc_loss) = runs
+    np.testing.assert_allclose(acc_loss, big_loss, rtol=1e-9)
+    for name in big:
+        np.testing.assert_allclose(acc[name], big[name], rtol=1e-9, atol=1e-12)
+
+    model = nn.Sequential(nn.Linear(5, 3, seed=0), nn.BatchNorm1d(3))
+    before = _state(model)
+    bad = np.array([0, 1, 2, 1, 2, 9])  # the second micro-batch holds a label out of range
+    with pytest.raises(ValueError, match="labels must be in"):
+        fit(model, "softmax-ce", SGD(model.parameters(), lr=0.1), (x[:6].astype(np.float32), bad), epochs=1,
+            batch_size=3, accumulate=2, shuffle=False, verbose=False)
+    assert all(p.grad is None for p in model.parameters())
+    for name, value in _state(model).items():
+        np.testing.assert_array_equal(value, before[name])
