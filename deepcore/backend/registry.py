@@ -443,33 +443,24 @@ def _generic_factory(module: str, compat: str | None = None) -> Callable[[], Bac
 register_backend("numpy", _numpy, namespaces=("array_api_compat.numpy", "numpy"))
 register_backend("cupy", _cupy, namespaces=("array_api_compat.cupy", "cupy"))
 register_backend("array_api_strict", _generic_factory("array_api_strict"), namespaces=("array_api_strict",))
-def _torch() -> Backend:
-    try:
-        from .torch_backend import TorchBackend
-    except ImportError as exc:
-        raise BackendUnavailableError(f"torch is not installed ({exc}); pip install torch") from exc
-    return TorchBackend()
+def _optional_factory(module: str, cls: str, library: str, install: str) -> Callable[[], Backend]:
+    """A factory for a backend class in ``deepcore.backend.<module>`` that imports ``library``: a missing
+    library is kept as the reason, with the command that installs it."""
+
+    def factory() -> Backend:
+        try:
+            backend_cls = getattr(importlib.import_module(f"{__package__}.{module}"), cls)
+        except ImportError as exc:
+            raise BackendUnavailableError(f"{library} is not installed ({exc}); {install}") from exc
+        return backend_cls()
+
+    return factory
 
 
-register_backend("torch", _torch, namespaces=("array_api_compat.torch",))
-def _jax() -> Backend:
-    try:
-        from .jax_backend import JaxBackend
-    except ImportError as exc:
-        raise BackendUnavailableError(f"jax is not installed ({exc}); pip install jax") from exc
-    return JaxBackend()
-
-
+register_backend("torch", _optional_factory("torch_backend", "TorchBackend", "torch", "pip install torch"),
+                 namespaces=("array_api_compat.torch",))
 # JAX by its plain name too: jax.numpy is its array-API namespace (the module ``jax`` itself has no dtypes).
-register_backend("jax", _jax, namespaces=("jax.numpy",))
-
-
-def _dask() -> Backend:
-    try:
-        from .dask_backend import DaskBackend
-    except ImportError as exc:
-        raise BackendUnavailableError(f"dask is not installed ({exc}); pip install 'dask[array]'") from exc
-    return DaskBackend()
-
-
-register_backend("dask", _dask, namespaces=("array_api_compat.dask.array", "dask.array"))
+register_backend("jax", _optional_factory("jax_backend", "JaxBackend", "jax", "pip install jax"),
+                 namespaces=("jax.numpy",))
+register_backend("dask", _optional_factory("dask_backend", "DaskBackend", "dask", "pip install 'dask[array]'"),
+                 namespaces=("array_api_compat.dask.array", "dask.array"))
