@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from .backend import Backend
 from .backend.base import Array
 from .callbacks import History, TrainingDiverged
@@ -42,6 +44,12 @@ class StepPlan:
     half: HalfWeights | None = None
     scaler: Any = None
     clip_grad_norm: float | None = None
+    # An asynchronous device (CuPy): the step reads nothing back, its loss and counts stay 0-d device
+    # arrays, and fit_window.CheckWindow reads a window of steps at once and handles a divergence.
+    deferred: bool = False
+    # Checks the whole data set's targets once, at the first forward (which tells the class count); after it
+    # the loss is called with validate=False, so no step pays for (or waits on) a per-batch label check.
+    check_targets: Callable[[Array], None] | None = None
 
 
 @dataclass
@@ -53,9 +61,10 @@ class MicroBatch:
 
 @dataclass
 class StepResult:
-    loss: float  # the step's loss, the mean over ranks (plus the penalty)
-    local_losses: list[float]  # each micro-batch's own mean loss on this rank (plus the penalty)
-    correct: list[int | None]  # each micro-batch's correct predictions (None: not classification)
+    # Host numbers, or with a deferred plan 0-d device arrays (and plain numbers where nothing was computed).
+    loss: Any  # the step's loss, the mean over ranks (plus the penalty)
+    local_losses: list[Any]  # each micro-batch's own mean loss on this rank (plus the penalty)
+    correct: list[Any]  # each micro-batch's correct predictions (None: not classification)
     stepped: bool  # False when the loss scaler skipped the update (a non-finite gradient)
 
 
@@ -77,31 +86,43 @@ def run_step(plan: StepPlan, micro: list[MicroBatch], epoch: int, step: int, his
                 xb = mb.x if plan.half is None else plan.half.cast_input(mb.x)
                 with _weights(plan):
                     pred, backward = model.forward(xb, train=True)
+                    if plan.check_targets is not None:
+                        plan.check_targets(pred)
+                        plan.check_targets = None
+                        plan.loss_kwargs = {**plan.loss_kwargs, "validate": False}
                     value, grad = plan.loss_fn(pred, mb.y, **plan.loss_kwargs)
                     if mb.share != 1.0:
                         grad = grad * mb.share
                     if plan.scaler is not None:
                         grad = plan.scaler.scale(grad)
                     backward(grad)  # the batch is data: its gradient is not formed (nn.module's input-gradient rule)
-                local = float(value)
-                if mb.share == 0.0 and len(micro) > 1:
-                    # Nothing of this micro-batch counts (every row ignored, or weighing 0) while the others
-                    # do: its NaN mean must not stand for the step's, as one batch k times as large shows.
-                    local_losses.append(0.0)
+                counts = not (mb.share == 0.0 and len(micro) > 1)
+                if plan.deferred:
+                    local_losses.append(value if counts else 0.0)
                 else:
-                    local_losses.append(local)
-                    if not math.isfinite(local) and plan.reducer is None:
-                        _diverge(model, optimizer, before, local, epoch, step, history)
+                    local = float(value)
+                    # A micro-batch of which nothing counts (every row ignored, or weighing 0) while the
+                    # others do: its NaN mean must not stand for the step's, as one batch k times as large shows.
+                    local_losses.append(local if counts else 0.0)
+                    if counts and not math.isfinite(local) and plan.reducer is None:
+                        diverge(model, optimizer, before, local, epoch, step, history)
+                if counts:
                     group_value = group_value + value * mb.share if len(micro) > 1 else value
-                correct.append(count_correct(pred, mb.y, backend, plan.loss_kwargs.get("ignore_index")))
+                correct.append(count_correct(pred, mb.y, backend, plan.loss_kwargs.get("ignore_index"),
+                                             to_host=not plan.deferred))
             # Several ranks: every gradient becomes its mean over ranks, and the loss too, so all ranks
             # see the same value and stop together below if it is not finite.
-            loss_value = float(group_value) if plan.reducer is None else plan.reducer.reduce(group_value)
+            if plan.reducer is not None:
+                loss_value = plan.reducer.reduce(group_value)
+            else:
+                loss_value = group_value if plan.deferred else float(group_value)
             if plan.scaler is not None:
                 plan.scaler.unscale(plan.params)
             if plan.regularizer is not None:
-                penalty = float(plan.regularizer(plan.params))
-                loss_value += penalty
+                penalty = plan.regularizer(plan.params)
+                if not plan.deferred:
+                    penalty = float(penalty)
+                loss_value = loss_value + penalty
                 local_losses = [local + penalty for local in local_losses]
     except TrainingDiverged:
         raise
@@ -111,8 +132,8 @@ def run_step(plan: StepPlan, micro: list[MicroBatch], epoch: int, step: int, his
         model.restore(before)
         optimizer.zero_grad()
         raise
-    if not math.isfinite(loss_value):
-        _diverge(model, optimizer, before, loss_value, epoch, step, history)
+    if not plan.deferred and not math.isfinite(loss_value):
+        diverge(model, optimizer, before, loss_value, epoch, step, history)
     if plan.clip_grad_norm is not None:
         from .optim import clip_grad_norm
 
@@ -128,16 +149,52 @@ def run_step(plan: StepPlan, micro: list[MicroBatch], epoch: int, step: int, his
     return StepResult(loss_value, local_losses, correct, stepped)
 
 
-def count_correct(pred: Array, y: Array, backend: Backend, ignore_index: int | None = None) -> int | None:
-    """Correct arg-max predictions for class labels, rows labelled ``ignore_index`` not counted;
-    None when the targets are not labels."""
+def target_check(loss_fn: LossFn, loss_kwargs: dict[str, Any], y: Any, what: str) -> Callable[[Array], None] | None:
+    """For the built-in losses whose ``validate`` checks only the targets, the check of all of ``y`` (the
+    data set's targets, on the host) that makes per-batch validation unnecessary; None for other losses,
+    or when the caller set ``validate`` in ``loss_kwargs``."""
+    from . import losses
+
+    if y is None or "validate" in loss_kwargs or loss_fn not in (
+            losses.softmax_cross_entropy, losses.multiclass_hinge, losses.binary_cross_entropy_with_logits,
+            losses.binary_hinge):
+        return None
+    y = np.asarray(y)
+    ignore = loss_kwargs.get("ignore_index") if loss_fn is losses.softmax_cross_entropy else None
+
+    def check(pred: Array) -> None:
+        bad, allowed = None, ""
+        if y.dtype.kind in "iu" and y.ndim == 1 and len(pred.shape) == 2 and loss_fn is not losses.binary_hinge:
+            c = int(pred.shape[1])
+            bad = (y < 0) | (y >= c)
+            if ignore is not None:
+                bad &= y != ignore
+            allowed = f"labels must be in [0, {c})" + (f" or ignore_index={ignore}" if ignore is not None else "")
+            allowed += f" for the model's {c} outputs"
+        elif loss_fn is losses.binary_hinge:
+            bad, allowed = (y != -1) & (y != 1), "targets must be -1 or 1"
+        elif y.dtype.kind == "f":
+            bad, allowed = ~((y >= 0) & (y <= 1)), "targets must be in [0, 1]"
+        if bad is not None and bad.any():
+            i = np.unravel_index(int(np.argmax(bad)), y.shape)
+            at = ", ".join(str(int(k)) for k in i)
+            raise ValueError(f"fit: {what} {allowed}, got y[{at}] = {y[i].item()}")
+
+    return check
+
+
+def count_correct(pred: Array, y: Array, backend: Backend, ignore_index: int | None = None, *,
+                  to_host: bool = True) -> Any:
+    """Correct arg-max predictions for class labels, rows labelled ``ignore_index`` not counted (an int,
+    or with ``to_host=False`` a 0-d integer array left on the device); None when the targets are not labels."""
     if not (pred.ndim == 2 and y.ndim == 1 and backend.is_integer(y)):
         return None
     xp = backend.xp
     hit = xp.argmax(pred, axis=1) == y
     if ignore_index is not None:
         hit = hit & (y != ignore_index)
-    return int(xp.sum(xp.astype(hit, xp.int64)))
+    total = xp.sum(xp.astype(hit, xp.int64))
+    return int(total) if to_host else total
 
 
 def _weights(plan: StepPlan) -> Any:
@@ -146,8 +203,9 @@ def _weights(plan: StepPlan) -> Any:
     return contextlib.nullcontext() if plan.half is None else plan.half.applied()
 
 
-def _diverge(model: Module, optimizer: Any, before: Any, value: float, epoch: int, step: int,
-             history: History) -> None:
+def diverge(model: Module, optimizer: Any, before: Any, value: float, epoch: int, step: int,
+            history: History) -> None:
+    """Put ``before`` back and raise :class:`TrainingDiverged` for (0-based) ``epoch`` and ``step``."""
     model.restore(before)
     optimizer.zero_grad()
     raise TrainingDiverged(

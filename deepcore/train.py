@@ -34,12 +34,14 @@ from .distributed import (
     broadcast_module,
     get_communicator,
 )
+from .fit_batches import Batches, resident_data
 from .fit_checkpoints import check_checkpoint_path as _check_checkpoint_path
 from .fit_checkpoints import diverged as _diverged
 from .fit_checkpoints import resume as _resume
 from .fit_checkpoints import same_file as _same_file
 from .fit_checkpoints import save as _save
-from .fit_step import MicroBatch, StepPlan, run_step
+from .fit_step import MicroBatch, StepPlan, run_step, target_check
+from .fit_window import CheckWindow
 from .mixed_precision import HalfWeights, check_precision
 from .nn.batchnorm import BatchNorm1d
 from .nn.module import Module
@@ -241,8 +243,13 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         reducer = GradientReducer(params, comm)
     for cb in callbacks:
         cb.on_train_begin(model)
+    # An asynchronous device (CuPy) reads nothing back inside a step (fit_window.py): not with several
+    # ranks (the reducer averages the loss on the host) nor with a loss scaler (its skip is decided there).
+    deferred = bool(getattr(backend, "asynchronous", False)) and reducer is None and loss_scaler is None
     plan = StepPlan(model, loss_fn, loss_kwargs, optimizer, params, backend, regularizer, constraint, reducer,
-                    half, loss_scaler, None if clip_grad_norm is None else float(clip_grad_norm))
+                    half, loss_scaler, None if clip_grad_norm is None else float(clip_grad_norm), deferred,
+                    target_check(loss_fn, loss_kwargs, train_ds.y, "train"))
+    resident = None if distributed else resident_data(train_ds, backend)
     per_step_schedule = scheduler is not None and getattr(scheduler, "interval", "epoch") == "step"
     more = (lambda: {}) if loss_scaler is None else (lambda: {"loss_scaler": loss_scaler.state_dict()})
     # The last epoch whose end is in the per-epoch checkpoint file, for a divergence's message.
@@ -252,38 +259,44 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         lr = float(getattr(optimizer, "lr", float("nan")))
         # The epoch loss is the loss's own mean over the epoch: sum over batches of (batch mean x the
         # batch's denominator), over the summed denominators (see _loss_denominator).
-        total, weight, correct, counted, steps, skipped, classification = 0.0, 0.0, 0, 0, 0, 0, False
+        tally, steps, skipped = _Tally(ignore_index), 0, 0
         if distributed:
-            it: Any = ShardedBatches(train_ds, batch_size, rank=comm.rank, size=comm.size, shuffle=shuffle,
-                                     seed=seed, epoch=epoch, drop_last=drop_last)
+            it: Any = Batches(ShardedBatches(train_ds, batch_size, rank=comm.rank, size=comm.size, shuffle=shuffle,
+                                             seed=seed, epoch=epoch, drop_last=drop_last), backend)
+        elif resident is not None:
+            it = resident.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
         else:
-            it = batches(train_ds, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last)
+            it = Batches(batches(train_ds, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last),
+                         backend)
         progress = Progress(len(it), f"epoch {epoch + 1}/{epochs}", enabled=None if verbose else False,
                             unit="batch")
+
+        window = CheckWindow(plan, scheduler, per_step_schedule) if plan.deferred else None
         try:
-            group: list[tuple[Any, Any]] = []
-            for i, (xb_host, yb_host) in enumerate(it):
-                group.append((xb_host, yb_host))
+            group: list[tuple[Any, Any, Any]] = []
+            for i, batch in enumerate(it):
+                group.append(batch)
                 if len(group) < accumulate and i + 1 < len(it):
                     continue
-                denominators = [_loss_denominator(yb, int(xb.shape[0]), ignore_index, class_weights)
-                                for xb, yb in group]
+                labels = [yh for _, _, yh in group]
+                denominators = [_loss_denominator(yh, int(xb.shape[0]), ignore_index, class_weights)
+                                for xb, _, yh in group]
                 whole = sum(denominators)
-                micro = [MicroBatch(to_backend(xb, backend), to_backend(yb, backend),
-                                    d / whole if whole > 0 else 1.0 / len(group))
-                         for (xb, yb), d in zip(group, denominators, strict=True)]
-                result = run_step(plan, micro, epoch, steps, history)
-                for (_, yb), d, local, n_correct in zip(group, denominators, result.local_losses, result.correct,
-                                                        strict=True):
-                    if d > 0:  # a micro-batch that counts for nothing adds nothing, NaN mean or not
-                        total += local * d
-                    weight += d
-                    if n_correct is not None:
-                        classification = True
-                        correct += n_correct
-                        counted += _counted_rows(yb, ignore_index)
-                    progress.update(loss=result.loss)
+                micro = [MicroBatch(xb, yb, d / whole if whole > 0 else 1.0 / len(group))
+                         for (xb, yb, _), d in zip(group, denominators, strict=True)]
                 group = []
+                if window is not None:
+                    window.add(steps, micro, (labels, denominators),
+                               functools.partial(run_step, plan, micro, epoch, steps, history))
+                    steps += 1
+                    if per_step_schedule:
+                        scheduler.step()
+                    if window.full or i + 1 == len(it):
+                        for pending, result in window.read(epoch, history):
+                            tally.add(*pending.extra, result, progress)
+                    continue
+                result = run_step(plan, micro, epoch, steps, history)
+                tally.add(labels, denominators, result, progress)
                 steps += 1
                 skipped += not result.stepped
                 if per_step_schedule:
@@ -294,12 +307,13 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         finally:
             progress.close()
         if distributed:
-            total, weight, correct, counted = (float(v) for v in
-                                               comm.allreduce_host([total, weight, correct, counted]))
+            tally.total, tally.weight, tally.correct, tally.counted = (
+                float(v) for v in comm.allreduce_host([tally.total, tally.weight, tally.correct, tally.counted]))
             broadcast_module(model, comm, parameters=False)
-        logs: dict[str, float] = {"epoch": epoch + 1, "loss": total / weight if weight else float("nan"), "lr": lr}
-        if classification:
-            logs["accuracy"] = correct / max(counted, 1)
+        logs: dict[str, float] = {"epoch": epoch + 1, "loss": tally.total / tally.weight if tally.weight
+                                  else float("nan"), "lr": lr}
+        if tally.classification:
+            logs["accuracy"] = tally.correct / max(tally.counted, 1)
         if val_ds is not None:
             for k, v in evaluate(model, loss_fn, val_ds, batch_size=max(batch_size, 256),
                                  loss_kwargs=loss_kwargs).items():
@@ -331,6 +345,25 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
     for cb in callbacks:
         cb.on_train_end(model)
     return history
+
+
+class _Tally:
+    """An epoch's figures from its steps' host values: the loss's own mean and the accuracy."""
+
+    def __init__(self, ignore_index: int | None) -> None:
+        self.ignore_index = ignore_index
+        self.total, self.weight, self.correct, self.counted, self.classification = 0.0, 0.0, 0, 0, False
+
+    def add(self, labels: list[Any], denominators: list[float], result: Any, progress: Progress) -> None:
+        for yb, d, local, n_correct in zip(labels, denominators, result.local_losses, result.correct, strict=True):
+            if d > 0:  # a micro-batch that counts for nothing adds nothing, NaN mean or not
+                self.total += local * d
+            self.weight += d
+            if n_correct is not None:
+                self.classification = True
+                self.correct += n_correct
+                self.counted += _counted_rows(yb, self.ignore_index)
+            progress.update(loss=result.loss)
 
 
 def _counted_rows(y: np.ndarray, ignore_index: int | None) -> int:

@@ -38,6 +38,10 @@ def _require_device() -> None:
 
 
 class CupyBackend(Backend):
+    # Work is queued on a stream and the host runs ahead: reading a value back (float(loss)) waits for the
+    # device, so the fit loop reads nothing inside a step (deepcore/fit_window.py).
+    asynchronous = True
+
     def __init__(self) -> None:
         _require_device()
         super().__init__(cp_compat, name="cupy")
@@ -53,6 +57,11 @@ class CupyBackend(Backend):
     def from_numpy(self, a: np.ndarray, *, dtype: Any = None, device: Any = None) -> Array:
         with _using_device(device):
             return cupy.array(a, dtype=dtype, copy=True, order="C")
+
+    def free_memory(self) -> int:
+        """Bytes the current device can still give: the driver's free memory plus what CuPy's pool holds unused."""
+        free, _total = cupy.cuda.runtime.memGetInfo()
+        return int(free) + int(cupy.get_default_memory_pool().free_bytes())
 
     def add_into(self, acc: Array, value: Array) -> Array:
         cupy.add(acc, value, out=acc, casting="same_kind")
