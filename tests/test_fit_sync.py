@@ -119,6 +119,23 @@ def test_deferred_reads_once_per_window_and_changes_nothing(backend, monkeypatch
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_cnn_step_reads_nothing_either(backend, monkeypatch):
+    # Convolution, pooling and BatchNorm2d on the device path, with a regularizer and gradient clipping.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(24, 1, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 3, size=24)
+    monkeypatch.setattr(backend, "asynchronous", True, raising=False)
+    monkeypatch.setattr(fit_window, "CHECK_EVERY", 2)
+    dc.manual_seed(0)
+    with dc.use_backend(backend):
+        model = dc.nn.Sequential(dc.nn.Conv2d(1, 4, 3, padding=1), dc.nn.BatchNorm2d(4), dc.nn.ReLU(),
+                                 dc.nn.MaxPool2d(2), dc.nn.Flatten(), dc.nn.Linear(36, 3))
+    counter = HostReads(monkeypatch, backend)
+    fit(model, "softmax-ce", dc.optim.Adam(model.parameters(), lr=1e-2), (x, y), epochs=1, batch_size=4,
+        regularizer=dc.regularizers.L2(1e-3), clip_grad_norm=1.0, verbose=False)
+    assert counter.reads == 3  # 6 steps in windows of 2
+
+
 def test_the_synchronous_path_reads_every_step(backend, monkeypatch):
     # The counter sees what the deferred path saves: the loss and the correct count of every step.
     counter = HostReads(monkeypatch, backend)
