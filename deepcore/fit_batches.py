@@ -27,10 +27,13 @@ DEVICE_SHARE = 0.25
 
 
 class Batches:
-    """``(x, y, y_host)`` per batch: ``x`` and ``y`` on the model's backend, ``y_host`` the labels on the host."""
+    """``(x, y, y_host)`` per batch: ``x`` and ``y`` on the model's backend, ``y_host`` the labels on the host.
+    ``host`` is a ``data.BatchIterator`` or a ``ShardedBatches``; with a ``BatchIterator``, :meth:`batch`
+    gathers any batch of the epoch again (for a replay, fit_window.py)."""
 
     def __init__(self, host: Any, backend: Backend) -> None:
         self._host, self._backend = host, backend
+        self._order: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self._host)
@@ -39,6 +42,16 @@ class Batches:
         backend = self._backend
         for xb, yb in self._host:
             yield to_backend(xb, backend), None if yb is None else to_backend(yb, backend), yb
+
+    def batch(self, k: int) -> tuple[Any, Any]:
+        """Batch ``k`` of the epoch, on the backend, as the iteration gave it."""
+        it = self._host
+        if self._order is None:
+            self._order = epoch_order(len(it.dataset), seed=it.seed, epoch=it.epoch, shuffle=it.shuffle)
+        idx = self._order[k * it.batch_size:(k + 1) * it.batch_size]
+        y = it.dataset.y
+        return (to_backend(np.take(it.dataset.x, idx, axis=0), self._backend),
+                None if y is None else to_backend(np.take(y, idx, axis=0), self._backend))
 
 
 class ResidentData:
@@ -60,18 +73,24 @@ class _ResidentEpoch:
         n = order.shape[0]
         self.n_batches = n // batch_size if drop_last else -(-n // batch_size)
 
+        self._device_order: Any = None
+
     def __len__(self) -> int:
         return self.n_batches
 
     def __iter__(self) -> Iterator[tuple[Any, Any, Any]]:
-        data, b = self.data, self.batch_size
-        xp = data.backend.xp
-        order = to_backend(self.order.astype(np.int64), data.backend)
-        y_host = data.ds.y
+        b, y_host = self.batch_size, self.data.ds.y
         for k in range(self.n_batches):
-            idx = order[k * b:(k + 1) * b]
-            yb = None if data.y is None else xp.take(data.y, idx, axis=0)
-            yield xp.take(data.x, idx, axis=0), yb, None if y_host is None else y_host[self.order[k * b:(k + 1) * b]]
+            yield (*self.batch(k), None if y_host is None else y_host[self.order[k * b:(k + 1) * b]])
+
+    def batch(self, k: int) -> tuple[Any, Any]:
+        """Batch ``k`` of the epoch, gathered on the device (the order moved there once)."""
+        data, b = self.data, self.batch_size
+        if self._device_order is None:
+            self._device_order = to_backend(self.order.astype(np.int64), data.backend)
+        xp = data.backend.xp
+        idx = self._device_order[k * b:(k + 1) * b]
+        return xp.take(data.x, idx, axis=0), None if data.y is None else xp.take(data.y, idx, axis=0)
 
 
 def resident_data(ds: ArrayDataset, backend: Backend) -> ResidentData | None:

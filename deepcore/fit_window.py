@@ -8,9 +8,10 @@ epoch's figures and the progress line.
 Divergence keeps the loop's contract: a non-finite loss stops training with the model exactly as
 it was before the first step whose loss was not finite. The window keeps the state at its start
 (parameter values and optimizer state copied on the device, buffers and extra states by
-reference, the per-step schedule's state) and its steps' batches; on a non-finite step it puts that
-state back, replays the window's finite steps (the same batches, dropout masks and schedule, so the
-same arithmetic) with the host checks on, and raises :class:`TrainingDiverged` for the bad step.
+reference, the per-step schedule's state) and which batches its steps took; on a non-finite step
+it puts that state back, replays the window's finite steps (the same batches, gathered again, the
+same dropout masks and schedule, so the same arithmetic) with the host checks on, and raises
+:class:`TrainingDiverged` for the bad step.
 Copying the state costs one pass over the parameters and optimizer state per window, a fraction
 ``1/every`` of the optimizer's own traffic.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 from .callbacks import History
@@ -35,7 +35,8 @@ CHECK_EVERY = 32
 @dataclasses.dataclass
 class PendingStep:
     step: int
-    micro: list[MicroBatch]
+    batches: list[int]  # the epoch's batches the step's micro-batches were (gathered again for a replay)
+    shares: list[float]  # and their shares of the step's loss
     result: StepResult
     extra: Any  # what the caller needs back with the step (its host labels and denominators)
 
@@ -43,18 +44,25 @@ class PendingStep:
 class CheckWindow:
     """Steps of one epoch whose values are still on the device; :meth:`read` brings them back."""
 
-    def __init__(self, plan: StepPlan, scheduler: Any, per_step_schedule: bool, every: int | None = None) -> None:
+    def __init__(self, plan: StepPlan, batches: Any, scheduler: Any, per_step_schedule: bool,
+                 every: int | None = None) -> None:
+        """``batches.batch(k)`` gives the epoch's batch ``k`` again, ``(x, y)`` on the device: a window keeps
+        no batch alive, only where to find it."""
         self.plan = plan
+        self.batches = batches
         self.scheduler = scheduler if per_step_schedule else None
         self.every = CHECK_EVERY if every is None else every
         self.pending: list[PendingStep] = []
         self._start: _State | None = None
 
-    def add(self, step: int, micro: list[MicroBatch], extra: Any, run: Callable[[], StepResult]) -> None:
-        """Run one step (``run``), keeping what :meth:`read` and a replay need."""
+    def add(self, step: int, batches: list[int], micro: list[MicroBatch], epoch: int, history: History,
+            extra: Any) -> None:
+        """Run step ``step`` on ``micro`` (the epoch's batches ``batches``), keeping what :meth:`read` and a
+        replay need."""
         if self._start is None:
             self._start = _State.take(self.plan, self.scheduler)
-        self.pending.append(PendingStep(step, micro, run(), extra))
+        result = run_step(self.plan, micro, epoch, step, history)
+        self.pending.append(PendingStep(step, batches, [mb.share for mb in micro], result, extra))
 
     @property
     def full(self) -> bool:
@@ -91,7 +99,8 @@ class CheckWindow:
         for p in self.pending:
             if p is bad:
                 break
-            run_step(checked, p.micro, epoch, p.step, history)
+            micro = [MicroBatch(*self.batches.batch(k), share) for k, share in zip(p.batches, p.shares, strict=True)]
+            run_step(checked, micro, epoch, p.step, history)
             if self.scheduler is not None:
                 self.scheduler.step()
         self.pending = []

@@ -271,7 +271,7 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         progress = Progress(len(it), f"epoch {epoch + 1}/{epochs}", enabled=None if verbose else False,
                             unit="batch")
 
-        window = CheckWindow(plan, scheduler, per_step_schedule) if plan.deferred else None
+        window = CheckWindow(plan, it, scheduler, per_step_schedule) if plan.deferred else None
         try:
             group: list[tuple[Any, Any, Any]] = []
             for i, batch in enumerate(it):
@@ -286,8 +286,8 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
                          for (xb, yb, _), d in zip(group, denominators, strict=True)]
                 group = []
                 if window is not None:
-                    window.add(steps, micro, (labels, denominators),
-                               functools.partial(run_step, plan, micro, epoch, steps, history))
+                    window.add(steps, list(range(i + 1 - len(micro), i + 1)), micro, epoch, history,
+                               (labels, denominators))
                     steps += 1
                     if per_step_schedule:
                         scheduler.step()

@@ -166,11 +166,14 @@ def test_data_set_too_large_for_the_device_comes_from_the_host(backend, monkeypa
     assert fit_batches.resident_data(dc.data.ArrayDataset(x, y), backend) is not None
 
 
-@pytest.mark.parametrize("every", [1, 4, 50])
-def test_divergence_stops_where_the_synchronous_loop_stops(backend, monkeypatch, every):
+@pytest.mark.parametrize(("every", "resident"), [(1, False), (4, False), (50, False), (4, True)])
+def test_divergence_stops_where_the_synchronous_loop_stops(backend, monkeypatch, every, resident):
     # A learning rate that makes the loss overflow part-way through an epoch: the deferred run must
-    # raise for the same step and leave the parameters (and the optimizer's state) of the step before it.
+    # raise for the same step and leave the parameters (and the optimizer's state) of the step before it,
+    # its replay gathering the window's batches again from the host or from the data set on the device.
     monkeypatch.setattr(fit_window, "CHECK_EVERY", every)
+    if resident:
+        monkeypatch.setattr(backend, "free_memory", lambda: 10**9, raising=False)
     _, ref_error, ref_params, ref_opt = _run(backend, False, monkeypatch, lr=1e4, epochs=3)
     assert ref_error is not None and (ref_error.epoch, ref_error.step) != (1, 1)
     _, error, params, opt = _run(backend, True, monkeypatch, lr=1e4, epochs=3)
