@@ -1,42 +1,76 @@
-// Fused softmax + cross-entropy forward and backward, one row per warp (small C)
-// or one row per block (large C).
+// Fused softmax + cross-entropy forward and backward in ONE launch per call: the
+// per-row losses, the "mean" denominator (when it depends on the labels), the
+// final sum/mean and the gradient.
 //
 // For row i with label y, logits s (C entries), class weights w (all ones when
 // class_weights is null) and label smoothing eps:
 //   lse            = log(sum_k exp(s_k))
 //   loss_row[i]    = (1-eps) w_y (lse - s_y) + (eps/C) sum_k w_k (lse - s_k)
 //   grad[i,k]      = scale * (p_k ((1-eps) w_y + (eps/C) W) - (1-eps) w_y [k==y] - (eps/C) w_k)
-// with p_k = exp(s_k - lse), W = sum_k w_k and scale read from device memory so
-// the host never waits for the mean's denominator (the host derives it from the
-// labels, so the kernel writes no per-row weight). A row whose label equals
+// with p_k = exp(s_k - lse) and W = sum_k w_k. A row whose label equals
 // ignore_index gets zeros; a label outside [0, C) gets NaN everywhere (and no
 // out-of-bounds access) so an unchecked bad label cannot pass silently.
+//
+// Two kernels, one of which the host launches per call:
+// - sce_on_chip: a block stages a tile of whole rows (rows_per_tile = blockDim /
+//   threads_per_row consecutive rows, one contiguous range of memory) in dynamic
+//   shared memory with 16-byte vector loads, so each logit is read from DRAM once;
+//   threads_per_row (a power of two, 1...blockDim) threads reduce each row (segmented
+//   warp shuffles up to 32, shared memory across warps above), write the gradient
+//   back into the tile, and the block stores the tile with 16-byte vector stores.
+//   Small C (MNIST's 10) thus runs hundreds of rows per block; rows up to the device's
+//   shared-memory limit run a block per row.
+// - sce_two_pass: rows longer than shared memory holds, a block per row, read twice
+//   (the second read from L2 at best).
+//
+// scale: the host passes 1 ("sum"/"none") or 1/N ("mean" without class weights or
+// ignore_index, where the denominator is the row count). For "mean" with either,
+// every block first reduces sum w_y over the labels itself (reduction ==
+// kMeanOfLabels), in a fixed order, so all blocks hold the same bits of 1/denominator
+// before writing any gradient; an out-of-range label makes it NaN, every row ignored
+// makes it 1/0 = inf (and the mean 0 * inf = NaN, as in PyTorch).
+//
+// The final sum or mean ("sum"/"mean") is deterministic: each block writes its
+// partial (its rows' losses in a fixed order) to partials[blockIdx.x], fences, and
+// takes a ticket (atomicInc, which wraps the counter back to 0 at the last block);
+// the last block sums the partials in block order and writes the 0-d result.
 //
 // Compiled at run time by NVRTC (cupy.RawModule) and by nvcc for the CI compile
 // check, so the only headers are the two NVRTC can always find.
 //
 // `grad` may be the same buffer as `logits`: a caller whose logits are dead after
 // the loss can pass it twice and save an N x C allocation. So neither pointer is
-// __restrict__ nor read through the read-only cache, and every row passes a
-// warp/block barrier between its last read and its first write (after it, a
-// thread reads only the elements it then overwrites itself).
+// __restrict__ nor read through the read-only cache. sce_on_chip reads a tile
+// completely before a block barrier and writes it only after; sce_two_pass passes a
+// block barrier between a row's last read and its first write (after it, a thread
+// reads only the elements it then overwrites itself).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+
+// Dynamic shared memory. The CPU emulator (tools/cuda_emulator/emulator.h), which
+// cannot spell `extern __shared__`, defines EMU_DYNAMIC_SHARED itself.
+#ifdef EMU_DYNAMIC_SHARED
+#define SCE_DYNAMIC_SHARED(T, name) EMU_DYNAMIC_SHARED(T, name)
+#else
+#define SCE_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]
+#endif
 
 namespace sce {
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-// Launch shapes, mirrored in deepcore/backend/cuda_kernels.py (the wrapper
-// launches exactly these block sizes). The min-blocks hints cap registers at 40
-// (6 x 256 and 3 x 512 = 1536 resident threads per SM): both kernels are
-// bandwidth bound and want many loads in flight, and ptxas -v shows no spills
-// at that cap, while the next step (32 registers) spills on sm_80/sm_90.
-constexpr int kWarpKernelThreads = 256;
-constexpr int kWarpKernelMinBlocks = 6;
-constexpr int kBlockKernelThreads = 512;
-constexpr int kBlockKernelMinBlocks = 3;
+// Both kernels' largest block, mirrored in deepcore/backend/cuda_kernels.py. No
+// min-blocks hint: ptxas takes the registers the code needs (up to 128 at 512
+// threads), so occupancy is what the registers and the tile's shared memory allow.
+constexpr int kThreads = 512;
+constexpr int kMaxWarps = kThreads / kWarp;
+
+// `reduction`, as the host passes it.
+constexpr int kNone = 0;          // loss[row] per row, in T
+constexpr int kSum = 1;           // *loss = sum of rows (scale is 1)
+constexpr int kMean = 2;          // *loss = scale * sum, scale = 1/N from the host
+constexpr int kMeanOfLabels = 3;  // *loss = sum / sum w_y, the denominator reduced in the kernel
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 __device__ __forceinline__ float quiet_nan() { return __int_as_float(0x7fffffff); }
@@ -106,7 +140,7 @@ __device__ __forceinline__ void stats_add(RowStats& s, const float (&x)[N], cons
 }
 
 // Written symmetrically in (a, b) so the xor butterfly does the same work on
-// both partners; lane 0's result is broadcast afterwards anyway.
+// both partners; the group's first lane's result is broadcast afterwards anyway.
 __device__ __forceinline__ RowStats stats_merge(const RowStats& a, const RowStats& b, bool smooth) {
     RowStats r;
     r.m = fmaxf(a.m, b.m);
@@ -126,20 +160,33 @@ __device__ __forceinline__ RowStats stats_merge(const RowStats& a, const RowStat
     return r;
 }
 
-__device__ __forceinline__ RowStats warp_allreduce(RowStats s, bool smooth) {
-#pragma unroll
-    for (int off = kWarp / 2; off > 0; off >>= 1) {
+// Butterfly over each aligned group of `width` lanes (a power of two <= 32; every
+// lane of the warp takes part).
+__device__ __forceinline__ RowStats group_allreduce(RowStats s, bool smooth, int width) {
+    for (int off = 1; off < width; off <<= 1) {
         RowStats o;
-        o.m = __shfl_xor_sync(kFullMask, s.m, off);
-        o.se = __shfl_xor_sync(kFullMask, s.se, off);
+        o.m = __shfl_xor_sync(kFullMask, s.m, off, width);
+        o.se = __shfl_xor_sync(kFullMask, s.se, off, width);
         if (smooth) {
-            o.sw = __shfl_xor_sync(kFullMask, s.sw, off);
-            o.ws = __shfl_xor_sync(kFullMask, s.ws, off);
+            o.sw = __shfl_xor_sync(kFullMask, s.sw, off, width);
+            o.ws = __shfl_xor_sync(kFullMask, s.ws, off, width);
         } else {
             o.sw = 0.f;
             o.ws = 0.f;
         }
         s = stats_merge(s, o, smooth);
+    }
+    return s;
+}
+
+// The group's first lane's statistics in every lane of the group (lanes may differ
+// in the last bit after the butterfly, where a product was contracted into an FMA).
+__device__ __forceinline__ RowStats group_broadcast(RowStats s, bool smooth, int width) {
+    s.m = __shfl_sync(kFullMask, s.m, 0, width);
+    s.se = __shfl_sync(kFullMask, s.se, 0, width);
+    if (smooth) {
+        s.sw = __shfl_sync(kFullMask, s.sw, 0, width);
+        s.ws = __shfl_sync(kFullMask, s.ws, 0, width);
     }
     return s;
 }
@@ -187,77 +234,229 @@ __device__ __forceinline__ float class_weight(const float* __restrict__ w, long 
     return w != nullptr ? __ldg(w + k) : 1.f;
 }
 
-}  // namespace sce
-
-// One warp per row, several rows per block. For C <= ~1024, where a block per
-// row would leave most threads idle and the block-level reduction would cost
-// more than the row itself.
-template <typename T, typename L>
-__global__ void __launch_bounds__(sce::kWarpKernelThreads, sce::kWarpKernelMinBlocks)
-sce_warp_per_row(const T* logits, const L* __restrict__ labels, const float* __restrict__ class_weights,
-                 const float* __restrict__ scale, T* grad, float* __restrict__ loss_row, long long n_rows,
-                 int n_classes, long long ignore_index, float label_smoothing) {
-    using namespace sce;
-    const int lane = threadIdx.x % kWarp;
-    const int warps_per_block = blockDim.x / kWarp;
-    const long long row_step = static_cast<long long>(gridDim.x) * warps_per_block;
-    const bool smooth = label_smoothing != 0.f;
-    const float eps = label_smoothing;
-    const float eps_c = label_smoothing / static_cast<float>(n_classes);
-    const float sc = *scale;
-
-    for (long long row = static_cast<long long>(blockIdx.x) * warps_per_block + threadIdx.x / kWarp; row < n_rows;
-         row += row_step) {
-        const long long base = row * static_cast<long long>(n_classes);
-        const T* x = logits + base;
-        T* g = grad + base;
-        const long long y = static_cast<long long>(labels[row]);
-
-        if (y == ignore_index || y < 0 || y >= n_classes) {
-            const float fill = y == ignore_index ? 0.f : quiet_nan();
-            for (int k = lane; k < n_classes; k += kWarp) g[k] = from_float<T>(fill);
-            if (lane == 0) loss_row[row] = fill;
-            continue;  // warp-uniform: the whole warp shares `y`
-        }
-
-        RowStats st = stats_identity();
-        for (int k = lane; k < n_classes; k += kWarp) {
-            const float xv[1] = {to_float(x[k])};
-            const float wv[1] = {smooth ? class_weight(class_weights, k) : 1.f};
-            stats_add<1>(st, xv, wv, smooth);
-        }
-        const float sy = lane == 0 ? to_float(x[y]) : 0.f;
-        st = warp_allreduce(st, smooth);
-        // Orders every lane's reads of this row (lane 0's s_y included) before any lane's
-        // write when grad aliases logits. The shuffles around it do not: they order no memory.
-        __syncwarp();
-        // Lanes may differ in the last bit after the butterfly; use lane 0's values everywhere.
-        const float m = __shfl_sync(kFullMask, st.m, 0);
-        const float se = __shfl_sync(kFullMask, st.se, 0);
-        const float ws = smooth ? __shfl_sync(kFullMask, st.ws, 0) : 0.f;
-        const float wy = class_weight(class_weights, y);
-        if (lane == 0) loss_row[row] = row_loss(st, sy, wy, eps, eps_c, smooth);
-        const GradCoef coef = grad_coef(m, logf(se), ws, wy, eps, eps_c, sc, smooth);
-        for (int k = lane; k < n_classes; k += kWarp) {
-            const float wk = smooth ? class_weight(class_weights, k) : 0.f;
-            g[k] = from_float<T>(grad_at(coef, to_float(x[k]), wk, k == y));
-        }
-    }
+// Sum of one float per thread over the block, the same bits in every thread: a xor
+// butterfly per warp (a + b == b + a exactly, so every lane ends equal), then the
+// warps' sums in warp order. Every thread of the block must call it.
+__device__ __forceinline__ float block_sum(float v, float* warp_sums) {
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+    const int nwarps = blockDim.x / kWarp;
+    if (threadIdx.x % kWarp == 0) warp_sums[threadIdx.x / kWarp] = v;
+    __syncthreads();
+    float total = warp_sums[0];
+    for (int w = 1; w < nwarps; ++w) total += warp_sums[w];
+    __syncthreads();  // warp_sums may be written again by the next call
+    return total;
 }
 
-// One block per row, for large C (vocabularies of 32k-256k). The row is read
-// with 16-byte vector loads between a scalar head (up to the first 16-byte
-// boundary) and a scalar tail, so any row offset or C is handled.
+// 1 / sum_rows w_y with w_y = 0 for an ignored row, NaN for a label outside [0, C):
+// each block reduces every label itself (N labels against its share of N x C logits),
+// in the same order, so every block holds the same bits.
+template <typename L>
+__device__ float scale_from_labels(const L* __restrict__ labels, long long n_rows, const float* __restrict__ w,
+                                   int n_classes, long long ignore_index, float* warp_sums) {
+    float acc = 0.f;
+    for (long long i = threadIdx.x; i < n_rows; i += blockDim.x) {
+        const long long y = static_cast<long long>(labels[i]);
+        acc += y == ignore_index ? 0.f : (y < 0 || y >= n_classes) ? quiet_nan() : class_weight(w, y);
+    }
+    return 1.f / block_sum(acc, warp_sums);
+}
+
+// The block's share of the sum (`v` per thread), then, in the block that takes the last
+// ticket, the sum of every block's share in block order, times scale, into *out.
+template <typename T>
+__device__ void finish_total(float v, float scale, float* __restrict__ partials, unsigned* __restrict__ ticket,
+                             T* out, float* warp_sums) {
+    __shared__ int last_block;
+    const float block_total = block_sum(v, warp_sums);
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = block_total;
+        __threadfence();  // the partial is visible to every block before the ticket is
+        // atomicInc wraps to 0 when it reaches gridDim.x - 1: ready for the next launch.
+        last_block = atomicInc(ticket, gridDim.x - 1) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    const volatile float* shares = partials;  // written by other blocks: never from a stale L1 line
+    float acc = 0.f;
+    // Thread t sums blocks t, t + blockDim, ... in order; block_sum then adds the threads in order.
+    for (unsigned b = threadIdx.x; b < gridDim.x; b += blockDim.x) acc += shares[b];
+    const float total = block_sum(acc, warp_sums);
+    if (threadIdx.x == 0) *out = from_float<T>(total * scale);
+}
+
+}  // namespace sce
+
+// Rows staged on chip: see the top of the file. threads_per_row is a power of two
+// dividing blockDim.x; the dynamic shared memory holds (rows_per_tile * C + 16 /
+// sizeof(T)) elements of T (the host sizes it).
 template <typename T, typename L>
-__global__ void __launch_bounds__(sce::kBlockKernelThreads, sce::kBlockKernelMinBlocks)
-sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __restrict__ class_weights,
-                  const float* __restrict__ scale, T* grad, float* __restrict__ loss_row, long long n_rows,
-                  int n_classes, long long ignore_index, float label_smoothing) {
+__global__ void __launch_bounds__(sce::kThreads)
+sce_on_chip(const T* logits, const L* __restrict__ labels, const float* __restrict__ class_weights, T* grad,
+            T* loss, float* __restrict__ partials, unsigned* __restrict__ ticket, long long n_rows, int n_classes,
+            long long ignore_index, float label_smoothing, float scale, int reduction, int threads_per_row) {
     using namespace sce;
     using V = Vec16<T>;
     constexpr int VN = V::N;
-    __shared__ float warp_stats[4][kBlockKernelThreads / kWarp];
+    // One type for every instance: CUDA allows a single declaration of an extern __shared__ array.
+    SCE_DYNAMIC_SHARED(unsigned char, tile_storage);
+    T* const tile = reinterpret_cast<T*>(tile_storage);
+    __shared__ float warp_sums[kMaxWarps];
+    __shared__ float group_stats[4][kMaxWarps];
+
+    const int tid = threadIdx.x;
+    const int nthreads = blockDim.x;
+    const int tpr = threads_per_row;
+    const int rows_per_tile = nthreads / tpr;
+    const int r = tid / tpr;  // this thread's row in the tile
+    const int q = tid % tpr;  // and its place among the row's threads
+    const int lane = tid % kWarp;
+    const int warp = tid / kWarp;
+    const bool smooth = label_smoothing != 0.f;
+    const float eps = label_smoothing;
+    const float eps_c = label_smoothing / static_cast<float>(n_classes);
+    const float sc = reduction == kMeanOfLabels
+                         ? scale_from_labels(labels, n_rows, class_weights, n_classes, ignore_index, warp_sums)
+                         : scale;
+    float loss_sum = 0.f;  // this thread's rows (q == 0 only), in tile order
+
+    const long long n_tiles = (n_rows + rows_per_tile - 1) / rows_per_tile;
+    for (long long t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+        const long long row0 = t * rows_per_tile;
+        const int rows = static_cast<int>(min(static_cast<long long>(rows_per_tile), n_rows - row0));
+        const long long base = row0 * static_cast<long long>(n_classes);
+        const T* x = logits + base;
+        T* g = grad + base;
+        const int n_el = rows * n_classes;
+
+        // ---- load: element e of the tile goes to tile[mis + e], so the 16-byte vectors
+        // between a scalar head and tail land on 16-byte boundaries of shared memory ----
+        const int mis = static_cast<int>((reinterpret_cast<unsigned long long>(x) % 16) / sizeof(T));
+        const int head = min(mis == 0 ? 0 : VN - mis, n_el);
+        const int nvec = (n_el - head) / VN;
+        const int tail = head + nvec * VN;
+        if (tid < head) tile[mis + tid] = x[tid];
+        const V* xvec = reinterpret_cast<const V*>(x + head);
+        V* tvec = reinterpret_cast<V*>(tile + mis + head);
+#pragma unroll 4
+        for (int v = tid; v < nvec; v += nthreads) tvec[v] = xvec[v];
+        for (int e = tail + tid; e < n_el; e += nthreads) tile[mis + e] = x[e];
+        // Every read of this tile from global memory happens before this barrier, every write
+        // to grad after the next: alias-safe.
+        __syncthreads();
+
+        // ---- each row: statistics from shared memory, reduced over the row's threads ----
+        const bool in_tile = r < rows;
+        const long long row = row0 + r;
+        const long long y = in_tile ? static_cast<long long>(labels[row]) : ignore_index;
+        const bool valid = in_tile && y != ignore_index && y >= 0 && y < n_classes;
+        T* xs = tile + mis + r * n_classes;
+        RowStats st = stats_identity();
+        float sy = 0.f;
+        if (valid) {
+            int k = q;
+            for (; k + 3 * tpr < n_classes; k += 4 * tpr) {
+                const float xv[4] = {to_float(xs[k]), to_float(xs[k + tpr]), to_float(xs[k + 2 * tpr]),
+                                     to_float(xs[k + 3 * tpr])};
+                const float wv[4] = {smooth ? class_weight(class_weights, k) : 1.f,
+                                     smooth ? class_weight(class_weights, k + tpr) : 1.f,
+                                     smooth ? class_weight(class_weights, k + 2 * tpr) : 1.f,
+                                     smooth ? class_weight(class_weights, k + 3 * tpr) : 1.f};
+                stats_add<4>(st, xv, wv, smooth);
+            }
+            for (; k < n_classes; k += tpr) {
+                const float xv[1] = {to_float(xs[k])};
+                const float wv[1] = {smooth ? class_weight(class_weights, k) : 1.f};
+                stats_add<1>(st, xv, wv, smooth);
+            }
+            if (q == 0) sy = to_float(xs[y]);
+        }
+        if (tpr <= kWarp) {
+            st = group_broadcast(group_allreduce(st, smooth, tpr), smooth, tpr);
+            // Orders the first lane's read of s_y before the other lanes overwrite the row with
+            // its gradient below. The shuffles around it do not: they order no memory.
+            __syncwarp();
+        } else {
+            st = group_allreduce(st, smooth, kWarp);
+            if (lane == 0) {
+                group_stats[0][warp] = st.m;
+                group_stats[1][warp] = st.se;
+                group_stats[2][warp] = st.sw;
+                group_stats[3][warp] = st.ws;
+            }
+            // Also orders the read of s_y before the row's gradient overwrites it.
+            __syncthreads();
+            // Every thread of the row merges the row's warps in the same order: the same bits.
+            const int first = (r * tpr) / kWarp;
+            st.m = group_stats[0][first];
+            st.se = group_stats[1][first];
+            st.sw = group_stats[2][first];
+            st.ws = group_stats[3][first];
+            for (int w = first + 1; w < first + tpr / kWarp; ++w) {
+                RowStats o;
+                o.m = group_stats[0][w];
+                o.se = group_stats[1][w];
+                o.sw = group_stats[2][w];
+                o.ws = group_stats[3][w];
+                st = stats_merge(st, o, smooth);
+            }
+        }
+
+        // ---- the row's gradient, into the tile over its logits (each thread its own elements) ----
+        if (valid) {
+            const float wy = class_weight(class_weights, y);
+            const GradCoef coef = grad_coef(st.m, logf(st.se), st.ws, wy, eps, eps_c, sc, smooth);
+            for (int k = q; k < n_classes; k += tpr) {
+                const float wk = smooth ? class_weight(class_weights, k) : 0.f;
+                xs[k] = from_float<T>(grad_at(coef, to_float(xs[k]), wk, k == y));
+            }
+            if (q == 0) {
+                const float lr = row_loss(st, sy, wy, eps, eps_c, smooth);
+                if (reduction == kNone) loss[row] = from_float<T>(lr);
+                else loss_sum += lr;
+            }
+        } else if (in_tile) {
+            const float fill = y == ignore_index ? 0.f : quiet_nan();
+            for (int k = q; k < n_classes; k += tpr) xs[k] = from_float<T>(fill);
+            if (q == 0) {
+                if (reduction == kNone) loss[row] = from_float<T>(fill);
+                else loss_sum += fill;
+            }
+        }
+        __syncthreads();
+
+        // ---- store: 16-byte vectors where grad's rows share the logits' alignment (always when
+        // grad aliases logits, and for fresh buffers whenever the input is 16-byte aligned) ----
+        if ((reinterpret_cast<unsigned long long>(g) % 16) == (reinterpret_cast<unsigned long long>(x) % 16)) {
+            if (tid < head) g[tid] = tile[mis + tid];
+            V* gvec = reinterpret_cast<V*>(g + head);
+#pragma unroll 4
+            for (int v = tid; v < nvec; v += nthreads) gvec[v] = tvec[v];
+            for (int e = tail + tid; e < n_el; e += nthreads) g[e] = tile[mis + e];
+        } else {
+            for (int e = tid; e < n_el; e += nthreads) g[e] = tile[mis + e];
+        }
+        __syncthreads();  // the next tile's loads overwrite the tile
+    }
+    if (reduction != kNone) finish_total(loss_sum, sc, partials, ticket, loss, warp_sums);
+}
+
+// Rows too long for shared memory: one block per row (vocabularies of 64k-256k), read
+// with 16-byte vector loads between a scalar head (up to the first 16-byte boundary)
+// and a scalar tail, once for the statistics and once more for the gradient.
+template <typename T, typename L>
+__global__ void __launch_bounds__(sce::kThreads)
+sce_two_pass(const T* logits, const L* __restrict__ labels, const float* __restrict__ class_weights, T* grad,
+             T* loss, float* __restrict__ partials, unsigned* __restrict__ ticket, long long n_rows, int n_classes,
+             long long ignore_index, float label_smoothing, float scale, int reduction) {
+    using namespace sce;
+    using V = Vec16<T>;
+    constexpr int VN = V::N;
+    __shared__ float warp_stats[4][kMaxWarps];
     __shared__ float row_stats[3];
+    __shared__ float warp_sums[kMaxWarps];
 
     const int tid = threadIdx.x;
     const int nthreads = blockDim.x;
@@ -267,8 +466,11 @@ sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __
     const bool smooth = label_smoothing != 0.f;
     const float eps = label_smoothing;
     const float eps_c = label_smoothing / static_cast<float>(n_classes);
-    const float sc = *scale;
     const bool has_w = class_weights != nullptr;
+    const float sc = reduction == kMeanOfLabels
+                         ? scale_from_labels(labels, n_rows, class_weights, n_classes, ignore_index, warp_sums)
+                         : scale;
+    float loss_sum = 0.f;  // thread 0 only, rows in order
 
     for (long long row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const long long base = row * static_cast<long long>(n_classes);
@@ -279,7 +481,10 @@ sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __
         if (y == ignore_index || y < 0 || y >= n_classes) {
             const float fill = y == ignore_index ? 0.f : quiet_nan();
             for (int k = tid; k < n_classes; k += nthreads) g[k] = from_float<T>(fill);
-            if (tid == 0) loss_row[row] = fill;
+            if (tid == 0) {
+                if (reduction == kNone) loss[row] = from_float<T>(fill);
+                else loss_sum += fill;
+            }
             continue;  // block-uniform: the whole block shares `y`
         }
 
@@ -316,7 +521,7 @@ sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __
         const float sy = tid == 0 ? to_float(x[y]) : 0.f;
 
         // ---- block reduction: warp butterflies, then warp 0 over the per-warp partials ----
-        st = warp_allreduce(st, smooth);
+        st = group_allreduce(st, smooth, kWarp);
         if (lane == 0) {
             warp_stats[0][warp] = st.m;
             warp_stats[1][warp] = st.se;
@@ -333,10 +538,12 @@ sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __
                 t.sw = warp_stats[2][lane];
                 t.ws = warp_stats[3][lane];
             }
-            t = warp_allreduce(t, smooth);
+            t = group_allreduce(t, smooth, kWarp);
             if (lane == 0) {
                 const float wy = class_weight(class_weights, y);
-                loss_row[row] = row_loss(t, sy, wy, eps, eps_c, smooth);
+                const float lr = row_loss(t, sy, wy, eps, eps_c, smooth);
+                if (reduction == kNone) loss[row] = from_float<T>(lr);
+                else loss_sum += lr;
                 row_stats[0] = t.m;
                 row_stats[1] = t.se;
                 row_stats[2] = t.ws;
@@ -380,4 +587,5 @@ sce_block_per_row(const T* logits, const L* __restrict__ labels, const float* __
             g[k] = from_float<T>(grad_at(coef, to_float(x[k]), wk, k == y));
         }
     }
+    if (reduction != kNone) finish_total(loss_sum, sc, partials, ticket, loss, warp_sums);
 }

@@ -71,17 +71,31 @@ class PoisonedNumpy:
 
 
 class Emulated:
-    """The kernel on the CPU emulator, the host wrapper on NumPy."""
+    """The kernel on the CPU emulator, the host wrapper on NumPy.
 
-    def __init__(self, module, guard: int = 64, poison: float = np.nan) -> None:
+    ``shared_memory_limit`` is the dynamic shared memory the wrapper may plan with: CUDA's
+    portable 48 KiB by default; "optin" raises the on-chip kernels' attribute to the emulated
+    device's opt-in limit (227 KiB, an H100's) as ``cuda_kernels._sce_function`` does on a GPU."""
+
+    def __init__(self, module, guard: int = 64, poison: float = np.nan,
+                 shared_memory_limit: int | str = ck.PORTABLE_SHARED_MEMORY) -> None:
         self.module = module
         self.xp = PoisonedNumpy(guard, poison)
+        self.optin = shared_memory_limit == "optin"
+        self.shared_memory_limit = (module.shared_memory_optin - 1024 if self.optin else shared_memory_limit)
+
+    def get_function(self, name):
+        kernel = self.module.get_function(name)
+        if self.optin and kernel.on_chip:
+            kernel.max_dynamic_shared_size_bytes = self.module.shared_memory_optin
+        return kernel
 
     def asarray(self, a):
         return np.array(a, copy=True)
 
     def fused(self, logits, labels, **kw):
-        loss, grad = ck.launch_softmax_cross_entropy(self.xp, self.module.get_function, logits, labels, **kw)
+        kw.setdefault("shared_memory_limit", self.shared_memory_limit)
+        loss, grad = ck.launch_softmax_cross_entropy(self.xp, self.get_function, logits, labels, **kw)
         self.xp.check_guards()
         return np.asarray(loss), grad
 
@@ -106,6 +120,8 @@ class OnGpu:
         # Freed blocks are handed out again by the pool: fill some with poison first.
         for dtype in (logits.dtype, np.float32):
             _cupy.full(logits.size + 1024, self.poison, dtype=dtype)
+        if "shared_memory_limit" in kw:  # a reduced threshold, to reach sce_two_pass with short rows
+            return ck.launch_softmax_cross_entropy(_cupy, ck._sce_function, logits, labels, ticket=ck._ticket(), **kw)
         return ck.fused_softmax_cross_entropy(logits, labels, **kw)
 
     def to_numpy(self, a):
@@ -125,7 +141,9 @@ def runner(request):
     if kind == "gpu":
         return OnGpu()  # needs no C++ compiler: GPU machines may have none
     guard = 3 if kind == "emulated-unaligned" else 64
-    return Emulated(emulated.EmulatedModule(request.getfixturevalue("emulator_lib")), guard=guard)
+    limit = "optin" if kind == "emulated-optin" else ck.PORTABLE_SHARED_MEMORY
+    return Emulated(emulated.EmulatedModule(request.getfixturevalue("emulator_lib")), guard=guard,
+                    shared_memory_limit=limit)
 
 
 def _runners(emulated_kinds=("emulated",)):
@@ -194,8 +212,9 @@ OPTIONS = [
 
 
 # -------------------------------------------------------------- correctness
-# Warp kernel: C <= 1024 (one row, a partial block, several blocks). Block kernel: C just
-# past the switch, odd C (scalar tail), a vocabulary-sized row.
+# sce_on_chip: sub-warp rows (C = 10, 7), rows over several warps (1000, 1025: partial tiles,
+# several blocks), a block per row (4099: odd, so the tile's scalar tail). sce_two_pass: a
+# row past the portable 48 KiB of shared memory (32000 float32).
 @pytest.mark.parametrize(("runner", "shape"), _cases(
     [(1, 10), (3, 7), (33, 1000), (9, 1025), (5, 4099), (2, 32000)],
     [(1, 10), (3, 7), (257, 1000), (64, 1025), (5, 4099), (64, 32000)],
@@ -221,7 +240,7 @@ def test_matches_numpy_float64_large_vocabulary(runner, shape, dtype):
 
 
 @pytest.mark.parametrize("runner", _runners(("emulated", "emulated-unaligned")), indirect=True)
-@pytest.mark.parametrize("c", [10, 1025, 4099])
+@pytest.mark.parametrize("c", [10, 33, 1025, 4099, 25000])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("offset", [0, 1, 3], ids=lambda o: f"offset{o}")
 def test_rows_off_16_byte_alignment(runner, c, dtype, offset):
@@ -341,26 +360,36 @@ ORDERS = [pytest.param("forward", 0, id="forward"), pytest.param("reverse", 0, i
           pytest.param("shuffled", 1, id="shuffled1"), pytest.param("shuffled", 2, id="shuffled2")]
 
 
-def _threads(kernel):
-    return ck.WARP_KERNEL_THREADS if kernel == "sce_warp_per_row" else ck.BLOCK_KERNEL_THREADS
+def _plan(kernel, shape, dtype=np.float32):
+    """The wrapper's launch plan for ``shape``, forced onto ``kernel``."""
+    limit = ck.PORTABLE_SHARED_MEMORY if kernel == "sce_on_chip" else 0
+    plan = ck.plan_softmax_cross_entropy(*shape, np.dtype(dtype).itemsize, reduction="none",
+                                         shared_memory_limit=limit)
+    assert plan.kernel == kernel, plan
+    return plan
 
 
 def _direct(module, kernel, s, y, grid, *, smoothing=0.0, weights=None, grad=None, threads=None, xp=np):
     """Launch one instance directly with a chosen grid (the grid-stride loops the wrapper rarely
-    takes), block size, and ``grad`` buffer (``grad=s``: the aliased launch the wrapper never makes).
-    ``module`` is an EmulatedModule with NumPy arrays, or the NVRTC module with ``xp=cupy``."""
+    takes), block size, and ``grad`` buffer (``grad=s``: the aliased launch the wrapper never makes),
+    reduction "none". ``module`` is an EmulatedModule with NumPy arrays, or the NVRTC module with
+    ``xp=cupy``."""
     n, c = s.shape
+    plan = _plan(kernel, (n, c), s.dtype)
     grad = xp.full_like(s, np.nan) if grad is None else grad
-    loss_row = xp.full(n, np.nan, xp.float32)
+    loss_row = xp.full(n, np.nan, s.dtype)
+    null = np.uint64(0)
+    args = (s, y, null if weights is None else weights, grad, loss_row, null, null, np.int64(n), np.int32(c),
+            np.int64(-100), np.float32(smoothing), np.float32(1), np.int32(0))
+    if kernel == "sce_on_chip":
+        args += (np.int32(plan.threads_per_row),)
     module.get_function(f"{kernel}<{_CTYPES[s.dtype.name]}, {_CTYPES[y.dtype.name]}>")(
-        (grid,), (threads or _threads(kernel),),
-        (s, y, np.uint64(0) if weights is None else weights, xp.ones(1, xp.float32), grad, loss_row,
-         np.int64(n), np.int32(c), np.int64(-100), np.float32(smoothing)))
+        (grid,), (threads or plan.threads,), args, shared_mem=plan.shared_bytes)
     return loss_row, grad
 
 
-@pytest.mark.parametrize(("kernel", "c"), [("sce_warp_per_row", 10), ("sce_warp_per_row", 1000),
-                                           ("sce_block_per_row", 1025), ("sce_block_per_row", 3001)])
+@pytest.mark.parametrize(("kernel", "c"), [("sce_on_chip", 10), ("sce_on_chip", 1000), ("sce_on_chip", 3001),
+                                           ("sce_two_pass", 1025), ("sce_two_pass", 3001)])
 @pytest.mark.parametrize("grid", [1, 2, 3])
 def test_grid_stride_loops_cover_every_row(lib, kernel, c, grid):
     rng = np.random.default_rng(c + grid)
@@ -374,23 +403,35 @@ def test_grid_stride_loops_cover_every_row(lib, kernel, c, grid):
     np.testing.assert_allclose(grad, ref_grad, atol=1e-6)
 
 
-@pytest.mark.parametrize(("shape", "options"), [((37, 700), {"label_smoothing": 0.1, "class_weights": True}),
-                                                ((6, 5003), {"label_smoothing": 0.1, "class_weights": True}),
-                                                ((6, 5003), {})])
-def test_result_does_not_depend_on_thread_order(lib, shape, options):
-    """Running each block's threads forward, backward and shuffled between barriers gives identical bits."""
+@pytest.mark.parametrize(("shape", "options", "reduction", "limit"), [
+    ((600, 10), {"label_smoothing": 0.1, "class_weights": True, "ignore_index": 2}, "mean", None),
+    ((37, 700), {"label_smoothing": 0.1, "class_weights": True}, "none", None),
+    ((6, 5003), {"label_smoothing": 0.1, "class_weights": True}, "sum", None),
+    ((6, 5003), {}, "none", 0),
+])
+def test_result_does_not_depend_on_thread_order(lib, shape, options, reduction, limit):
+    """Running each block's threads forward, backward and shuffled between barriers gives identical bits
+    (blocks run in reverse order too), the in-kernel mean and the last block's total included."""
     s, y, kw = _problem(shape, "float32", options)
+    if limit is not None:
+        kw["shared_memory_limit"] = limit
     results = []
     for order, seed in (("forward", 0), ("reverse", 0), ("shuffled", 1), ("shuffled", 2)):
         runner = Emulated(emulated.EmulatedModule(lib, order=order, seed=seed))
-        results.append(_run(runner, s, y, kw, reduction="none"))
+        results.append(_run(runner, s, y, kw, reduction=reduction))
     for loss, grad in results[1:]:
         np.testing.assert_array_equal(loss, results[0][0])
         np.testing.assert_array_equal(grad, results[0][1])
 
 
-def _aliasing_problem(kernel):
-    shape = (37, 300) if kernel == "sce_warp_per_row" else (5, 1501)  # 16 resp. 2 rows per grid stride
+# (kernel, shape): sce_on_chip with rows of 16 lanes (32 per tile, 2 tiles per block) and of 2 warps
+# (8 per tile); sce_two_pass with 2 rows per grid stride.
+ALIASING_CASES = [pytest.param("sce_on_chip", (77, 100), id="on_chip-subwarp"),
+                  pytest.param("sce_on_chip", (29, 300), id="on_chip-warps"),
+                  pytest.param("sce_two_pass", (5, 1501), id="two_pass")]
+
+
+def _aliasing_problem(shape):
     s, y, kw = _problem(shape, "float32", {"label_smoothing": 0.1, "class_weights": True, "ignore_index": -100})
     y[1] = shape[1]  # out of range: a NaN row
     return s, y, kw
@@ -418,25 +459,25 @@ def _same(a, b):
     return all(np.array_equal(x, y, equal_nan=True) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("kernel", ["sce_warp_per_row", "sce_block_per_row"])
+@pytest.mark.parametrize(("kernel", "shape"), ALIASING_CASES)
 @pytest.mark.parametrize("shuffles", ["meet", "unordered"])
 @pytest.mark.parametrize(("order", "seed"), ORDERS)
-def test_grad_may_be_the_logits_buffer(lib, kernel, shuffles, order, seed):
+def test_grad_may_be_the_logits_buffer(lib, kernel, shape, shuffles, order, seed):
     """The kernels stay alias-safe (a caller whose logits are dead after the loss may pass one buffer as
     both): every element is read before the row's barrier and rewritten only by the thread that reads it
     after. Shown in every thread order, with shuffles ordering memory and, as on a GPU, not."""
-    s, y, kw = _aliasing_problem(kernel)
+    s, y, kw = _aliasing_problem(shape)
     module = emulated.EmulatedModule(lib, order=order, seed=seed, shuffles=shuffles)
     out, aliased = _out_of_place_and_aliased(module, kernel, s, y, kw)
     assert _same(aliased, out)
     _assert_close_with_nan_rows(*out, *_reference(s, y, reduction="none", **kw))
 
 
-@pytest.mark.parametrize("kernel", ["sce_warp_per_row", "sce_block_per_row"])
+@pytest.mark.parametrize(("kernel", "shape"), ALIASING_CASES)
 @pytest.mark.gpu
 @pytest.mark.skipif(_cupy is None, reason="no usable CUDA device")
-def test_grad_may_be_the_logits_buffer_on_gpu(kernel):
-    s, y, kw = _aliasing_problem(kernel)
+def test_grad_may_be_the_logits_buffer_on_gpu(kernel, shape):
+    s, y, kw = _aliasing_problem(shape)
     out, aliased = _out_of_place_and_aliased(SimpleNamespace(get_function=ck._sce_function), kernel, s, y, kw,
                                              xp=_cupy)
     assert _same(aliased, out)
@@ -444,22 +485,25 @@ def test_grad_may_be_the_logits_buffer_on_gpu(kernel):
 
 
 def test_unordered_shuffles_expose_a_missing_syncwarp(lib, tmp_path):
-    """On a GPU a shuffle orders no memory: the warp kernel's __syncwarp() between lane 0's read of s_y
-    and the other lanes' writes to an aliasing grad is what does. Without it, an aliased launch goes wrong
-    once shuffles order nothing and a lane runs to its writes before lane 0 reads s_y; with shuffles that
-    meet (the emulator's default), the bug does not show."""
+    """On a GPU a shuffle orders no memory: sce_on_chip's __syncwarp() between a sub-warp row's first
+    lane reading s_y from the tile and the row's other lanes overwriting the tile with the gradient is
+    what does. Without it the loss goes wrong (in place or not) once shuffles order nothing and a lane
+    runs to its writes before the first lane reads s_y; with shuffles that meet (the emulator's
+    default), the bug does not show."""
     source = ck.kernel_source(ck.SCE_SOURCE)
-    assert source.count("__syncwarp();") == 1  # the warp kernel's, the one removed below
+    assert source.count("__syncwarp();") == 1  # sce_on_chip's, the one removed below
     mutant = _mutant(tmp_path, r"\n\s*__syncwarp\(\);", "")
-    s, y, kw = _aliasing_problem("sce_warp_per_row")
+    s, y, kw = _aliasing_problem((77, 100))
+    good = _out_of_place_and_aliased(emulated.EmulatedModule(lib), "sce_on_chip", s, y, kw)[0]
     for module in (mutant, emulated.EmulatedModule(lib)):
         module.shuffles = "meet"
         for module.order, module.seed in (p.values for p in ORDERS):
-            assert _same(*_out_of_place_and_aliased(module, "sce_warp_per_row", s, y, kw))
+            assert all(_same(r, good) for r in _out_of_place_and_aliased(module, "sce_on_chip", s, y, kw))
     mutant.shuffles = "unordered"
     caught = []
     for mutant.order, mutant.seed in (p.values for p in ORDERS):
-        caught.append(not _same(*_out_of_place_and_aliased(mutant, "sce_warp_per_row", s, y, kw)))
+        results = _out_of_place_and_aliased(mutant, "sce_on_chip", s, y, kw)
+        caught.append(not all(_same(r, good) for r in results))
     assert caught == [False, True, True, True]  # forward order runs lane 0 first: s_y is read in time
 
 
@@ -468,22 +512,38 @@ def test_emulator_builds_every_instance_the_wrapper_launches(lib):
 
 
 def test_emulator_is_stricter_than_cupy_about_arguments(lib):
-    kernel = emulated.EmulatedModule(lib).get_function("sce_warp_per_row<float, long long>")
+    module = emulated.EmulatedModule(lib, shared_memory_optin=100 * 1024)
+    kernel = module.get_function("sce_on_chip<float, long long>")
     s, y = np.zeros((2, 3), np.float32), np.zeros(2, np.int64)
-    out = (np.ones(1, np.float32), np.empty_like(s), np.empty(2, np.float32))
+    out = (np.empty_like(s), np.empty(2, np.float32), np.uint64(0), np.uint64(0))
+    tail = (np.int64(-1), np.float32(0), np.float32(1), np.int32(0), np.int32(1))
+
+    def launch(*args, block=512, shared_mem=4096, kernel=kernel):
+        kernel((1,), (block,), args, shared_mem=shared_mem)
+
+    launch(s, y, np.uint64(0), *out, np.int64(2), np.int32(3), *tail)  # as the wrapper would
     with pytest.raises(TypeError, match="labels must be int64"):
-        kernel((1,), (256,), (s, y.astype(np.int32), np.uint64(0), *out, np.int64(2), np.int32(3), np.int64(-1),
-                              np.float32(0)))
+        launch(s, y.astype(np.int32), np.uint64(0), *out, np.int64(2), np.int32(3), *tail)
     with pytest.raises(TypeError, match="n_classes must be a int32 scalar"):
-        kernel((1,), (256,), (s, y, np.uint64(0), *out, np.int64(2), 3, np.int64(-1), np.float32(0)))
-    with pytest.raises(TypeError, match="takes 10 arguments"):
-        kernel((1,), (256,), (s, y, np.uint64(0), *out, np.empty(2, np.float32), np.int64(2), np.int32(3),
-                              np.int64(-1), np.float32(0)))
+        launch(s, y, np.uint64(0), *out, np.int64(2), 3, *tail)
+    with pytest.raises(TypeError, match="grad must be an array"):  # only the optional pointers take a null
+        launch(s, y, np.uint64(0), np.uint64(0), *out[1:], np.int64(2), np.int32(3), *tail)
+    with pytest.raises(TypeError, match="takes 14 arguments"):
+        launch(s, y, np.uint64(0), *out, np.int64(2), np.int32(3), *tail[:-1])
     with pytest.raises(RuntimeError, match="block size"):
-        kernel((1,), (100,), (s, y, np.uint64(0), *out, np.int64(2), np.int32(3), np.int64(-1), np.float32(0)))
+        launch(s, y, np.uint64(0), *out, np.int64(2), np.int32(3), *tail, block=100)
+    # More than 48 KiB of dynamic shared memory needs the kernel's opt-in, within the device's limit.
+    with pytest.raises(RuntimeError, match="exceed the kernel's max_dynamic_shared_size_bytes of 49152"):
+        launch(s, y, np.uint64(0), *out, np.int64(2), np.int32(3), *tail, shared_mem=49153)
+    with pytest.raises(RuntimeError, match="opt-in limit"):
+        kernel.max_dynamic_shared_size_bytes = 100 * 1024 + 1
+    kernel.max_dynamic_shared_size_bytes = 100 * 1024
+    launch(s, y, np.uint64(0), *out, np.int64(2), np.int32(3), *tail, shared_mem=100 * 1024)
+    with pytest.raises(RuntimeError, match="uses dynamic shared memory but the launch gave it none"):
+        launch(s, y, np.uint64(0), *out, np.int64(2), np.int32(3), *tail, shared_mem=0)
     with pytest.raises(ValueError, match="reach past the grid"):
-        emulated.EmulatedModule(lib, blocks=(0, 2)).get_function(kernel.name)(
-            (1,), (256,), (s, y, np.uint64(0), *out, np.int64(2), np.int32(3), np.int64(-1), np.float32(0)))
+        launch(s, y, np.uint64(0), *out, np.int64(2), np.int32(3), *tail,
+               kernel=emulated.EmulatedModule(lib, blocks=(0, 2)).get_function(kernel.name))
 
 
 # The emulator must be able to fail: plant bugs in a copy of the kernel and watch it notice.
@@ -493,18 +553,22 @@ def _mutant_lib(tmp_path, pattern, replacement, count=1):
     assert n == count, f"mutation {pattern!r} did not apply"
     path = tmp_path / "mutant.cu"
     path.write_text(mutated)
-    return emulated.build(tmp_path, source=path)
+    return emulated.build(tmp_path, source=path, optimize=False)
 
 
 def _mutant(tmp_path, pattern, replacement, count=1):
     return emulated.EmulatedModule(_mutant_lib(tmp_path, pattern, replacement, count))
 
 
+# The mutants of sce_two_pass run with shared_memory_limit=0 (TWO_PASS), which sends every row there.
+TWO_PASS = 0
+
+
 def test_emulator_catches_a_missing_barrier(tmp_path):
     # Drop the barrier after warp 0 publishes the row's statistics: other warps read stale ones.
     module = _mutant(tmp_path, r"(row_stats\[2\] = t\.ws;\s*\}\s*\})\s*__syncthreads\(\);", r"\1")
     s, y, kw = _problem((4, 3000), "float32", {})
-    loss, grad = _run(Emulated(module), s, y, kw, reduction="none")
+    loss, grad = _run(Emulated(module, shared_memory_limit=TWO_PASS), s, y, kw, reduction="none")
     ref_loss, ref_grad = _reference(s, y, reduction="none")
     assert not np.allclose(grad, ref_grad, atol=1e-6)
 
@@ -514,8 +578,32 @@ def test_emulator_catches_a_skipped_element(tmp_path):
     module = _mutant(tmp_path, r"for \(int k = tail \+ tid; k < n_classes; k \+= nthreads\) \{\n(\s*)const float wk",
                      r"for (int k = tail + tid; k < n_classes - 1; k += nthreads) {\n\1const float wk")
     s, y, kw = _problem((3, 3001), "float32", {})
-    _, grad = _run(Emulated(module), s, y, kw)
+    _, grad = _run(Emulated(module, shared_memory_limit=TWO_PASS), s, y, kw)
     assert np.isnan(grad[:, -1]).all() and not np.isnan(grad[:, :-1]).any()
+
+
+def test_emulator_catches_a_tile_element_never_loaded(tmp_path):
+    # sce_on_chip's tile tail stops one short: that element stays the emulator's poison (NaN) in
+    # shared memory, and its row's loss and gradient turn NaN.
+    module = _mutant(tmp_path, r"for \(int e = tail \+ tid; e < n_el; e \+= nthreads\) tile\[mis \+ e\] = x\[e\];",
+                     "for (int e = tail + tid; e < n_el - 1; e += nthreads) tile[mis + e] = x[e];")
+    s, y, kw = _problem((5, 101), "float32", {})  # one tile of 505 elements: its last is the tail
+    loss, grad = _run(Emulated(module), s, y, kw, reduction="none")
+    assert np.isnan(loss[-1]) and not np.isnan(loss[:-1]).any()
+    assert np.isnan(loss[-1]) and np.isnan(grad[-1]).all() and not np.isnan(grad[:-1]).any()
+
+
+def test_thread_order_exposes_a_store_before_the_tile_barrier(tmp_path):
+    # Without the barrier between writing the gradient into the tile and storing the tile, a thread
+    # stores elements other threads have not rewritten yet: the logits themselves leak out.
+    module = _mutant(tmp_path, r"\n\s*__syncthreads\(\);(\n\n\s*// ---- store)", r"\1")
+    s, y, kw = _problem((3, 3000), "float32", {})
+    ref_loss, ref_grad = _reference(s, y, reduction="none")
+    results = []
+    for order in ("forward", "reverse"):
+        module.order = order
+        results.append(_run(Emulated(module), s, y, kw, reduction="none")[1])
+    assert not all(np.allclose(grad, ref_grad, atol=1e-6) for grad in results)
 
 
 def test_thread_order_exposes_a_read_before_the_barrier(tmp_path):
@@ -523,9 +611,9 @@ def test_thread_order_exposes_a_read_before_the_barrier(tmp_path):
     # before that warp has stored them: forward and reverse order then disagree.
     module = _mutant(tmp_path, r"(warp_stats\[3\]\[warp\] = st\.ws;\s*\}\s*//[^\n]*)\s*__syncthreads\(\);", r"\1")
     s, y, kw = _problem((3, 3000), "float32", {})
-    forward = _run(Emulated(module), s, y, kw, reduction="none")
+    forward = _run(Emulated(module, shared_memory_limit=TWO_PASS), s, y, kw, reduction="none")
     module.order = "reverse"
-    reverse = _run(Emulated(module), s, y, kw, reduction="none")
+    reverse = _run(Emulated(module, shared_memory_limit=TWO_PASS), s, y, kw, reduction="none")
     assert not np.array_equal(forward[1], reverse[1])
 
 
@@ -533,14 +621,14 @@ def test_emulator_reports_a_barrier_only_some_threads_reach(tmp_path):
     module = _mutant(tmp_path, r"if \(warp == 0\) \{", "if (warp == 0) {\n            __syncthreads();")
     s, y, kw = _problem((2, 3000), "float32", {})
     with pytest.raises(RuntimeError, match="deadlock"):
-        _run(Emulated(module), s, y, kw)
+        _run(Emulated(module, shared_memory_limit=TWO_PASS), s, y, kw)
 
 
-@pytest.mark.parametrize(("kernel", "c"), [("sce_warp_per_row", 10), ("sce_block_per_row", 2000)])
+@pytest.mark.parametrize(("kernel", "c"), [("sce_on_chip", 10), ("sce_two_pass", 2000)])
 def test_host_launch_shapes_match_the_kernels_launch_bounds(lib, kernel, c):
-    """The wrapper's block size is the kernel's __launch_bounds__, which the emulator enforces as a GPU
-    does: a block of exactly WARP_KERNEL_THREADS / BLOCK_KERNEL_THREADS runs, one warp more is refused."""
-    threads = _threads(kernel)
+    """The wrapper's block size is the kernels' __launch_bounds__, which the emulator enforces as a GPU
+    does: a block of exactly SCE_THREADS runs, one warp more is refused."""
+    threads = ck.SCE_THREADS
     s, y, _ = _problem((3, c), "float32", {})
     module = emulated.EmulatedModule(lib)
     loss_row, grad = _direct(module, kernel, s, y, 1, threads=threads)
@@ -549,8 +637,9 @@ def test_host_launch_shapes_match_the_kernels_launch_bounds(lib, kernel, c):
                                            rf"{threads} \("):
         _direct(module, kernel, s, y, 1, threads=threads + 32)
     # And the wrapper launches exactly that size.
-    Emulated(module).fused(s, y)
-    assert module.launches[-1][2] == (threads,)
+    Emulated(module, shared_memory_limit=TWO_PASS if kernel == "sce_two_pass" else ck.PORTABLE_SHARED_MEMORY
+             ).fused(s, y)
+    assert module.launches[-1][0].startswith(kernel) and module.launches[-1][2] == (threads,)
 
 
 class _SparseGradNumpy:
@@ -604,7 +693,7 @@ def _check_rows_past_two_to_the_31_elements(lib, tmp_path, kernel, c):
     writes there, and nothing but the rows under test may be written anywhere in the gradient's file."""
     if sys.maxsize < 2**40:
         pytest.skip("needs a 64-bit address space")
-    per_block = ck.WARP_KERNEL_THREADS // 32 if kernel == "sce_warp_per_row" else 1
+    per_block = _plan(kernel, (1, c), np.float16).rows_per_tile  # "none": one tile per block
     n_rows = (1 << 32) // c + per_block  # the last block's rows start at 2**32 elements
     n_blocks = n_rows // per_block
     # A block whose rows start just past 2**31 elements, and the last block (past 2**32).
@@ -629,12 +718,16 @@ def _check_rows_past_two_to_the_31_elements(lib, tmp_path, kernel, c):
             labels[rows] = rng.integers(0, c, per_block)
             labels[rows.stop - 1] = c - 1  # the end of the scalar tail
             module = emulated.EmulatedModule(lib, blocks=(block, block + 1))
+            limit = ck.PORTABLE_SHARED_MEMORY if kernel == "sce_on_chip" else TWO_PASS
             loss, _ = ck.launch_softmax_cross_entropy(_SparseGradNumpy(grad), module.get_function, logits, labels,
-                                                      class_weights=weights, label_smoothing=0.1, reduction="none")
-            assert module.launches == [(f"{kernel}<__half, long long>", (n_blocks,), (_threads(kernel),))]
+                                                      class_weights=weights, label_smoothing=0.1, reduction="none",
+                                                      shared_memory_limit=limit)
+            plan = _plan(kernel, (n_rows, c), np.float16)
+            assert module.launches == [(f"{kernel}<__half, long long>", (n_blocks,), (ck.SCE_THREADS,),
+                                        plan.shared_bytes)]
             ref_loss, ref_grad = _reference(logits[rows], labels[rows], class_weights=weights, label_smoothing=0.1,
                                             reduction="none")
-            _assert_close(loss[rows], np.asarray(grad[rows]), ref_loss, ref_grad, "float16")
+            _assert_close(loss[rows].astype(np.float32), np.asarray(grad[rows]), ref_loss, ref_grad, "float16")
             wrapped = guard + rows.start * c - (1 << 32)  # where 32-bit offsets would put the rows, in the file
             assert not files[1][wrapped:wrapped + per_block * c].any()
         for f in files:
@@ -650,18 +743,18 @@ def _check_rows_past_two_to_the_31_elements(lib, tmp_path, kernel, c):
             path.unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize(("kernel", "c"), [("sce_warp_per_row", 1024), ("sce_block_per_row", 1 << 16)])
+@pytest.mark.parametrize(("kernel", "c"), [("sce_on_chip", 1024), ("sce_two_pass", 1 << 16)])
 def test_rows_above_two_to_the_31_elements_use_64_bit_offsets(lib, tmp_path, kernel, c):
     _check_rows_past_two_to_the_31_elements(lib, tmp_path, kernel, c)
 
 
 def test_rows_above_two_to_the_31_elements_catch_32_bit_offsets(tmp_path):
     # Row offsets wrapped to 32 bits (unsigned, so defined behaviour) in both kernels.
-    lib = _mutant_lib(tmp_path, r"row \* static_cast<long long>\(n_classes\)",
-                      "static_cast<long long>(static_cast<unsigned>(row) * static_cast<unsigned>(n_classes))", count=2)
+    lib = _mutant_lib(tmp_path, r"(row0?) \* static_cast<long long>\(n_classes\)",
+                      r"static_cast<long long>(static_cast<unsigned>(\1) * static_cast<unsigned>(n_classes))", count=2)
     (tmp_path / "data").mkdir()
     with pytest.raises(AssertionError):
-        _check_rows_past_two_to_the_31_elements(lib, tmp_path / "data", "sce_warp_per_row", 1024)
+        _check_rows_past_two_to_the_31_elements(lib, tmp_path / "data", "sce_on_chip", 1024)
 
 
 def test_cupy_path_uses_the_same_wrapper(monkeypatch):
@@ -670,6 +763,189 @@ def test_cupy_path_uses_the_same_wrapper(monkeypatch):
     fake_cupy = SimpleNamespace()
     monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
     monkeypatch.setattr(ck, "launch_softmax_cross_entropy", lambda *a, **k: calls.append((a, k)) or (1, 2))
+    monkeypatch.setattr(ck, "_shared_optin", lambda: 227 * 1024)
+    monkeypatch.setattr(ck, "_ticket", lambda: "ticket")
     assert ck.fused_softmax_cross_entropy("s", "y", label_smoothing=0.1) == (1, 2)
     (args, kwargs), = calls
     assert args[:2] == (fake_cupy, ck._sce_function) and kwargs["label_smoothing"] == 0.1
+    # The device's opt-in shared memory less the static reserve, and the per-device, per-stream ticket.
+    assert kwargs["shared_memory_limit"] == 226 * 1024 and kwargs["ticket"] == "ticket"
+
+
+def test_the_nvrtc_kernel_opts_in_to_the_devices_shared_memory_once(monkeypatch):
+    """_sce_function raises sce_on_chip's dynamic shared memory limit to what the device allows, once."""
+    class Kernel:
+        shared_size_bytes = 336
+        max_dynamic_shared_size_bytes = 48 * 1024
+
+    kernels = {}
+    monkeypatch.setattr(ck, "compiled_function", lambda source, name: kernels.setdefault(name, Kernel()))
+    monkeypatch.setattr(ck, "_shared_optin", lambda: 227 * 1024)
+    monkeypatch.setattr(ck, "_OPTED_IN", set())
+    on_chip, two_pass = ck._sce_function("sce_on_chip<float, int>"), ck._sce_function("sce_two_pass<float, int>")
+    assert on_chip.max_dynamic_shared_size_bytes == 227 * 1024 - 336
+    on_chip.max_dynamic_shared_size_bytes = 0  # not set again: the opt-in is once per kernel
+    assert ck._sce_function("sce_on_chip<float, int>").max_dynamic_shared_size_bytes == 0
+    assert two_pass.max_dynamic_shared_size_bytes == 48 * 1024
+    assert 336 < ck._STATIC_SHARED  # the wrapper plans with the opt-in limit less _STATIC_SHARED
+
+
+# ------------------------------------------------ the one-launch design, path by path
+SMALL_OPTIONS = [pytest.param({}, id="plain"),
+                 pytest.param({"class_weights": True, "label_smoothing": 0.05, "ignore_index": 2},
+                              id="weights_smooth_ignore")]
+
+
+SMALL_CASES = ([pytest.param(c, "float32", r, id=f"{c}-float32-{r}") for c in (1, 2, 3, 5, 10, 31, 32, 33, 100)
+                for r in ("mean", "none")]
+               + [pytest.param(c, d, "mean", id=f"{c}-{d}-mean", marks=DTYPES[2].marks if d == "bfloat16" else ())
+                  for c in (3, 10, 33) for d in ("float16", "bfloat16")])
+
+
+@pytest.mark.parametrize("runner", _runners(), indirect=True)
+@pytest.mark.parametrize(("c", "dtype", "reduction"), SMALL_CASES)
+@pytest.mark.parametrize("options", SMALL_OPTIONS)
+def test_small_class_counts_several_rows_per_warp(runner, c, dtype, options, reduction):
+    """sce_on_chip with rows of 1...16 threads: a tile of rows * C elements loaded as one range (its
+    vectors straddle rows), segmented shuffles, a partial last tile (N = 300 rows is not a multiple of
+    the tile's) and, for "mean" with ignore_index, the denominator reduced in the kernel. A bad label
+    gives a NaN row and a NaN mean; where the kernel reduces the denominator from the labels it is NaN
+    too, and so is every row's gradient but the ignored rows' zeros (as before this design, when the
+    host derived it)."""
+    s, y, kw = _problem((300, c), dtype, options)
+    if c > 3:
+        y[7] = c + 5
+    loss, grad = _run(runner, s, y, kw, reduction=reduction)
+    ref_loss, ref_grad = _reference(s, y, reduction=reduction, **kw)
+    tol = TOL[dtype]
+    np.testing.assert_allclose(loss.astype(np.float64), ref_loss, rtol=tol, atol=tol)
+    if reduction == "mean" and options and c > 3:
+        ignored = y == kw["ignore_index"]
+        assert np.isnan(loss) and np.isnan(grad[~ignored].astype(np.float32)).all() and (grad[ignored] == 0).all()
+        return
+    good = np.isfinite(ref_grad).all(axis=1)
+    scale = np.abs(ref_grad[good]).max() if good.any() else 1.0
+    # C = 1: the gradient is exactly 0, the reference's is rounding noise; hence the floor.
+    np.testing.assert_allclose(grad.astype(np.float64), ref_grad, rtol=0, atol=tol * max(scale, 1e-6))
+
+
+@pytest.mark.parametrize(("runner", "shape", "dtype"), [
+    pytest.param("emulated-optin", (3, 32768), "float32", id="emulated-3x32768-float32"),
+    pytest.param("emulated-optin", (2, 65536), "bfloat16", id="emulated-2x65536-bfloat16",
+                 marks=pytest.mark.skipif(ml_dtypes is None, reason="bfloat16 needs ml_dtypes")),
+    pytest.param("emulated-optin", (2, 50001), "float16", id="emulated-2x50001-float16"),
+    pytest.param("gpu", (8192, 32768), "float32", id="gpu-8192x32768-float32", marks=gpu_marks),
+    pytest.param("gpu", (1024, 65536), "bfloat16", id="gpu-1024x65536-bfloat16", marks=gpu_marks),
+], indirect=["runner"])
+@pytest.mark.parametrize("options", OPTIONS)
+def test_long_rows_stay_on_chip_up_to_the_shared_memory_limit(runner, shape, dtype, options):
+    """A row of 128 KiB (32768 float32, 65536 bfloat16) is one block's tile in the 227 KiB an H100 lets
+    a kernel opt in to: read from DRAM once."""
+    limit = 227 * 1024 - 1024
+    assert ck.plan_softmax_cross_entropy(*shape, _dtype(dtype).itemsize, shared_memory_limit=limit).kernel == \
+        "sce_on_chip"
+    s, y, kw = _problem(shape, dtype, options)
+    y[-1] = shape[1] - 1
+    loss, grad = _run(runner, s, y, kw)
+    _assert_close(loss, grad, *_reference(s, y, **kw), dtype)
+    if isinstance(runner, Emulated):
+        assert runner.module.launches[-1][0].startswith("sce_on_chip")
+
+
+@pytest.mark.parametrize("runner", _runners(), indirect=True)
+@pytest.mark.parametrize("c", [33, 1025])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_rows_past_the_shared_memory_limit_take_two_passes(runner, c, dtype, options, reduction):
+    """sce_two_pass, reached with short rows through a reduced limit (as rows past 227 KiB reach it)."""
+    s, y, kw = _problem((7, c), dtype, options)
+    loss, grad = _run(runner, s, y, kw, reduction=reduction, shared_memory_limit=64)
+    _assert_close(loss, grad, *_reference(s, y, reduction=reduction, **kw), dtype)
+    if isinstance(runner, Emulated):
+        assert runner.module.launches[-1][0].startswith("sce_two_pass")
+
+
+class _CountingNumpy:
+    """NumPy that records every function the wrapper calls on it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        value = getattr(np, name)
+        if callable(value):
+            def call(*args, **kwargs):
+                self.calls.append(name)
+                return value(*args, **kwargs)
+            return call
+        return value
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("c", "options"), [(10, {}), (10, {"class_weights": True, "ignore_index": 2}),
+                                            (1000, {"label_smoothing": 0.1}), (3000, {"ignore_index": 0})])
+@pytest.mark.parametrize("limit", [ck.PORTABLE_SHARED_MEMORY, TWO_PASS])
+def test_one_launch_and_no_other_array_work(lib, reduction, c, options, limit):
+    """Everything (per-row losses, the mean's denominator, the final sum, the gradient) is one launch: the
+    wrapper's only other calls on xp are allocations."""
+    s, y, kw = _problem((40, c), "float32", options)
+    module = emulated.EmulatedModule(lib)
+    fetched = []
+
+    def get_function(name):
+        fetched.append(name)
+        return module.get_function(name)
+
+    xp = _CountingNumpy()
+    ticket = np.zeros(1, np.uint32)
+    loss, grad = ck.launch_softmax_cross_entropy(xp, get_function, s, y, reduction=reduction, ticket=ticket,
+                                                 shared_memory_limit=limit, **kw)
+    assert len(module.launches) == 1 and len(fetched) == 1
+    assert set(xp.calls) <= {"empty", "empty_like"}, xp.calls
+    assert loss.dtype == s.dtype and loss.shape == (() if reduction != "none" else (40,))
+    assert ticket[0] == 0  # the last block wrapped it back to zero, ready for the next call
+    _assert_close(loss, grad, *_reference(s, y, reduction=reduction, **kw), "float32")
+
+
+@pytest.mark.parametrize(("shape", "options"), [((2000, 10), {}), ((2000, 10), {"class_weights": True,
+                                                                              "ignore_index": 1}),
+                                                ((100, 700), {"label_smoothing": 0.1}),
+                                                ((30, 3000), {"class_weights": True})])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_the_total_is_deterministic_and_summed_in_the_kernel(lib, shape, options, reduction):
+    """The total is each block's partial summed in block order by the last block to finish: the same bits
+    on every call and in every block order, close to the float64 reference. 2000 rows of 10 classes are 8
+    tiles, over 8 blocks (sum) or, when every block also reduces the labels, 2 blocks looping over them."""
+    s, y, kw = _problem(shape, "float32", options)
+    ticket = np.zeros(1, np.uint32)
+    totals = []
+    for order in ("forward", "forward", "reverse"):
+        runner = Emulated(emulated.EmulatedModule(lib, order=order))
+        totals.append(_run(runner, s, y, kw, reduction=reduction, ticket=ticket)[0])
+        assert ticket[0] == 0
+    assert totals[0].tobytes() == totals[1].tobytes() == totals[2].tobytes()
+    launches = runner.module.launches
+    assert launches[-1][1][0] > 1  # several blocks, so the partials and the ticket matter
+    ref_loss, _ = _reference(s, y, reduction=reduction, **kw)
+    np.testing.assert_allclose(totals[0], ref_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("runner", _runners(), indirect=True)
+@pytest.mark.parametrize("c", [10, 1000, 3000])
+def test_mean_denominator_from_the_labels_in_the_kernel(runner, c):
+    """sum w_y over the rows not ignored, derived by every block from the labels: ignored rows, class
+    weights, an out-of-range label (NaN mean and, through the NaN denominator, NaN gradient as before),
+    every row ignored (NaN mean, zero gradient)."""
+    s, y, kw = _problem((50, c), "float32", {"class_weights": True, "ignore_index": 3, "label_smoothing": 0.1})
+    loss, grad = _run(runner, s, y, kw)
+    _assert_close(loss, grad, *_reference(s, y, **kw), "float32")
+    _, kw_only_ignore = y.copy(), {"ignore_index": 3}
+    loss, grad = _run(runner, s, y, kw_only_ignore)
+    _assert_close(loss, grad, *_reference(s, y, **kw_only_ignore), "float32")
+    bad = y.copy()
+    bad[5] = -7
+    loss, grad = _run(runner, s, bad, kw)
+    assert np.isnan(loss)
+    loss, grad = _run(runner, s, np.full(50, 3), kw)
+    assert np.isnan(loss) and (grad == 0).all()

@@ -6,6 +6,11 @@ The fused softmax cross-entropy is PyTorch's ``cross_entropy`` with class weight
 ``dL/ds_k = p_k ((1-eps) w_y + (eps/C) sum_j w_j) - (1-eps) w_y [k==y] - (eps/C) w_k``;
 "mean" divides both by ``sum w_y`` over the rows that are not ignored.
 
+Each call is one kernel launch (``plan_softmax_cross_entropy`` picks which, see
+``kernels/softmax_cross_entropy.cu``): the per-row losses, the mean's denominator,
+the final sum or mean (deterministic: per-block partials summed in block order by
+the last block) and the gradient. The host does nothing on the device but allocate.
+
 CuPy is imported inside the functions only, so this module imports (and
 ``tools/check_kernels.py`` can read :data:`KERNEL_INSTANCES`) on machines
 without CuPy or a GPU.
@@ -15,24 +20,26 @@ from __future__ import annotations
 
 import importlib.resources
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy
 
 __all__ = [
-    "BLOCK_KERNEL_THREADS",
     "CONV_CTYPES",
     "CONV_KERNELS",
     "CONV_NAME_EXPRESSIONS",
     "CONV_SOURCE",
     "KERNEL_INSTANCES",
+    "PORTABLE_SHARED_MEMORY",
     "SCE_NAME_EXPRESSIONS",
-    "WARP_KERNEL_MAX_CLASSES",
-    "WARP_KERNEL_THREADS",
+    "SCE_THREADS",
+    "ScePlan",
     "fused_softmax_cross_entropy",
     "kernel_source",
     "launch_softmax_cross_entropy",
+    "plan_softmax_cross_entropy",
 ]
 
 SCE_SOURCE = "softmax_cross_entropy.cu"
@@ -40,7 +47,7 @@ SCE_SOURCE = "softmax_cross_entropy.cu"
 # Logits dtype name -> CUDA type, and labels dtype name -> CUDA type.
 _LOGIT_CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 _LABEL_CTYPES = {"int32": "int", "int64": "long long"}
-_SCE_KERNELS = ("sce_warp_per_row", "sce_block_per_row")
+_SCE_KERNELS = ("sce_on_chip", "sce_two_pass")
 
 SCE_NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     f"{kernel}<{t}, {lab}>"
@@ -63,21 +70,31 @@ CONV_NAME_EXPRESSIONS: tuple[str, ...] = tuple(f"{k}<{t}>" for k in CONV_KERNELS
 # these with nvcc, so a new instance must be added here to be checked at all.
 KERNEL_INSTANCES: dict[str, tuple[str, ...]] = {SCE_SOURCE: SCE_NAME_EXPRESSIONS, CONV_SOURCE: CONV_NAME_EXPRESSIONS}
 
-# Must equal sce::kWarpKernelThreads / sce::kBlockKernelThreads in the .cu:
-# __launch_bounds__ there promises ptxas these sizes, and a larger launch fails.
-# 256 threads = 8 rows per block in the warp kernel: enough warps for a block
-# to hide latency without leaving a tail of idle warps when N is small.
-WARP_KERNEL_THREADS = 256
-# 512 threads per row keep ~16 KiB of 16-byte loads in flight per block for
-# vocabulary-sized rows while three blocks still fit on an SM.
-BLOCK_KERNEL_THREADS = 512
-# Up to here a row is at most 32 elements per lane, so a warp owns it cheaply;
-# wider rows would serialize on one warp, and a whole block pays for its
-# shared-memory reduction and barriers.
-WARP_KERNEL_MAX_CLASSES = 1024
-# Both kernels loop over rows with a grid stride, so any cap is correct; this
-# one keeps the grid well inside CUDA's limits for any N.
-_MAX_GRID = 1 << 20
+# Must equal sce::kThreads in the .cu: __launch_bounds__ there promises ptxas this
+# size, and a larger launch fails. 512 threads keep 16-32 KiB of 16-byte loads in
+# flight per block.
+SCE_THREADS = 512
+# Elements of a row per thread that sce_on_chip aims for: threads_per_row is the
+# power of two at or above C / 8 (at most a block), so a tile of rows_per_tile =
+# 512 / threads_per_row rows holds at most 4096 elements until a row needs the
+# whole block. MNIST's C = 10 is 2 threads a row, 256 rows a block.
+_ELEMENTS_PER_THREAD = 8
+# Dynamic shared memory every CUDA device grants without opting in (48 KiB), less
+# what the kernel's static shared memory takes (under 1 KiB, see _STATIC_SHARED).
+_STATIC_SHARED = 1024
+PORTABLE_SHARED_MEMORY = 48 * 1024 - _STATIC_SHARED
+# Blocks of the grid: one tile (or row) per block up to CUDA's limit for "none";
+# for "sum"/"mean", at most _MAX_PARTIALS blocks (each writes one partial, which
+# the last block sums), the blocks looping over the tiles.
+_MAX_GRID = 2**31 - 1
+_MAX_PARTIALS = 4096
+# "mean" with class weights or ignore_index: each block reduces all N labels, so the
+# grid is kept to about C * itemsize / 16 blocks (the labels' bytes per block then
+# stay within ~1/4 of the block's logit traffic, and they come from L2).
+_LABEL_BYTES_PER_BLOCK_DIVISOR = 16
+
+# The kernels' `reduction` argument (sce::kNone ... in the .cu).
+_MODE_NONE, _MODE_SUM, _MODE_MEAN, _MODE_MEAN_OF_LABELS = 0, 1, 2, 3
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -124,8 +141,50 @@ def compiled_function(source: str, name_expression: str) -> Any:
     return function
 
 
+#: device id -> the dynamic shared memory a kernel may opt in to on it.
+_SHARED_OPTIN: dict[int, int] = {}
+
+
+def _shared_optin() -> int:
+    import cupy
+
+    device = cupy.cuda.Device()
+    limit = _SHARED_OPTIN.get(device.id)
+    if limit is None:
+        runtime = cupy.cuda.runtime
+        attribute = getattr(runtime, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97)
+        limit = _SHARED_OPTIN[device.id] = int(runtime.deviceGetAttribute(attribute, device.id))
+    return limit
+
+
+#: id() of every kernel (kept alive by _COMPILED) that has opted in; CuPy's RawKernel takes no new attributes.
+_OPTED_IN: set[int] = set()
+
+
 def _sce_function(name_expression: str) -> Any:
-    return compiled_function(SCE_SOURCE, name_expression)
+    function = compiled_function(SCE_SOURCE, name_expression)
+    if (name_expression.startswith("sce_on_chip") and id(function) not in _OPTED_IN
+            and hasattr(function, "max_dynamic_shared_size_bytes")):
+        # Opt in once to the device's whole shared memory (a launch with more than 48 KiB
+        # of dynamic shared memory fails otherwise); the wrapper asks for at most
+        # _shared_optin() - _STATIC_SHARED.
+        function.max_dynamic_shared_size_bytes = _shared_optin() - int(function.shared_size_bytes)
+        _OPTED_IN.add(id(function))
+    return function
+
+
+#: (device id, stream) -> the kernels' ticket counter (one uint32, zero between launches).
+_TICKETS: dict[tuple[int, int], Any] = {}
+
+
+def _ticket() -> Any:
+    import cupy
+
+    key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+    ticket = _TICKETS.get(key)
+    if ticket is None:
+        ticket = _TICKETS[key] = cupy.zeros(1, dtype=cupy.uint32)
+    return ticket
 
 
 def fused_softmax_cross_entropy(
@@ -153,8 +212,52 @@ def fused_softmax_cross_entropy(
 
     return launch_softmax_cross_entropy(
         cupy, _sce_function, logits, labels, class_weights=class_weights, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, reduction=reduction,
+        label_smoothing=label_smoothing, reduction=reduction, shared_memory_limit=_shared_optin() - _STATIC_SHARED,
+        ticket=_ticket(),
     )
+
+
+@dataclass(frozen=True)
+class ScePlan:
+    """What one call launches: ``kernel`` ("sce_on_chip" or "sce_two_pass"), ``blocks`` x ``threads``
+    with ``shared_bytes`` of dynamic shared memory; sce_on_chip's ``threads_per_row`` and
+    ``rows_per_tile`` (sce_two_pass: a block per row, so 512 and 1)."""
+
+    kernel: str
+    blocks: int
+    threads: int
+    threads_per_row: int
+    rows_per_tile: int
+    shared_bytes: int
+
+
+def plan_softmax_cross_entropy(n_rows: int, n_classes: int, itemsize: int, *, reduction: str = "mean",
+                               labels_reduced: bool = False,
+                               shared_memory_limit: int = PORTABLE_SHARED_MEMORY) -> ScePlan:
+    """The launch for an (n_rows, n_classes) problem with ``itemsize``-byte logits.
+
+    sce_on_chip whenever a tile fits in ``shared_memory_limit`` bytes of dynamic shared
+    memory (rows up to about that size: 227 KiB on H100, 48 KiB without opting in), else
+    sce_two_pass. ``labels_reduced``: "mean" with class weights or ignore_index, where each
+    block reduces the labels itself (the grid is then capped, see
+    _LABEL_BYTES_PER_BLOCK_DIVISOR)."""
+    vector = 16 // itemsize
+    threads_per_row = 1
+    while threads_per_row < SCE_THREADS and threads_per_row * _ELEMENTS_PER_THREAD < n_classes:
+        threads_per_row *= 2
+    rows_per_tile = SCE_THREADS // threads_per_row
+    # The tile, plus one vector for the shift that puts its vectors on 16-byte boundaries.
+    shared_bytes = -(-(rows_per_tile * n_classes + vector) * itemsize // 16) * 16
+    if shared_bytes <= shared_memory_limit:
+        kernel, units = "sce_on_chip", -(-n_rows // rows_per_tile)
+    else:
+        kernel, units, threads_per_row, rows_per_tile, shared_bytes = "sce_two_pass", n_rows, SCE_THREADS, 1, 0
+    cap = _MAX_GRID if reduction == "none" else _MAX_PARTIALS
+    if labels_reduced:
+        cap = min(cap, max(1, n_classes * itemsize // _LABEL_BYTES_PER_BLOCK_DIVISOR))
+    # At least one block for "sum"/"mean" (even with no rows: it writes the 0-d result).
+    blocks = max(1, min(units, cap))
+    return ScePlan(kernel, blocks, SCE_THREADS, threads_per_row, rows_per_tile, shared_bytes)
 
 
 def launch_softmax_cross_entropy(
@@ -167,14 +270,23 @@ def launch_softmax_cross_entropy(
     ignore_index: int | None = None,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
+    shared_memory_limit: int = PORTABLE_SHARED_MEMORY,
+    ticket: Any | None = None,
 ) -> tuple[Any, Any]:
     """:func:`fused_softmax_cross_entropy` with the array module and the kernels passed in.
 
     ``xp`` is ``cupy``, and ``get_function(name_expression)`` returns the
     compiled kernel. The tests pass ``numpy`` and the CPU emulator's kernels
-    (tools/cuda_emulator) here, so everything on the host side (checks, the
-    mean's denominator, launch shapes, reductions) runs without a GPU exactly
-    as it does with one.
+    (tools/cuda_emulator) here, so everything on the host side (checks, launch
+    shapes, the arguments) runs without a GPU exactly as it does with one.
+
+    One launch, and no other device work than ``xp.empty`` / ``xp.empty_like``
+    (plus a contiguous copy of an input that is not C-contiguous, int32/int64
+    labels or float32 class weights). ``shared_memory_limit``: the dynamic shared
+    memory a launch may ask for (the kernel must have opted in to it).
+    ``ticket``: a uint32 array of one zero that the kernels leave zero after
+    every complete launch, kept per device and stream by the caller; without one,
+    "sum"/"mean" allocate a fresh zero (``xp.zeros``).
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -194,15 +306,19 @@ def launch_softmax_cross_entropy(
     if n_classes >= 2**31:
         raise ValueError(f"at most 2**31 - 1 classes are supported, got {n_classes}")
 
-    logits = xp.ascontiguousarray(logits)
+    if not logits.flags.c_contiguous:
+        logits = xp.ascontiguousarray(logits)
     if labels.dtype.name not in _LABEL_CTYPES:
-        labels = labels.astype(xp.int64)  # uint64 above 2**63 wraps negative: still "out of range"
-    labels = xp.ascontiguousarray(labels)
+        labels = labels.astype(numpy.int64)  # uint64 above 2**63 wraps negative: still "out of range"
+    if not labels.flags.c_contiguous:
+        labels = xp.ascontiguousarray(labels)
     label_ctype = _LABEL_CTYPES[labels.dtype.name]
 
     weights = None
     if class_weights is not None:
-        weights = xp.ascontiguousarray(class_weights, dtype=xp.float32)
+        weights = class_weights
+        if weights.dtype != numpy.float32 or not weights.flags.c_contiguous:
+            weights = xp.ascontiguousarray(weights, dtype=numpy.float32)
         if weights.shape != (n_classes,):
             raise ValueError(f"class_weights must have shape ({n_classes},), got {weights.shape}")
 
@@ -210,62 +326,40 @@ def launch_softmax_cross_entropy(
     # int64 that no real label is (only a label of exactly -2**63 would match).
     ignore = numpy.int64(numpy.iinfo(numpy.int64).min if ignore_index is None else int(ignore_index))
 
-    if reduction == "mean":
-        # The denominator is sum w_y over the rows, but the gradient pass already
-        # needs 1/denominator, so it comes from the labels alone, on the device:
-        # w_y (1 without weights), 0 for ignored rows, NaN for labels outside
-        # [0, C) so that a bad label also shows in "mean".
-        in_range = (labels >= 0) & (labels < n_classes)
-        if weights is not None and n_classes > 0:
-            w_y = weights[xp.clip(labels, 0, n_classes - 1)]
-        else:
-            w_y = xp.ones(n_rows, dtype=xp.float32)
-        w_y = xp.where(in_range, w_y, numpy.float32("nan"))
-        if ignore_index is not None:
-            w_y = xp.where(labels == ignore, numpy.float32(0.0), w_y)
-        denominator = w_y.sum(dtype=xp.float32)
-        # Every row ignored: 1/0 = inf and a NaN mean, as in PyTorch. errstate
-        # only matters to NumPy, when the tests run this with the CPU emulator.
-        with numpy.errstate(divide="ignore", invalid="ignore"):
-            scale = xp.reciprocal(denominator.reshape(1))
+    labels_reduced = reduction == "mean" and (weights is not None or ignore_index is not None)
+    if reduction == "none":
+        mode, scale = _MODE_NONE, numpy.float32(1.0)
+    elif reduction == "sum":
+        mode, scale = _MODE_SUM, numpy.float32(1.0)
+    elif labels_reduced:
+        mode, scale = _MODE_MEAN_OF_LABELS, numpy.float32(1.0)  # the kernel derives sum w_y itself
     else:
-        scale = xp.ones(1, dtype=xp.float32)
+        # Every row counts 1: the denominator is N, known here. N = 0 gives 1/0 = inf and
+        # a mean of 0 * inf = NaN, as in PyTorch. errstate matters to NumPy only.
+        with numpy.errstate(divide="ignore"):
+            mode, scale = _MODE_MEAN, numpy.float32(1.0) / numpy.float32(n_rows)
 
     # The kernel could write grad over logits (it is alias-safe), but logits may
     # be the caller's array, so the gradient always gets its own buffer.
     grad = xp.empty_like(logits)
-    loss_row = xp.empty(n_rows, dtype=xp.float32)
+    loss = xp.empty(n_rows if reduction == "none" else (), dtype=logits.dtype)
+    if reduction == "none" and n_rows == 0:
+        return loss, grad
 
-    if n_rows > 0:
-        if n_classes <= WARP_KERNEL_MAX_CLASSES:
-            kernel, threads = "sce_warp_per_row", WARP_KERNEL_THREADS
-            rows_per_block = WARP_KERNEL_THREADS // 32
-            blocks = min(-(-n_rows // rows_per_block), _MAX_GRID)
-        else:
-            kernel, threads = "sce_block_per_row", BLOCK_KERNEL_THREADS
-            blocks = min(n_rows, _MAX_GRID)
-        get_function(f"{kernel}<{logit_ctype}, {label_ctype}>")(
-            (blocks,),
-            (threads,),
-            (
-                logits,
-                labels,
-                # A 64-bit zero is the kernel's "no class weights" null pointer.
-                weights if weights is not None else numpy.uint64(0),
-                scale,
-                grad,
-                loss_row,
-                numpy.int64(n_rows),
-                numpy.int32(n_classes),
-                ignore,
-                numpy.float32(eps),
-            ),
-        )
-
-    if reduction == "none":
-        return loss_row.astype(logits.dtype), grad
-    total = loss_row.sum(dtype=xp.float32)
-    if reduction == "mean":
-        with numpy.errstate(invalid="ignore"):
-            total = total * scale[0]
-    return total.astype(logits.dtype), grad
+    plan = plan_softmax_cross_entropy(n_rows, n_classes, logits.dtype.itemsize, reduction=reduction,
+                                      labels_reduced=labels_reduced, shared_memory_limit=shared_memory_limit)
+    null = numpy.uint64(0)  # a 64-bit zero is the kernel's null pointer
+    partials = null
+    if reduction != "none":
+        partials = xp.empty(plan.blocks, dtype=numpy.float32)
+        if ticket is None:
+            ticket = xp.zeros(1, dtype=numpy.uint32)
+    else:
+        ticket = null
+    args = (logits, labels, weights if weights is not None else null, grad, loss, partials, ticket,
+            numpy.int64(n_rows), numpy.int32(n_classes), ignore, numpy.float32(eps), scale, numpy.int32(mode))
+    if plan.kernel == "sce_on_chip":
+        args += (numpy.int32(plan.threads_per_row),)
+    get_function(f"{plan.kernel}<{logit_ctype}, {label_ctype}>")(
+        (plan.blocks,), (plan.threads,), args, shared_mem=plan.shared_bytes)
+    return loss, grad

@@ -11,8 +11,9 @@ NumPy arrays where CuPy would take device arrays. So the host wrapper in
 Stricter than CuPy on purpose: every argument's type and dtype must be the one
 the template instance expects, and arrays must be C-contiguous, because CuPy
 would pass a wrong one through as a raw pointer and the kernel would read
-garbage. Needs a C++17 compiler with ``_Float16`` (GCC >= 12, Clang >= 15) and
-POSIX ``ucontext``.
+garbage. Dynamic shared memory above a kernel's ``max_dynamic_shared_size_bytes``
+(48 KiB unless raised, as on a GPU) is refused as a GPU refuses it. Needs a
+C++17 compiler with ``_Float16`` (GCC >= 12, Clang >= 15) and POSIX ``ucontext``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ SCE_SOURCE = REPO / "kernels" / "softmax_cross_entropy.cu"
 _EMULATOR_SOURCES = (HERE / "emulator.h", HERE / "include" / "cuda_fp16.h", HERE / "include" / "cuda_bf16.h",
                      HERE / "sce_launch.cpp")
 ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
+#: CUDA's default limit of dynamic shared memory per block; more needs the kernel's opt-in attribute.
+DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024
 SHUFFLES = {"meet": 0, "unordered": 1}
 
 # CUDA type in a name expression -> NumPy dtype name of the array it points to.
@@ -67,13 +70,35 @@ def compile_library(out_dir: Path, stem: str, key: bytes, args: list[str], compi
     return lib
 
 
-def build(out_dir: Path, *, source: Path = SCE_SOURCE, compiler: str | None = None) -> Path:
+def build(out_dir: Path, *, source: Path = SCE_SOURCE, compiler: str | None = None, optimize: bool = True) -> Path:
     """Compile ``source`` (the softmax cross-entropy kernels, or a modified copy of them) against
-    the emulator into a shared library in ``out_dir``, reused while the sources are unchanged."""
-    key = b"".join(path.read_bytes() for path in (*_EMULATOR_SOURCES, Path(source)))
-    args = ["-g", "-Wextra", "-Wno-unknown-pragmas", f"-I{HERE / 'include'}", f"-I{HERE}",
+    the emulator into a shared library in ``out_dir``, reused while the sources are unchanged.
+    ``optimize=False`` builds with -O0 instead of -O2: about half the build time, for a library
+    that runs a few small launches (the tests' planted-bug copies)."""
+    key = b"".join(path.read_bytes() for path in (*_EMULATOR_SOURCES, Path(source))) + bytes([optimize])
+    args = ["-g", *(() if optimize else ("-O0",)), "-Wextra", "-Wno-unknown-pragmas", f"-I{HERE / 'include'}",
+            f"-I{HERE}",
             f'-DSCE_KERNEL_SOURCE="{Path(source).resolve()}"', str(HERE / "sce_launch.cpp")]
     return compile_library(out_dir, "sce_emulated", key, args, compiler)
+
+
+class _SceArgs(ctypes.Structure):
+    """sce_launch.cpp's SceArgs."""
+
+    _fields_ = [("logits", ctypes.c_void_p), ("labels", ctypes.c_void_p), ("class_weights", ctypes.c_void_p),
+                ("grad", ctypes.c_void_p), ("loss", ctypes.c_void_p), ("partials", ctypes.c_void_p),
+                ("ticket", ctypes.c_void_p), ("n_rows", ctypes.c_longlong), ("n_classes", ctypes.c_int),
+                ("ignore_index", ctypes.c_longlong), ("label_smoothing", ctypes.c_float),
+                ("scale", ctypes.c_float), ("reduction", ctypes.c_int), ("threads_per_row", ctypes.c_int)]
+
+
+# The kernels' parameters in order: (name, kind) with kind a dtype for a pointer ("T" the logits' type,
+# "L" the labels'; a trailing "?" where a 64-bit zero is a null pointer) or a scalar type.
+_POINTERS = (("logits", "T"), ("labels", "L"), ("class_weights", "float32?"), ("grad", "T"), ("loss", "T"),
+             ("partials", "float32?"), ("ticket", "uint32?"))
+_SCALARS = (("n_rows", np.int64), ("n_classes", np.int32), ("ignore_index", np.int64),
+            ("label_smoothing", np.float32), ("scale", np.float32), ("reduction", np.int32))
+_ON_CHIP_SCALARS = (*_SCALARS, ("threads_per_row", np.int32))
 
 
 class EmulatedModule:
@@ -88,7 +113,7 @@ class EmulatedModule:
     warp meets there, so it orders memory like ``__syncwarp()``. "unordered":
     nothing, as on a GPU; each thread runs from one barrier to the next in one
     go and its shuffles return what they returned in a first launch with
-    "meet" on copies of ``logits``/``grad``/``loss_row`` (emulator.h,
+    "meet" on copies of the buffers the kernel writes (emulator.h,
     kShufflesReplay). Only then can a missing ``__syncwarp()`` between one
     lane's read and another lane's aliasing write show, in an ``order`` that
     runs the writing lane first.
@@ -97,10 +122,15 @@ class EmulatedModule:
     launch's grid, leaving the other blocks' rows unwritten; ``blockIdx`` and
     ``gridDim`` stay those of the whole grid. It reaches one block of a grid too
     big to emulate whole (rows past 2**31 elements, say).
+
+    ``shared_memory_optin`` is the most dynamic shared memory the emulated device
+    lets a kernel opt in to (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: 227 KiB on
+    H100); each kernel starts at CUDA's default of 48 KiB, and
+    ``kernel.max_dynamic_shared_size_bytes = n`` raises it, as with CuPy.
     """
 
     def __init__(self, lib: Path, *, order: str = "forward", seed: int = 0, shuffles: str = "meet",
-                 blocks: range | tuple[int, int] | None = None) -> None:
+                 blocks: range | tuple[int, int] | None = None, shared_memory_optin: int = 227 * 1024) -> None:
         if order not in ORDERS:
             raise ValueError(f"order must be one of {tuple(ORDERS)}, got {order!r}")
         if shuffles not in SHUFFLES:
@@ -117,63 +147,92 @@ class EmulatedModule:
         self._lib.emu_last_error.restype = ctypes.c_char_p
         self._lib.emu_sce_launch.restype = ctypes.c_int
         self._lib.emu_sce_launch.argtypes = [
-            ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
-            ctypes.c_int, *([ctypes.c_void_p] * 6), ctypes.c_longlong, ctypes.c_int, ctypes.c_longlong,
-            ctypes.c_float,
+            ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
+            ctypes.c_uint, ctypes.c_int, ctypes.POINTER(_SceArgs),
         ]
         self._names = {self._lib.emu_sce_name(i).decode(): i for i in range(self._lib.emu_sce_count())}
+        self._on_chip = {name: bool(self._lib.emu_sce_on_chip(i)) for name, i in self._names.items()}
         self.order = order
         self.seed = seed
         self.shuffles = shuffles
         self.blocks = blocks
-        self.launches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []  # (name, grid, block) log
+        self.shared_memory_optin = int(shared_memory_optin)
+        self._kernels: dict[str, EmulatedKernel] = {}
+        # (name, grid, block, dynamic shared bytes) per launch
+        self.launches: list[tuple[str, tuple[int, ...], tuple[int, ...], int]] = []
 
     @property
     def name_expressions(self) -> tuple[str, ...]:
         return tuple(self._names)
 
     def get_function(self, name_expression: str) -> EmulatedKernel:
+        """The kernel, one object per name as CuPy's module keeps (its attributes persist)."""
         if name_expression not in self._names:
             raise KeyError(f"no emulated kernel {name_expression!r}; have {sorted(self._names)}")
-        return EmulatedKernel(self, name_expression)
+        kernel = self._kernels.get(name_expression)
+        if kernel is None:
+            kernel = self._kernels[name_expression] = EmulatedKernel(self, name_expression)
+        return kernel
 
 
 class EmulatedKernel:
-    """One template instance; called as ``kernel(grid, block, args)`` like ``cupy.RawKernel``."""
+    """One template instance; called as ``kernel(grid, block, args, shared_mem=0)`` like ``cupy.RawKernel``."""
 
     def __init__(self, module: EmulatedModule, name: str) -> None:
         self._module = module
         self.name = name
         template_args = name[name.index("<") + 1:-1].split(", ")
         self._logit_dtype, self._label_dtype = (_CTYPE_DTYPES[t] for t in template_args)
+        self.on_chip = module._on_chip[name]
+        self._scalars = _ON_CHIP_SCALARS if self.on_chip else _SCALARS
+        self._max_dynamic = DEFAULT_DYNAMIC_SHARED_BYTES
 
-    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
+    @property
+    def max_dynamic_shared_size_bytes(self) -> int:
+        return self._max_dynamic
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value: int) -> None:
+        if not 0 <= int(value) <= self._module.shared_memory_optin:
+            raise RuntimeError(f"{self.name}: max_dynamic_shared_size_bytes {value} exceeds the device's opt-in "
+                               f"limit of {self._module.shared_memory_optin} bytes")
+        self._max_dynamic = int(value)
+
+    def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...], *,
+                 shared_mem: int = 0) -> None:
         if len(grid) != 1 or len(block) != 1:
             raise ValueError(f"only 1-D launches are emulated, got grid={grid} block={block}")
-        if len(args) != 10:
-            raise TypeError(f"{self.name} takes 10 arguments, got {len(args)}")
-        logits, labels, weights, scale, grad, loss_row, n_rows, n_classes, ignore, eps = args
-        ptrs = [
-            _pointer("logits", logits, self._logit_dtype),
-            _pointer("labels", labels, self._label_dtype),
-            None if isinstance(weights, np.uint64) and weights == 0 else _pointer("class_weights", weights, "float32"),
-            _pointer("scale", scale, "float32"),
-            _pointer("grad", grad, self._logit_dtype),
-            _pointer("loss_row", loss_row, "float32"),
-        ]
-        for label, value, kind in (("n_rows", n_rows, np.int64), ("n_classes", n_classes, np.int32),
-                                   ("ignore_index", ignore, np.int64), ("label_smoothing", eps, np.float32)):
+        n_args = len(_POINTERS) + len(self._scalars)
+        if len(args) != n_args:
+            raise TypeError(f"{self.name} takes {n_args} arguments, got {len(args)}")
+        if not 0 <= int(shared_mem) <= self._max_dynamic:
+            raise RuntimeError(f"{self.name}: {shared_mem} bytes of dynamic shared memory exceed the kernel's "
+                               f"max_dynamic_shared_size_bytes of {self._max_dynamic} (a GPU refuses this launch)")
+        dtypes = {"T": self._logit_dtype, "L": self._label_dtype}
+        values = {}
+        for (label, kind), value in zip(_POINTERS, args[:len(_POINTERS)], strict=True):
+            nullable = kind.endswith("?")
+            kind = kind.removesuffix("?")
+            if nullable and isinstance(value, np.uint64) and value == 0:
+                values[label] = None
+            else:
+                values[label] = _pointer(label, value, dtypes.get(kind, kind))
+        for (label, kind), value in zip(self._scalars, args[len(_POINTERS):], strict=True):
             if type(value) is not kind:
                 raise TypeError(f"{label} must be a {kind.__name__} scalar (CuPy passes Python numbers as "
                                 f"64-bit), got {type(value).__name__}")
+            values[label] = value.item()
+        if not self.on_chip:
+            values["threads_per_row"] = 0
         module = self._module
         first, last = (0, int(grid[0])) if module.blocks is None else module.blocks
         if last > int(grid[0]):
             raise ValueError(f"blocks {module.blocks} reach past the grid of {int(grid[0])} block(s)")
-        module.launches.append((self.name, tuple(grid), tuple(block)))
-        rc = module._lib.emu_sce_launch(module._names[self.name], int(grid[0]), int(block[0]),
+        module.launches.append((self.name, tuple(grid), tuple(block), int(shared_mem)))
+        packed = _SceArgs(**values)
+        rc = module._lib.emu_sce_launch(module._names[self.name], int(grid[0]), int(block[0]), int(shared_mem),
                                         ORDERS[module.order], module.seed, first, last, SHUFFLES[module.shuffles],
-                                        *ptrs, int(n_rows), int(n_classes), int(ignore), float(eps))
+                                        ctypes.byref(packed))
         if rc != 0:
             raise RuntimeError(f"{self.name}: {module._lib.emu_last_error().decode()}")
 

@@ -34,7 +34,16 @@
 //
 // __shared__ memory is a function-local static: a block starts with what the
 // previous block left, not with garbage, so a read before the first write may
-// pass here.
+// pass here. Dynamic shared memory (Options::dynamic_shared_bytes, declared in a
+// kernel with EMU_DYNAMIC_SHARED(T, name), which a .cu uses where it would write
+// `extern __shared__ T name[]`) is poisoned with 0xff bytes (NaN in every float
+// type) at the start of every block, and followed by a guard zone that is checked
+// after every block: a write past its end is reported.
+//
+// Atomics (atomicAdd, atomicInc) are plain read-modify-writes and __threadfence()
+// does nothing: blocks run one after another, so what they order is already
+// ordered. A kernel that waits for another block (a spin on a flag another block
+// sets) can therefore never finish here; the emulator has no such wait.
 #pragma once
 
 #include <algorithm>
@@ -91,7 +100,11 @@ struct Options {
     Shuffles shuffles = kShufflesMeet;
     ShuffleLog* log = nullptr;        // written by kShufflesRecord, read by kShufflesReplay
     size_t stack_bytes = 64 * 1024;
+    size_t dynamic_shared_bytes = 0;  // the launch's dynamic shared memory per block
 };
+
+constexpr size_t kDynamicSharedGuard = 64;
+constexpr unsigned char kDynamicSharedGuardByte = 0xa5;
 
 struct Launch {
     dim3 grid, block, block_idx;
@@ -99,6 +112,9 @@ struct Launch {
     std::vector<Fiber> fibers;
     std::vector<Barrier> warp_barriers;
     std::vector<float> warp_slots;  // one float per lane, for shuffles
+    std::vector<unsigned char> dynamic_shared;  // 16 bytes of slack for alignment, the buffer, its guard
+    unsigned char* dynamic_shared_base = nullptr;
+    size_t dynamic_shared_bytes = 0;
     Barrier block_barrier;
     ucontext_t scheduler;
     Fiber* current = nullptr;
@@ -183,6 +199,35 @@ T shuffle(T value, int src_lane) {
     return out;
 }
 
+// CUDA's lane of a shuffle with `width` (a power of two <= 32): each aligned
+// group of `width` lanes shuffles among itself.
+inline void require_width(int width) {
+    if (width < 1 || width > 32 || (width & (width - 1)) != 0)
+        throw std::logic_error("emulator: shuffle width must be a power of two in [1, 32], got " +
+                               std::to_string(width));
+}
+
+inline int shfl_src_lane(int src_lane, int width) {
+    require_width(width);
+    const int lane = lane_id();
+    return (lane & ~(width - 1)) + (src_lane & (width - 1));
+}
+
+// __shfl_xor_sync: a lane of a later group than the caller's returns the caller's own value.
+inline int shfl_xor_src_lane(int lane_mask, int width) {
+    require_width(width);
+    const int lane = lane_id();
+    const int src = lane ^ lane_mask;
+    return src >= (lane & ~(width - 1)) + width ? lane : (src & 31);
+}
+
+inline unsigned char* dynamic_shared() {
+    Launch& l = *active();
+    if (l.dynamic_shared_bytes == 0)
+        throw std::logic_error("emulator: the kernel uses dynamic shared memory but the launch gave it none");
+    return l.dynamic_shared_base;
+}
+
 inline void fiber_entry() {
     Launch& l = *active();
     // An exception must not cross the context switch: keep it for the launch.
@@ -235,6 +280,12 @@ inline void launch(unsigned grid, unsigned block, const Options& opts, void (*bo
     for (auto& f : l.fibers) f.stack.resize(opts.stack_bytes);
     l.warp_barriers.resize(nwarps);
     l.warp_slots.assign(32 * nwarps, 0.f);
+    l.dynamic_shared_bytes = opts.dynamic_shared_bytes;
+    l.dynamic_shared.assign(opts.dynamic_shared_bytes + kDynamicSharedGuard + 16, 0);
+    {
+        auto p = reinterpret_cast<std::uintptr_t>(l.dynamic_shared.data());
+        l.dynamic_shared_base = l.dynamic_shared.data() + (16 - p % 16) % 16;
+    }
     std::mt19937 rng(opts.seed);
     std::vector<unsigned> schedule(block);
     active() = &l;
@@ -242,6 +293,8 @@ inline void launch(unsigned grid, unsigned block, const Options& opts, void (*bo
         for (unsigned bi = first; bi < last; ++bi) {
             l.block_idx.x = opts.order == kReverse ? first + last - 1 - bi : bi;
             for (auto& b : l.warp_barriers) b = Barrier{32, 0, 0};
+            std::memset(l.dynamic_shared_base, 0xff, l.dynamic_shared_bytes);
+            std::memset(l.dynamic_shared_base + l.dynamic_shared_bytes, kDynamicSharedGuardByte, kDynamicSharedGuard);
             l.block_barrier = Barrier{static_cast<int>(block), 0, 0};
             for (unsigned t = 0; t < block; ++t) {
                 Fiber& f = l.fibers[t];
@@ -271,6 +324,11 @@ inline void launch(unsigned grid, unsigned block, const Options& opts, void (*bo
                                              std::to_string(live) +
                                              " thread(s) wait at a barrier the others never reach");
             }
+            for (size_t i = 0; i < kDynamicSharedGuard; ++i)
+                if (l.dynamic_shared_base[l.dynamic_shared_bytes + i] != kDynamicSharedGuardByte)
+                    throw std::runtime_error("emulator: block " + std::to_string(l.block_idx.x) +
+                                             " wrote past the end of its " + std::to_string(l.dynamic_shared_bytes) +
+                                             " bytes of dynamic shared memory");
             if (opts.shuffles == kShufflesReplay)
                 for (const Fiber& f : l.fibers)
                     if (f.n_shuffles != f.shuffles->size())
@@ -308,14 +366,35 @@ inline void __syncwarp(unsigned mask = 0xffffffffu) {
 template <typename T>
 T __shfl_sync(unsigned mask, T value, int src_lane, int width = 32) {
     emu::require_full_mask(mask);
-    if (width != 32) throw std::logic_error("emulator: only width-32 shuffles are supported");
-    return emu::shuffle(value, src_lane);
+    return emu::shuffle(value, emu::shfl_src_lane(src_lane, width));
 }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
     emu::require_full_mask(mask);
-    if (width != 32) throw std::logic_error("emulator: only width-32 shuffles are supported");
-    return emu::shuffle(value, emu::lane_id() ^ lane_mask);
+    return emu::shuffle(value, emu::shfl_xor_src_lane(lane_mask, width));
+}
+
+// `extern __shared__ T name[]`, which a host compiler cannot take: a pointer to the
+// launch's dynamic shared memory (16-byte aligned, as CUDA's).
+#define EMU_DYNAMIC_SHARED(T, name) T* const name = reinterpret_cast<T*>(emu::dynamic_shared())
+
+// Blocks run one after another and a block's threads switch only at barriers and
+// shuffles, so an atomic is a plain read-modify-write and a fence orders nothing more.
+inline void __threadfence() {}
+inline unsigned atomicInc(unsigned* address, unsigned val) {
+    const unsigned old = *address;
+    *address = old >= val ? 0u : old + 1u;
+    return old;
+}
+inline unsigned atomicAdd(unsigned* address, unsigned val) {
+    const unsigned old = *address;
+    *address = old + val;
+    return old;
+}
+inline int atomicAdd(int* address, int val) {
+    const int old = *address;
+    *address = static_cast<int>(static_cast<unsigned>(old) + static_cast<unsigned>(val));
+    return old;
 }
 
 template <typename T>

@@ -9,25 +9,37 @@
 
 namespace {
 
+// Both kernels' parameters; sce_two_pass has no threads_per_row. Mirrored by
+// emulated.py's ctypes structure.
 struct SceArgs {
     const void* logits;
     const void* labels;
     const float* class_weights;
-    const float* scale;
     void* grad;
-    float* loss_row;
+    void* loss;
+    float* partials;
+    unsigned* ticket;
     long long n_rows;
     int n_classes;
     long long ignore_index;
     float label_smoothing;
+    float scale;
+    int reduction;
+    int threads_per_row;
 };
 
-template <typename T, typename L, bool Block>
+template <typename T, typename L, bool OnChip>
 void run(void* p) {
     const SceArgs& a = *static_cast<const SceArgs*>(p);
-    const auto kernel = Block ? sce_block_per_row<T, L> : sce_warp_per_row<T, L>;
-    kernel(static_cast<const T*>(a.logits), static_cast<const L*>(a.labels), a.class_weights, a.scale,
-           static_cast<T*>(a.grad), a.loss_row, a.n_rows, a.n_classes, a.ignore_index, a.label_smoothing);
+    if constexpr (OnChip) {
+        sce_on_chip<T, L>(static_cast<const T*>(a.logits), static_cast<const L*>(a.labels), a.class_weights,
+                          static_cast<T*>(a.grad), static_cast<T*>(a.loss), a.partials, a.ticket, a.n_rows,
+                          a.n_classes, a.ignore_index, a.label_smoothing, a.scale, a.reduction, a.threads_per_row);
+    } else {
+        sce_two_pass<T, L>(static_cast<const T*>(a.logits), static_cast<const L*>(a.labels), a.class_weights,
+                           static_cast<T*>(a.grad), static_cast<T*>(a.loss), a.partials, a.ticket, a.n_rows,
+                           a.n_classes, a.ignore_index, a.label_smoothing, a.scale, a.reduction);
+    }
 }
 
 struct Instance {
@@ -35,18 +47,20 @@ struct Instance {
     void (*body)(void*);
     unsigned max_threads;  // the kernel's __launch_bounds__: a GPU refuses a larger block
     size_t logit_bytes;    // sizeof(T)
+    bool on_chip;
 };
 
-#define SCE_INSTANCES(KERNEL, BLOCK, MAX)                                                                    \
-    {KERNEL "<float, int>", run<float, int, BLOCK>, MAX, sizeof(float)},                                     \
-    {KERNEL "<float, long long>", run<float, long long, BLOCK>, MAX, sizeof(float)},                         \
-    {KERNEL "<__half, int>", run<__half, int, BLOCK>, MAX, sizeof(__half)},                                  \
-    {KERNEL "<__half, long long>", run<__half, long long, BLOCK>, MAX, sizeof(__half)},                      \
-    {KERNEL "<__nv_bfloat16, int>", run<__nv_bfloat16, int, BLOCK>, MAX, sizeof(__nv_bfloat16)},             \
-    {KERNEL "<__nv_bfloat16, long long>", run<__nv_bfloat16, long long, BLOCK>, MAX, sizeof(__nv_bfloat16)}
+#define SCE_INSTANCES(KERNEL, ON_CHIP)                                                                           \
+    {KERNEL "<float, int>", run<float, int, ON_CHIP>, sce::kThreads, sizeof(float), ON_CHIP},                    \
+    {KERNEL "<float, long long>", run<float, long long, ON_CHIP>, sce::kThreads, sizeof(float), ON_CHIP},        \
+    {KERNEL "<__half, int>", run<__half, int, ON_CHIP>, sce::kThreads, sizeof(__half), ON_CHIP},                 \
+    {KERNEL "<__half, long long>", run<__half, long long, ON_CHIP>, sce::kThreads, sizeof(__half), ON_CHIP},     \
+    {KERNEL "<__nv_bfloat16, int>", run<__nv_bfloat16, int, ON_CHIP>, sce::kThreads, sizeof(__nv_bfloat16),     \
+     ON_CHIP},                                                                                                   \
+    {KERNEL "<__nv_bfloat16, long long>", run<__nv_bfloat16, long long, ON_CHIP>, sce::kThreads,                 \
+     sizeof(__nv_bfloat16), ON_CHIP}
 
-const Instance kInstances[] = {SCE_INSTANCES("sce_warp_per_row", false, sce::kWarpKernelThreads),
-                               SCE_INSTANCES("sce_block_per_row", true, sce::kBlockKernelThreads)};
+const Instance kInstances[] = {SCE_INSTANCES("sce_on_chip", true), SCE_INSTANCES("sce_two_pass", false)};
 constexpr int kCount = sizeof(kInstances) / sizeof(kInstances[0]);
 
 thread_local std::string last_error;
@@ -64,25 +78,31 @@ struct AlignedCopy {
         auto p = reinterpret_cast<std::uintptr_t>(storage.data());
         p += (want + 16 - p % 16) % 16;
         data = reinterpret_cast<void*>(p);
-        if (bytes != 0) std::memcpy(data, src, bytes);
+        if (bytes != 0 && src != nullptr) std::memcpy(data, src, bytes);
     }
 };
 
 // kShufflesReplay: record the shuffles on copies of the buffers the kernel
-// writes (grad, loss_row; logits too, as grad may alias it), then replay them
-// on the caller's buffers.
+// writes (grad, loss, partials, ticket; logits too, as grad may alias it), then
+// replay them on the caller's buffers.
 void launch_unordered(const Instance& inst, unsigned grid, unsigned block, emu::Options opts, SceArgs args) {
     const size_t n = static_cast<size_t>(args.n_rows) * static_cast<size_t>(args.n_classes) * inst.logit_bytes;
     const auto lo = reinterpret_cast<std::uintptr_t>(args.logits), go = reinterpret_cast<std::uintptr_t>(args.grad);
     if (args.grad != args.logits && lo < go + n && go < lo + n)
         throw std::invalid_argument("emulator: grad overlaps logits without being the same buffer");
+    const bool aliased = args.grad == args.logits;
+    const size_t loss_bytes = (args.reduction == sce::kNone ? static_cast<size_t>(args.n_rows) : 1) * inst.logit_bytes;
     AlignedCopy logits(args.logits, n);
-    AlignedCopy grad_own(args.grad == args.logits ? nullptr : args.grad, args.grad == args.logits ? 0 : n);
-    AlignedCopy loss(args.loss_row, static_cast<size_t>(args.n_rows) * sizeof(float));
+    AlignedCopy grad_own(aliased ? nullptr : args.grad, aliased ? 0 : n);
+    AlignedCopy loss(args.loss, loss_bytes);
+    AlignedCopy partials(args.partials, args.partials != nullptr ? grid * sizeof(float) : 0);
+    AlignedCopy ticket(args.ticket, args.ticket != nullptr ? sizeof(unsigned) : 0);
     SceArgs copy = args;
     copy.logits = logits.data;
-    copy.grad = args.grad == args.logits ? logits.data : grad_own.data;
-    copy.loss_row = static_cast<float*>(loss.data);
+    copy.grad = aliased ? logits.data : grad_own.data;
+    copy.loss = loss.data;
+    if (args.partials != nullptr) copy.partials = static_cast<float*>(partials.data);
+    if (args.ticket != nullptr) copy.ticket = static_cast<unsigned*>(ticket.data);
     emu::ShuffleLog log;
     opts.log = &log;
     opts.shuffles = emu::kShufflesRecord;
@@ -99,15 +119,15 @@ int emu_sce_count() { return kCount; }
 
 const char* emu_sce_name(int i) { return i >= 0 && i < kCount ? kInstances[i].name : nullptr; }
 
+int emu_sce_on_chip(int i) { return i >= 0 && i < kCount ? static_cast<int>(kInstances[i].on_chip) : -1; }
+
 const char* emu_last_error() { return last_error.c_str(); }
 
 // 0 on success, else -1 with the reason in emu_last_error(). Runs blocks
 // [first_block, last_block) of the grid only; `unordered_shuffles` != 0 makes
 // shuffles order no memory (emu::kShufflesReplay, see emulator.h).
-int emu_sce_launch(int instance, unsigned grid, unsigned block, int order, unsigned seed, unsigned first_block,
-                   unsigned last_block, int unordered_shuffles, const void* logits, const void* labels,
-                   const float* class_weights, const float* scale, void* grad, float* loss_row, long long n_rows,
-                   int n_classes, long long ignore_index, float label_smoothing) {
+int emu_sce_launch(int instance, unsigned grid, unsigned block, unsigned shared_bytes, int order, unsigned seed,
+                   unsigned first_block, unsigned last_block, int unordered_shuffles, const SceArgs* args) {
     last_error.clear();
     if (instance < 0 || instance >= kCount) {
         last_error = "no kernel instance " + std::to_string(instance);
@@ -120,19 +140,19 @@ int emu_sce_launch(int instance, unsigned grid, unsigned block, int order, unsig
                      " (a GPU refuses this launch)";
         return -1;
     }
-    SceArgs args{logits, labels, class_weights, scale, grad, loss_row, n_rows, n_classes, ignore_index,
-                       label_smoothing};
     emu::Options opts;
     opts.order = static_cast<emu::Order>(order);
     opts.seed = seed;
     opts.first_block = first_block;
     opts.last_block = last_block;
+    opts.dynamic_shared_bytes = shared_bytes;
     std::lock_guard<std::mutex> lock(launch_mutex);
     try {
         if (unordered_shuffles != 0) {
-            launch_unordered(inst, grid, block, opts, args);
+            launch_unordered(inst, grid, block, opts, *args);
         } else {
-            emu::launch(grid, block, opts, inst.body, &args);
+            SceArgs copy = *args;
+            emu::launch(grid, block, opts, inst.body, &copy);
         }
     } catch (const std::exception& exc) {
         last_error = exc.what();
