@@ -96,7 +96,7 @@ class _ResidentEpoch:
 def resident_data(ds: ArrayDataset, backend: Backend) -> ResidentData | None:
     """``ds`` kept on ``backend``'s device when the backend is asynchronous and reports free memory
     that holds it within :data:`DEVICE_SHARE`; None otherwise (batches then come from the host)."""
-    if not getattr(backend, "asynchronous", False):
+    if not backend.asynchronous:
         return None
     free = getattr(backend, "free_memory", None)
     budget = free() if free is not None else None

@@ -245,7 +245,7 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
         cb.on_train_begin(model)
     # An asynchronous device (CuPy) reads nothing back inside a step (fit_window.py): not with several
     # ranks (the reducer averages the loss on the host) nor with a loss scaler (its skip is decided there).
-    deferred = bool(getattr(backend, "asynchronous", False)) and reducer is None and loss_scaler is None
+    deferred = backend.asynchronous and reducer is None and loss_scaler is None
     plan = StepPlan(model, loss_fn, loss_kwargs, optimizer, params, backend, regularizer, constraint, reducer,
                     half, loss_scaler, None if clip_grad_norm is None else float(clip_grad_norm), deferred,
                     target_check(loss_fn, loss_kwargs, train_ds.y, "train"))

@@ -32,6 +32,9 @@ class Backend(ConvReference):
 
     #: True where every array lives on one device, so device checks can be skipped.
     single_device: bool = False
+    #: True where work is queued and the host runs ahead (CuPy): reading a value back waits for the
+    #: device, so fit reads nothing inside a step there (deepcore/fit_window.py).
+    asynchronous: bool = False
 
     def __init__(self, xp: Namespace, name: str | None = None) -> None:
         self.xp = xp
