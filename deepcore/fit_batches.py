@@ -72,7 +72,6 @@ class _ResidentEpoch:
         self.data, self.batch_size, self.order = data, batch_size, order
         n = order.shape[0]
         self.n_batches = n // batch_size if drop_last else -(-n // batch_size)
-
         self._device_order: Any = None
 
     def __len__(self) -> int:

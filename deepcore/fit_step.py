@@ -30,7 +30,7 @@ LossFn = Callable[..., tuple[Array, Array]]
 
 @dataclass
 class StepPlan:
-    """What every step of one ``fit`` run does (fixed for the run)."""
+    """What every step of one ``fit`` run does (fixed for the run, but for the one-shot ``check_targets``)."""
 
     model: Module
     loss_fn: LossFn
@@ -49,7 +49,7 @@ class StepPlan:
     deferred: bool = False
     # Checks the whole data set's targets once, at the first forward (which tells the class count); after it
     # the loss is called with validate=False, so no step pays for (or waits on) a per-batch label check.
-    check_targets: Callable[[Array], None] | None = None
+    check_targets: Callable[[Array], bool] | None = None
 
 
 @dataclass
@@ -66,6 +66,9 @@ class StepResult:
     local_losses: list[Any]  # each micro-batch's own mean loss on this rank (plus the penalty)
     correct: list[Any]  # each micro-batch's correct predictions (None: not classification)
     stepped: bool  # False when the loss scaler skipped the update (a non-finite gradient)
+    # Deferred only: the regularizer's penalty, not yet in loss and local_losses (CheckWindow adds it on
+    # the host in float64, as the synchronous path does).
+    penalty: Any = 0.0
 
 
 def run_step(plan: StepPlan, micro: list[MicroBatch], epoch: int, step: int, history: History) -> StepResult:
@@ -76,8 +79,8 @@ def run_step(plan: StepPlan, micro: list[MicroBatch], epoch: int, step: int, his
     optimizer.zero_grad()
     before = model.snapshot()
     group_value: Any = 0.0
-    local_losses: list[float] = []
-    correct: list[int | None] = []
+    local_losses: list[Any] = []
+    correct: list[Any] = []
     # Divergence is detected below and reported with its epoch and step, so NumPy's own
     # overflow warnings along the way would only be noise.
     try:
@@ -87,9 +90,9 @@ def run_step(plan: StepPlan, micro: list[MicroBatch], epoch: int, step: int, his
                 with _weights(plan):
                     pred, backward = model.forward(xb, train=True)
                     if plan.check_targets is not None:
-                        plan.check_targets(pred)
+                        if plan.check_targets(pred):
+                            plan.loss_kwargs = {**plan.loss_kwargs, "validate": False}
                         plan.check_targets = None
-                        plan.loss_kwargs = {**plan.loss_kwargs, "validate": False}
                     value, grad = plan.loss_fn(pred, mb.y, **plan.loss_kwargs)
                     if mb.share != 1.0:
                         grad = grad * mb.share
@@ -118,12 +121,13 @@ def run_step(plan: StepPlan, micro: list[MicroBatch], epoch: int, step: int, his
                 loss_value = group_value if plan.deferred else float(group_value)
             if plan.scaler is not None:
                 plan.scaler.unscale(plan.params)
+            penalty: Any = 0.0
             if plan.regularizer is not None:
                 penalty = plan.regularizer(plan.params)
                 if not plan.deferred:
                     penalty = float(penalty)
-                loss_value = loss_value + penalty
-                local_losses = [local + penalty for local in local_losses]
+                    loss_value += penalty
+                    local_losses = [local + penalty for local in local_losses]
     except TrainingDiverged:
         raise
     except BaseException:
@@ -146,13 +150,14 @@ def run_step(plan: StepPlan, micro: list[MicroBatch], epoch: int, step: int, his
         stepped = True
     if stepped and plan.constraint is not None:
         plan.constraint.project(plan.params)
-    return StepResult(loss_value, local_losses, correct, stepped)
+    return StepResult(loss_value, local_losses, correct, stepped, penalty if plan.deferred else 0.0)
 
 
-def target_check(loss_fn: LossFn, loss_kwargs: dict[str, Any], y: Any, what: str) -> Callable[[Array], None] | None:
+def target_check(loss_fn: LossFn, loss_kwargs: dict[str, Any], y: Any, what: str) -> Callable[[Array], bool] | None:
     """For the built-in losses whose ``validate`` checks only the targets, the check of all of ``y`` (the
-    data set's targets, on the host) that makes per-batch validation unnecessary; None for other losses,
-    or when the caller set ``validate`` in ``loss_kwargs``."""
+    data set's targets, on the host) that makes per-batch validation unnecessary: it raises on a bad
+    target and says whether it checked (False: targets of a kind it does not know, which the loss
+    keeps validating). None for other losses, or when the caller set ``validate`` in ``loss_kwargs``."""
     from . import losses
 
     if y is None or "validate" in loss_kwargs or loss_fn not in (
@@ -162,7 +167,9 @@ def target_check(loss_fn: LossFn, loss_kwargs: dict[str, Any], y: Any, what: str
     y = np.asarray(y)
     ignore = loss_kwargs.get("ignore_index") if loss_fn is losses.softmax_cross_entropy else None
 
-    def check(pred: Array) -> None:
+    bce = loss_fn is losses.binary_cross_entropy_with_logits
+
+    def check(pred: Array) -> bool:
         bad, allowed = None, ""
         if y.dtype.kind in "iu" and y.ndim == 1 and len(pred.shape) == 2 and loss_fn is not losses.binary_hinge:
             c = int(pred.shape[1])
@@ -173,12 +180,15 @@ def target_check(loss_fn: LossFn, loss_kwargs: dict[str, Any], y: Any, what: str
             allowed += f" for the model's {c} outputs"
         elif loss_fn is losses.binary_hinge:
             bad, allowed = (y != -1) & (y != 1), "targets must be -1 or 1"
-        elif y.dtype.kind == "f":
+        elif bce:
             bad, allowed = ~((y >= 0) & (y <= 1)), "targets must be in [0, 1]"
+        else:
+            return False  # not labels (float targets for softmax-CE): the loss's own checks give the error
         if bad is not None and bad.any():
             i = np.unravel_index(int(np.argmax(bad)), y.shape)
             at = ", ".join(str(int(k)) for k in i)
             raise ValueError(f"fit: {what} {allowed}, got y[{at}] = {y[i].item()}")
+        return True
 
     return check
 
@@ -208,7 +218,11 @@ def diverge(model: Module, optimizer: Any, before: Any, value: float, epoch: int
     """Put ``before`` back and raise :class:`TrainingDiverged` for (0-based) ``epoch`` and ``step``."""
     model.restore(before)
     optimizer.zero_grad()
-    raise TrainingDiverged(
+    raise diverged_error(value, epoch, step, history)
+
+
+def diverged_error(value: float, epoch: int, step: int, history: History) -> TrainingDiverged:
+    return TrainingDiverged(
         f"loss became {value} at epoch {epoch + 1}, step {step + 1}; training stopped and the model "
         f"keeps its parameters from before that step (try a smaller learning rate)", history,
         epoch=epoch + 1, step=step + 1)

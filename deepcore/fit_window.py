@@ -23,7 +23,7 @@ import math
 from typing import Any
 
 from .callbacks import History
-from .fit_step import MicroBatch, StepPlan, StepResult, diverge, run_step
+from .fit_step import MicroBatch, StepPlan, StepResult, diverged_error, run_step
 
 __all__ = ["CHECK_EVERY", "CheckWindow", "PendingStep"]
 
@@ -61,7 +61,13 @@ class CheckWindow:
         replay need."""
         if self._start is None:
             self._start = _State.take(self.plan, self.scheduler)
-        result = run_step(self.plan, micro, epoch, step, history)
+        try:
+            result = run_step(self.plan, micro, epoch, step, history)
+        except BaseException:
+            # The failed step undid itself; a pending step that diverged before it is what the synchronous
+            # loop would have stopped at, so that is raised instead.
+            self.read(epoch, history)
+            raise
         self.pending.append(PendingStep(step, batches, [mb.share for mb in micro], result, extra))
 
     @property
@@ -77,13 +83,16 @@ class CheckWindow:
         slots: list[Any] = []
         for p in self.pending:
             slots.append(p.result.loss)
+            slots.append(p.result.penalty)
             slots.extend(p.result.local_losses)
             slots.extend(c for c in p.result.correct if c is not None)
         values = iter(_to_host(backend, slots))
         out = []
         for p in self.pending:
-            loss = next(values)
-            local = [next(values) for _ in p.result.local_losses]
+            # The penalty is added here, in float64, as the synchronous path adds float(penalty).
+            loss, penalty = next(values), next(values)
+            loss += penalty
+            local = [next(values) + penalty for _ in p.result.local_losses]
             correct = [None if c is None else int(next(values)) for c in p.result.correct]
             if not math.isfinite(loss):
                 self._diverged(p, loss, epoch, history)
@@ -105,8 +114,8 @@ class CheckWindow:
                 self.scheduler.step()
         self.pending = []
         self._start = None
-        model = self.plan.model
-        diverge(model, self.plan.optimizer, model.snapshot(), value, epoch, bad.step, history)
+        self.plan.optimizer.zero_grad()
+        raise diverged_error(value, epoch, bad.step, history)
 
 
 def _to_host(backend: Any, values: list[Any]) -> list[float]:

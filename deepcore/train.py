@@ -289,8 +289,13 @@ def fit(model: Module, loss: str | LossFn, optimizer: Any, train: Any, val: Any 
                     window.add(steps, list(range(i + 1 - len(micro), i + 1)), micro, epoch, history,
                                (labels, denominators))
                     steps += 1
-                    if per_step_schedule:
-                        scheduler.step()
+                    try:
+                        if per_step_schedule:
+                            scheduler.step()
+                    except BaseException:
+                        # A step that diverged before this error is what the synchronous loop would report.
+                        window.read(epoch, history)
+                        raise
                     if window.full or i + 1 == len(it):
                         for pending, result in window.read(epoch, history):
                             tally.add(*pending.extra, result, progress)

@@ -218,3 +218,60 @@ def test_cupy_deferred_loop_equals_the_synchronous_one(monkeypatch, lr):
         assert [e["loss"] for e in history.epochs] == [e["loss"] for e in ref_history.epochs]
     for a, b in zip(params, ref_params, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_regularizer_bce_targets_and_cumulative_batchnorm_deferred_equal_synchronous(backend, monkeypatch):
+    # The penalty is added on the host in float64 on both paths; BatchNorm's cumulative average
+    # (momentum=None) keeps 1/t on the device.
+    monkeypatch.setattr(fit_window, "CHECK_EVERY", 4)
+    x, y = _data()
+    results = []
+    for flag in (False, True):
+        monkeypatch.setattr(backend, "asynchronous", flag, raising=False)
+        dc.manual_seed(5)
+        with dc.use_backend(backend):
+            model = dc.nn.Sequential(dc.nn.Linear(6, 8), dc.nn.BatchNorm1d(8, momentum=None), dc.nn.ReLU(),
+                                     dc.nn.Linear(8, 3))
+        counter = HostReads(monkeypatch, backend) if flag else None
+        history = fit(model, "softmax-ce", dc.optim.Adam(model.parameters(), lr=1e-2), (x, y), epochs=2,
+                      batch_size=8, accumulate=2, regularizer=dc.regularizers.L2(1e-2), verbose=False)
+        if counter is not None:
+            counter.stop()
+            assert counter.reads == 2 * 2  # 6 steps an epoch in windows of 4
+        results.append(([e["loss"] for e in history.epochs],
+                        [backend.to_numpy(b) for _, b in model.named_buffers()]))
+    assert results[0][0] == results[1][0]
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("targets", ["int-1d", "int-2d"])
+def test_integer_targets_of_bce_are_still_checked(backend, targets):
+    x, _ = _data()
+    rng = np.random.default_rng(0)
+    with dc.use_backend(backend):
+        model = dc.nn.Linear(6, 1 if targets == "int-1d" else 3)
+    y = rng.integers(0, 2, size=(96,) if targets == "int-1d" else (96, 3))
+    y.reshape(-1)[4] = 2
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 1\]"):
+        fit(model, "bce", dc.optim.SGD(model.parameters(), lr=0.1), (x, y.reshape(96, -1)), epochs=1,
+            batch_size=8, verbose=False, shuffle=False)
+
+
+def test_an_error_after_a_diverged_step_in_the_window_reports_the_divergence(backend, monkeypatch):
+    # OneCycleLR stepped past its end raises after step 10; the loss became non-finite before that, so the
+    # deferred loop must report the divergence and leave finite parameters, as the synchronous loop does.
+    monkeypatch.setattr(fit_window, "CHECK_EVERY", 50)
+    outcomes = []
+    for flag in (False, True):
+        monkeypatch.setattr(backend, "asynchronous", flag, raising=False)
+        model = _model(backend)
+        opt = dc.optim.SGD(model.parameters(), lr=1e4, momentum=0.9)
+        with pytest.raises(TrainingDiverged) as info:
+            fit(model, "softmax-ce", opt, _data(), epochs=1, batch_size=8, verbose=False,
+                scheduler=dc.optim.OneCycleLR(opt, max_lr=1e4, total_steps=10))
+        outcomes.append((info.value.step, [backend.to_numpy(p.value) for p in model.parameters()]))
+    assert outcomes[0][0] == outcomes[1][0]
+    for a, b in zip(outcomes[0][1], outcomes[1][1], strict=True):
+        assert np.isfinite(a).all()
+        np.testing.assert_array_equal(a, b)

@@ -128,9 +128,10 @@ class _BatchNorm(Module):
     def _update_running(self, backend: Any, mean: Array, var: Array, count: int) -> None:
         xp = backend.xp
         tracked = self.num_batches_tracked + 1
-        factor = 1.0 / float(tracked) if self.momentum is None else self.momentum
-        unbiased = var * (count / (count - 1))
         rm, rv = self.running_mean, self.running_var
+        # The cumulative average's 1/t stays on the device: float(tracked) would make the host wait for it.
+        factor = 1.0 / backend.astype(tracked, rm.dtype) if self.momentum is None else self.momentum
+        unbiased = var * (count / (count - 1))
         self.running_mean = backend.astype((1.0 - factor) * rm + factor * backend.astype(mean, rm.dtype), rm.dtype)
         self.running_var = backend.astype((1.0 - factor) * rv + factor * backend.astype(unbiased, rv.dtype), rv.dtype)
         self.num_batches_tracked = xp.asarray(tracked, dtype=self.num_batches_tracked.dtype)
