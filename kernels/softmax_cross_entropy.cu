@@ -48,6 +48,14 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
+// sce_cluster needs thread-block clusters (sm_90+) and cooperative_groups' cluster_group: it
+// exists where both do (the host pass of nvcc included, so that its instances can be named).
+// Every other kernel compiles without the header (sm_80, or an NVRTC that cannot find it).
+#if (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900) && __has_include(<cooperative_groups.h>)
+#define SCE_HAS_CLUSTER 1
+#include <cooperative_groups.h>
+#endif
+
 // Dynamic shared memory. The CPU emulator (tools/cuda_emulator/emulator.h), which
 // cannot spell `extern __shared__`, defines EMU_DYNAMIC_SHARED itself.
 #ifdef EMU_DYNAMIC_SHARED
@@ -65,6 +73,12 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // threads), so occupancy is what the registers and the tile's shared memory allow.
 constexpr int kThreads = 512;
 constexpr int kMaxWarps = kThreads / kWarp;
+
+// sce_cluster: blocks per cluster (__cluster_dims__; 8 is the portable maximum), and the bytes
+// at the front of its dynamic shared memory before the row's slice (sce::ClusterShared).
+// Mirrored in deepcore/backend/cuda_kernels.py.
+constexpr int kClusterBlocks = 8;
+constexpr int kClusterHeaderBytes = 512;
 
 // `reduction`, as the host passes it.
 constexpr int kNone = 0;          // loss[row] per row, in T
@@ -265,19 +279,19 @@ __device__ float scale_from_labels(const L* __restrict__ labels, long long n_row
 
 // The block's share of the sum (`v` per thread), then, in the block that takes the last
 // ticket, the sum of every block's share in block order, times scale, into *out.
+// `last_block` is one int of the block's shared memory.
 template <typename T>
 __device__ void finish_total(float v, float scale, float* __restrict__ partials, unsigned* __restrict__ ticket,
-                             T* out, float* warp_sums) {
-    __shared__ int last_block;
+                             T* out, float* warp_sums, int* last_block) {
     const float block_total = block_sum(v, warp_sums);
     if (threadIdx.x == 0) {
         partials[blockIdx.x] = block_total;
         __threadfence();  // the partial is visible to every block before the ticket is
         // atomicInc wraps to 0 when it reaches gridDim.x - 1: ready for the next launch.
-        last_block = atomicInc(ticket, gridDim.x - 1) == gridDim.x - 1;
+        *last_block = atomicInc(ticket, gridDim.x - 1) == gridDim.x - 1;
     }
     __syncthreads();
-    if (!last_block) return;
+    if (!*last_block) return;
     __threadfence();
     const volatile float* shares = partials;  // written by other blocks: never from a stale L1 line
     float acc = 0.f;
@@ -305,6 +319,7 @@ sce_on_chip(const T* logits, const L* __restrict__ labels, const float* __restri
     T* const tile = reinterpret_cast<T*>(tile_storage);
     __shared__ float warp_sums[kMaxWarps];
     __shared__ float group_stats[4][kMaxWarps];
+    __shared__ int last_block;
 
     const int tid = threadIdx.x;
     const int nthreads = blockDim.x;
@@ -440,7 +455,7 @@ sce_on_chip(const T* logits, const L* __restrict__ labels, const float* __restri
         }
         __syncthreads();  // the next tile's loads overwrite the tile
     }
-    if (reduction != kNone) finish_total(loss_sum, sc, partials, ticket, loss, warp_sums);
+    if (reduction != kNone) finish_total(loss_sum, sc, partials, ticket, loss, warp_sums, &last_block);
 }
 
 // Rows too long for shared memory: one block per row (vocabularies of 64k-256k), read
@@ -457,6 +472,7 @@ sce_two_pass(const T* logits, const L* __restrict__ labels, const float* __restr
     __shared__ float warp_stats[4][kMaxWarps];
     __shared__ float row_stats[3];
     __shared__ float warp_sums[kMaxWarps];
+    __shared__ int last_block;
 
     const int tid = threadIdx.x;
     const int nthreads = blockDim.x;
@@ -587,5 +603,222 @@ sce_two_pass(const T* logits, const L* __restrict__ labels, const float* __restr
             g[k] = from_float<T>(grad_at(coef, to_float(x[k]), wk, k == y));
         }
     }
-    if (reduction != kNone) finish_total(loss_sum, sc, partials, ticket, loss, warp_sums);
+    if (reduction != kNone) finish_total(loss_sum, sc, partials, ticket, loss, warp_sums, &last_block);
 }
+
+namespace sce {
+
+// sce_cluster's shared memory ahead of the slice: all of it dynamic, so that every block of
+// a cluster has its own (the CPU emulator runs a cluster's blocks together and has no
+// per-block static __shared__). `published` is this block's partial statistics of a row
+// (m, se, sw, ws, and s_y from the block whose slice holds the label), double-buffered by
+// the row's parity so that the next row may publish before the other blocks have read.
+struct ClusterShared {
+    float warp_sums[kMaxWarps];
+    float warp_stats[4][kMaxWarps];
+    float published[2][8];
+    int last_block;
+};
+static_assert(sizeof(ClusterShared) <= kClusterHeaderBytes, "kClusterHeaderBytes too small");
+
+// Elements of a row per block of a cluster: a multiple of the vector width, so that every
+// slice but the first starts on a 16-byte boundary, covering the row plus its misalignment
+// (at most vn - 1 elements) in kClusterBlocks slices. The host sizes shared memory by it.
+__device__ __forceinline__ long long cluster_slice(int n_classes, int vn) {
+    const long long per_block = (static_cast<long long>(n_classes) + vn - 1 + kClusterBlocks - 1) / kClusterBlocks;
+    return (per_block + vn - 1) / vn * vn;
+}
+
+}  // namespace sce
+
+#ifdef SCE_HAS_CLUSTER
+// Rows too long for one SM's shared memory but not for a cluster's (sm_90+): the
+// kClusterBlocks blocks of a cluster split each row, cluster c taking rows c, c + the number
+// of clusters, ...; every logit is read from DRAM once. Block `rank` stages elements
+// [rank * slice - mis, (rank + 1) * slice - mis) of the row (mis: the row's offset from a
+// 16-byte boundary, in elements) in its shared memory with 16-byte loads, reduces their
+// statistics and publishes them; after cluster.sync() every block merges all of them in rank
+// order from distributed shared memory (the same bits in every block), writes its slice of
+// the gradient into shared memory and stores it with 16-byte stores. Rank 0 accounts the row's
+// loss; the other blocks' partials of the total are 0. Alias-safe as sce_on_chip: a block reads
+// only its own slice of a row from global memory, all before a block barrier, and writes it
+// only after the next. The grid is a multiple of kClusterBlocks (a launch fails otherwise).
+// Dynamic shared memory: kClusterHeaderBytes + cluster_slice() * sizeof(T).
+template <typename T, typename L>
+__global__ void __cluster_dims__(sce::kClusterBlocks, 1, 1) __launch_bounds__(sce::kThreads)
+sce_cluster(const T* logits, const L* __restrict__ labels, const float* __restrict__ class_weights, T* grad,
+            T* loss, float* __restrict__ partials, unsigned* __restrict__ ticket, long long n_rows, int n_classes,
+            long long ignore_index, float label_smoothing, float scale, int reduction) {
+    using namespace sce;
+    namespace cg = cooperative_groups;
+    using V = Vec16<T>;
+    constexpr int VN = V::N;
+    SCE_DYNAMIC_SHARED(unsigned char, tile_storage);
+    ClusterShared& sh = *reinterpret_cast<ClusterShared*>(tile_storage);
+    T* const tile = reinterpret_cast<T*>(tile_storage + kClusterHeaderBytes);
+    const cg::cluster_group cluster = cg::this_cluster();
+    const int rank = static_cast<int>(cluster.block_rank());
+
+    const int tid = threadIdx.x;
+    const int nthreads = blockDim.x;
+    const int lane = tid % kWarp;
+    const int warp = tid / kWarp;
+    const int nwarps = (nthreads + kWarp - 1) / kWarp;
+    const bool smooth = label_smoothing != 0.f;
+    const float eps = label_smoothing;
+    const float eps_c = label_smoothing / static_cast<float>(n_classes);
+    const float sc = reduction == kMeanOfLabels
+                         ? scale_from_labels(labels, n_rows, class_weights, n_classes, ignore_index, sh.warp_sums)
+                         : scale;
+    const long long slice = cluster_slice(n_classes, VN);
+    float loss_sum = 0.f;  // rank 0's thread 0 only, rows in order
+    int phase = 0;         // which `published` buffer this row uses
+
+    for (long long row = blockIdx.x / kClusterBlocks; row < n_rows; row += gridDim.x / kClusterBlocks) {
+        const long long base = row * static_cast<long long>(n_classes);
+        const T* x = logits + base;
+        T* g = grad + base;
+        const long long y = static_cast<long long>(labels[row]);
+        // This block's slice: positions [p0, p1) of the row counted from the 16-byte boundary
+        // at or before its start, so elements [p0 - mis, p1 - mis); in shared memory at
+        // tile[p - rank * slice], which keeps each element's offset from a 16-byte boundary.
+        const int mis = static_cast<int>((reinterpret_cast<unsigned long long>(x) % 16) / sizeof(T));
+        const long long p0 = max(rank * slice, static_cast<long long>(mis));
+        const long long p1 = min((rank + 1) * slice, static_cast<long long>(mis) + n_classes);
+        const int n_el = p1 > p0 ? static_cast<int>(p1 - p0) : 0;
+        const int k0 = static_cast<int>(min(p0 - mis, static_cast<long long>(n_classes)));  // first class
+        T* const ts = tile + (p0 - rank * slice);  // ts[e] is class k0 + e
+        const T* xs = x + k0;
+        T* gs = g + k0;
+
+        if (y == ignore_index || y < 0 || y >= n_classes) {
+            const float fill = y == ignore_index ? 0.f : quiet_nan();
+            for (int e = tid; e < n_el; e += nthreads) gs[e] = from_float<T>(fill);
+            if (rank == 0 && tid == 0) {
+                if (reduction == kNone) loss[row] = from_float<T>(fill);
+                else loss_sum += fill;
+            }
+            continue;  // cluster-uniform: every block reads the same label
+        }
+
+        // ---- load the slice: scalar head up to a 16-byte boundary, vectors, scalar tail ----
+        const int lmis = static_cast<int>((reinterpret_cast<unsigned long long>(xs) % 16) / sizeof(T));
+        const int head = min(lmis == 0 ? 0 : VN - lmis, n_el);
+        const int nvec = (n_el - head) / VN;
+        const int tail = head + nvec * VN;
+        if (tid < head) ts[tid] = xs[tid];
+        const V* xvec = reinterpret_cast<const V*>(xs + head);
+        V* tvec = reinterpret_cast<V*>(ts + head);
+#pragma unroll 4
+        for (int v = tid; v < nvec; v += nthreads) tvec[v] = xvec[v];
+        for (int e = tail + tid; e < n_el; e += nthreads) ts[e] = xs[e];
+        // Every read of this slice from global memory happens before this barrier, every write
+        // to grad after the next: alias-safe.
+        __syncthreads();
+
+        // ---- the slice's statistics: each thread its elements e = tid (mod blockDim) ----
+        RowStats st = stats_identity();
+        {
+            int e = tid;
+            for (; e + 3 * nthreads < n_el; e += 4 * nthreads) {
+                const float xv[4] = {to_float(ts[e]), to_float(ts[e + nthreads]), to_float(ts[e + 2 * nthreads]),
+                                     to_float(ts[e + 3 * nthreads])};
+                const float wv[4] = {smooth ? class_weight(class_weights, k0 + e) : 1.f,
+                                     smooth ? class_weight(class_weights, k0 + e + nthreads) : 1.f,
+                                     smooth ? class_weight(class_weights, k0 + e + 2 * nthreads) : 1.f,
+                                     smooth ? class_weight(class_weights, k0 + e + 3 * nthreads) : 1.f};
+                stats_add<4>(st, xv, wv, smooth);
+            }
+            for (; e < n_el; e += nthreads) {
+                const float xv[1] = {to_float(ts[e])};
+                const float wv[1] = {smooth ? class_weight(class_weights, k0 + e) : 1.f};
+                stats_add<1>(st, xv, wv, smooth);
+            }
+        }
+        const bool owns_label = y >= k0 && y < k0 + n_el;
+        const float sy = tid == 0 && owns_label ? to_float(ts[y - k0]) : 0.f;
+        st = group_allreduce(st, smooth, kWarp);
+        if (lane == 0) {
+            sh.warp_stats[0][warp] = st.m;
+            sh.warp_stats[1][warp] = st.se;
+            sh.warp_stats[2][warp] = st.sw;
+            sh.warp_stats[3][warp] = st.ws;
+        }
+        // Also orders thread 0's read of s_y before the slice is overwritten with its gradient.
+        __syncthreads();
+        if (warp == 0) {
+            RowStats t = stats_identity();
+            if (lane < nwarps) {
+                t.m = sh.warp_stats[0][lane];
+                t.se = sh.warp_stats[1][lane];
+                t.sw = sh.warp_stats[2][lane];
+                t.ws = sh.warp_stats[3][lane];
+            }
+            t = group_allreduce(t, smooth, kWarp);
+            if (lane == 0) {
+                float* pub = sh.published[phase];
+                pub[0] = t.m;
+                pub[1] = t.se;
+                pub[2] = t.sw;
+                pub[3] = t.ws;
+                pub[4] = sy;  // lane 0 is thread 0
+            }
+        }
+        // Every block's statistics are published (and visible through distributed shared memory).
+        cluster.sync();
+
+        // ---- the row's statistics: all blocks' in rank order, the same bits in every block ----
+        RowStats r;
+        {
+            const float* pub = cluster.map_shared_rank(sh.published[phase], 0);
+            r.m = pub[0];
+            r.se = pub[1];
+            r.sw = pub[2];
+            r.ws = pub[3];
+        }
+        for (int q = 1; q < kClusterBlocks; ++q) {
+            const float* pub = cluster.map_shared_rank(sh.published[phase], q);
+            RowStats o;
+            o.m = pub[0];
+            o.se = pub[1];
+            o.sw = pub[2];
+            o.ws = pub[3];
+            r = stats_merge(r, o, smooth);
+        }
+        const float wy = class_weight(class_weights, y);
+        if (rank == 0 && tid == 0) {
+            const int owner = static_cast<int>((y + mis) / slice);
+            const float sy_row = cluster.map_shared_rank(sh.published[phase], owner)[4];
+            const float lr = row_loss(r, sy_row, wy, eps, eps_c, smooth);
+            if (reduction == kNone) loss[row] = from_float<T>(lr);
+            else loss_sum += lr;
+        }
+        // The next row publishes into the other buffer; the one after into this buffer again,
+        // once past the next row's cluster.sync(), which no block reaches before it has read here.
+        phase ^= 1;
+
+        // ---- the slice's gradient, into shared memory (each thread its own elements) ----
+        const GradCoef coef = grad_coef(r.m, logf(r.se), r.ws, wy, eps, eps_c, sc, smooth);
+        for (int e = tid; e < n_el; e += nthreads) {
+            const float wk = smooth ? class_weight(class_weights, k0 + e) : 0.f;
+            ts[e] = from_float<T>(grad_at(coef, to_float(ts[e]), wk, k0 + e == y));
+        }
+        __syncthreads();
+
+        // ---- store the slice: 16-byte vectors where grad's row shares the logits' alignment ----
+        if ((reinterpret_cast<unsigned long long>(g) % 16) == (reinterpret_cast<unsigned long long>(x) % 16)) {
+            if (tid < head) gs[tid] = ts[tid];
+            V* gvec = reinterpret_cast<V*>(gs + head);
+#pragma unroll 4
+            for (int v = tid; v < nvec; v += nthreads) gvec[v] = tvec[v];
+            for (int e = tail + tid; e < n_el; e += nthreads) gs[e] = ts[e];
+        } else {
+            for (int e = tid; e < n_el; e += nthreads) gs[e] = ts[e];
+        }
+        __syncthreads();  // the next row's loads overwrite the slice
+    }
+    // No block may exit while another can still read its shared memory.
+    cluster.sync();
+    if (reduction != kNone) finish_total(loss_sum, sc, partials, ticket, loss, sh.warp_sums, &sh.last_block);
+}
+#endif  // SCE_HAS_CLUSTER

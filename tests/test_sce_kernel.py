@@ -86,7 +86,7 @@ class Emulated:
 
     def get_function(self, name):
         kernel = self.module.get_function(name)
-        if self.optin and kernel.on_chip:
+        if self.optin and (kernel.on_chip or kernel.cluster_blocks > 1):
             kernel.max_dynamic_shared_size_bytes = self.module.shared_memory_optin
         return kernel
 
@@ -765,11 +765,14 @@ def test_cupy_path_uses_the_same_wrapper(monkeypatch):
     monkeypatch.setattr(ck, "launch_softmax_cross_entropy", lambda *a, **k: calls.append((a, k)) or (1, 2))
     monkeypatch.setattr(ck, "_shared_optin", lambda: 227 * 1024)
     monkeypatch.setattr(ck, "_ticket", lambda: "ticket")
+    monkeypatch.setattr(ck, "_compute_capability", lambda: 90)
     assert ck.fused_softmax_cross_entropy("s", "y", label_smoothing=0.1) == (1, 2)
     (args, kwargs), = calls
     assert args[:2] == (fake_cupy, ck._sce_function) and kwargs["label_smoothing"] == 0.1
     # The device's opt-in shared memory less the static reserve, and the per-device, per-stream ticket.
     assert kwargs["shared_memory_limit"] == 226 * 1024 and kwargs["ticket"] == "ticket"
+    # The device's compute capability, which decides whether sce_cluster may be planned.
+    assert kwargs["compute_capability"] == 90
 
 
 def test_the_nvrtc_kernel_opts_in_to_the_devices_shared_memory_once(monkeypatch):
@@ -784,6 +787,8 @@ def test_the_nvrtc_kernel_opts_in_to_the_devices_shared_memory_once(monkeypatch)
     monkeypatch.setattr(ck, "_OPTED_IN", set())
     on_chip, two_pass = ck._sce_function("sce_on_chip<float, int>"), ck._sce_function("sce_two_pass<float, int>")
     assert on_chip.max_dynamic_shared_size_bytes == 227 * 1024 - 336
+    # sce_cluster stages its slice of a row in dynamic shared memory too.
+    assert ck._sce_function("sce_cluster<float, int>").max_dynamic_shared_size_bytes == 227 * 1024 - 336
     on_chip.max_dynamic_shared_size_bytes = 0  # not set again: the opt-in is once per kernel
     assert ck._sce_function("sce_on_chip<float, int>").max_dynamic_shared_size_bytes == 0
     assert two_pass.max_dynamic_shared_size_bytes == 48 * 1024
@@ -949,3 +954,210 @@ def test_mean_denominator_from_the_labels_in_the_kernel(runner, c):
     assert np.isnan(loss)
     loss, grad = _run(runner, s, np.full(50, 3), kw)
     assert np.isnan(loss) and (grad == 0).all()
+
+
+
+# ------------------------------------------------ sce_cluster: a row split over a thread-block cluster
+# The emulator runs a cluster's 8 blocks (4096 fibers) together, about 0.15 s per row; the
+# shared-memory limit is lowered so that rows of a few thousand classes take this path.
+K = ck.SCE_CLUSTER_BLOCKS
+
+
+def _cluster_limit(c, itemsize):
+    """A dynamic shared-memory limit that a row of ``c`` classes exceeds on chip but its slice does not."""
+    limit = c * itemsize // 2
+    plan = ck.plan_softmax_cross_entropy(5, c, itemsize, shared_memory_limit=limit, compute_capability=90)
+    assert plan.kernel == "sce_cluster" and plan.cluster_blocks == K and plan.blocks % K == 0, plan
+    return limit
+
+
+def _cluster_cc(runner):
+    if isinstance(runner, Emulated):
+        return 90
+    cc = ck._compute_capability()
+    if cc < 90:
+        pytest.skip(f"thread-block clusters need compute capability 9.0, the device has {cc / 10}")
+    return cc
+
+
+# (shape, dtype, options, reduction, order, unaligned grad, a bad label): every dtype and every option
+# set with every reduction once, odd C (misaligned rows: a scalar head and tail per slice) and even.
+# No bad label with "mean" over weights/ignore: its NaN denominator makes every gradient NaN, which
+# the float64 reference does not do (test_mean_denominator_from_the_labels_in_the_kernel).
+_CLUSTER_CASES = [
+    ((3, 3001), "float32", "plain", "mean", "forward", False, False),
+    ((3, 5003), "float32", "smooth", "sum", "reverse", True, False),
+    ((4, 4096), "float32", "ignore", "none", "shuffled", False, True),
+    ((3, 20000), "float32", "weights_smooth_ignore", "mean", "forward", False, False),
+    ((3, 3001), "float16", "plain", "sum", "shuffled", True, True),
+    ((3, 7777), "float16", "smooth", "none", "forward", False, False),
+    ((3, 3000), "float16", "ignore", "mean", "reverse", False, False),
+    ((5, 3003), "float16", "weights_smooth_ignore", "none", "shuffled", False, True),
+    ((3, 3005), "bfloat16", "plain", "none", "reverse", False, False),
+    ((3, 9999), "bfloat16", "smooth", "mean", "shuffled", False, True),
+    ((3, 3000), "bfloat16", "ignore", "sum", "forward", True, False),
+    ((3, 4099), "bfloat16", "weights_smooth_ignore", "mean", "reverse", False, False),
+]
+_OPTION_SETS = {p.id: p.values[0] for p in OPTIONS}
+
+
+def _cluster_params():
+    out = []
+    for shape, dtype, opt, reduction, order, unaligned, bad in _CLUSTER_CASES:
+        marks = DTYPES[2].marks if dtype == "bfloat16" else ()
+        case_id = (f"{shape[0]}x{shape[1]}-{dtype}-{opt}-{reduction}-{order}" + ("-unaligned" if unaligned else "")
+                   + ("-bad_label" if bad else ""))
+        out.append(pytest.param("emulated", shape, dtype, opt, reduction, order, unaligned, bad, id=case_id,
+                                marks=marks))
+    out += [pytest.param("gpu", (4096, 32000), dtype, opt, "mean", "forward", False, False,
+                         id=f"gpu-4096x32000-{dtype}-{opt}", marks=gpu_marks) for dtype in ("float32", "float16")
+            for opt in ("plain", "weights_smooth_ignore")]
+    return out
+
+
+@pytest.mark.parametrize(("kind", "shape", "dtype", "opt", "reduction", "order", "unaligned", "bad"),
+                         _cluster_params())
+def test_cluster_matches_numpy_float64(request, kind, shape, dtype, opt, reduction, order, unaligned, bad):
+    """sce_cluster against the float64 reference: each of the cluster's blocks stages a slice of the row,
+    the statistics are merged through distributed shared memory, rank 0 accounts the loss."""
+    if kind == "gpu":
+        runner = OnGpu()
+    else:
+        module = emulated.EmulatedModule(request.getfixturevalue("emulator_lib"), order=order, seed=len(order))
+        runner = Emulated(module, guard=3 if unaligned else 64)
+    s, y, kw = _problem(shape, dtype, _OPTION_SETS[opt])
+    if bad:
+        y[1] = shape[1]  # out of range: a NaN row (and a NaN mean)
+    limit = _cluster_limit(shape[1], _dtype(dtype).itemsize)
+    loss, grad = _run(runner, s, y, kw, reduction=reduction, shared_memory_limit=limit,
+                      compute_capability=_cluster_cc(runner))
+    ref_loss, ref_grad = _reference(s, y, reduction=reduction, **kw)
+    tol = TOL[dtype]
+    assert grad.dtype == _dtype(dtype) and grad.shape == ref_grad.shape
+    np.testing.assert_allclose(loss.astype(np.float64), ref_loss, rtol=tol, atol=tol)  # NaN where the reference is
+    scale = np.nanmax(np.abs(ref_grad), initial=0.0) or 1.0
+    np.testing.assert_allclose(grad.astype(np.float64), ref_grad, rtol=0, atol=tol * scale)
+    if isinstance(runner, Emulated):
+        assert runner.module.launches[-1][0].startswith("sce_cluster<")
+
+
+def test_cluster_result_does_not_depend_on_thread_order(lib):
+    """The same bits in every order of the cluster's 4096 threads (and of the clusters): every block merges
+    the published statistics in rank order, and the total is summed in block order."""
+    s, y, kw = _problem((3, 5003), "float32", {"label_smoothing": 0.1, "class_weights": True, "ignore_index": 2})
+    limit = _cluster_limit(5003, 4)
+    results = []
+    for order, seed in (("forward", 0), ("reverse", 0), ("shuffled", 1)):
+        runner = Emulated(emulated.EmulatedModule(lib, order=order, seed=seed))
+        results.append(_run(runner, s, y, kw, reduction="mean", shared_memory_limit=limit, compute_capability=90))
+        assert runner.module.launches[-1][1] == (3 * K,)
+    for loss, grad in results[1:]:
+        assert loss.tobytes() == results[0][0].tobytes() and grad.tobytes() == results[0][1].tobytes()
+    _assert_close(*results[0], *_reference(s, y, **kw), "float32")
+
+
+def _cluster_direct(module, s, y, weights, grad, clusters=1):
+    """sce_cluster launched directly: ``clusters`` clusters looping over the rows, reduction "none"."""
+    n, c = s.shape
+    loss_row = np.full(n, np.nan, s.dtype)
+    null = np.uint64(0)
+    shared = ck.plan_softmax_cross_entropy(n, c, s.dtype.itemsize, shared_memory_limit=_cluster_limit(c, 4),
+                                           compute_capability=90).shared_bytes
+    args = (s, y, weights, grad, loss_row, null, null, np.int64(n), np.int32(c), np.int64(-100), np.float32(0.1),
+            np.float32(1), np.int32(0))
+    module.get_function("sce_cluster<float, long long>")((clusters * K,), (ck.SCE_THREADS,), args, shared_mem=shared)
+    return loss_row, grad
+
+
+@pytest.mark.parametrize(("order", "seed", "shuffles"), [("forward", 0, "meet"), ("shuffled", 3, "unordered")])
+def test_cluster_grad_may_be_the_logits_buffer(lib, order, seed, shuffles):
+    """Alias-safe like the other kernels: a block reads only its slice of a row from global memory, all before
+    a barrier, and writes it after the next. One cluster loops over a valid row, a bad label (NaN row, skipped
+    by the whole cluster) and a valid row again (the other buffer of the published statistics)."""
+    s, y, kw = _problem((3, 3001), "float32", {"label_smoothing": 0.1, "class_weights": True})
+    y[1] = 3001
+    module = emulated.EmulatedModule(lib, order=order, seed=seed, shuffles=shuffles)
+    out = _cluster_direct(module, s, y, kw["class_weights"], np.full_like(s, np.nan))
+    buf = s.copy()
+    aliased = _cluster_direct(module, buf, y, kw["class_weights"], buf)
+    assert aliased[1] is buf and _same(aliased, out)
+    _assert_close_with_nan_rows(*out, *_reference(s, y, reduction="none", ignore_index=-100, **kw))
+
+
+def test_emulator_catches_a_missing_cluster_sync(tmp_path):
+    """Without the cluster barrier between publishing each block's statistics and reading every block's,
+    a block reads statistics not yet written (the emulator's poison): the results go wrong."""
+    source = ck.kernel_source(ck.SCE_SOURCE)
+    assert source.count("cluster.sync();") == 2  # the row's, removed here, and the one before exiting
+    module = _mutant(tmp_path, r"\n\s*cluster\.sync\(\);(\n\n\s*// ---- the row's statistics)", r"\1")
+    s, y, kw = _problem((3, 3001), "float32", {})
+    loss, grad = _run(Emulated(module), s, y, kw, reduction="none", shared_memory_limit=_cluster_limit(3001, 4),
+                      compute_capability=90)
+    ref_loss, ref_grad = _reference(s, y, reduction="none")
+    assert module.launches[-1][0].startswith("sce_cluster<")
+    assert not np.allclose(grad, ref_grad, atol=1e-6, equal_nan=False)
+
+
+def test_emulator_reports_a_cluster_barrier_only_some_blocks_reach(tmp_path):
+    module = _mutant(tmp_path, r"\n(\s*)cluster\.sync\(\);(\n\n\s*// ---- the row's statistics)",
+                     r"\n\1if (rank != 0) cluster.sync();\2")
+    s, y, kw = _problem((1, 3001), "float32", {})
+    waiting = (K - 1) * ck.SCE_THREADS  # every block but rank 0
+    with pytest.raises(RuntimeError, match=rf"deadlock in cluster 0 \(blocks 0-{K - 1}\): {waiting} thread"):
+        _run(Emulated(module), s, y, kw, shared_memory_limit=_cluster_limit(3001, 4), compute_capability=90)
+
+
+def test_emulator_refuses_a_grid_that_is_not_whole_clusters(lib):
+    s, y, kw = _problem((2, 3001), "float32", {"label_smoothing": 0.1, "class_weights": True})
+    kernel = emulated.EmulatedModule(lib).get_function("sce_cluster<float, long long>")
+    assert kernel.cluster_blocks == K
+    with pytest.raises(RuntimeError, match=f"not a multiple of the kernel's cluster size {K}"):
+        _cluster_direct(SimpleNamespace(get_function=lambda name: lambda grid, *a, **k: kernel((K + 1,), *a, **k)),
+                        s, y, kw["class_weights"], np.empty_like(s))
+    with pytest.raises(RuntimeError, match="do not start and end on clusters"):
+        _cluster_direct(emulated.EmulatedModule(lib, blocks=(0, K // 2)), s, y, kw["class_weights"],
+                        np.empty_like(s))
+
+
+@pytest.mark.parametrize("cc", [0, 70, 80, 86, 89, 90, 100, 120])
+def test_cluster_is_planned_only_from_compute_capability_9(cc):
+    """Rows too long for sce_on_chip take sce_cluster on sm_90+ while a slice fits one block's shared memory,
+    else sce_two_pass; rows that fit on chip stay there."""
+    optin = 227 * 1024 - 1024
+    long_row = ck.plan_softmax_cross_entropy(16384, 131072, 4, shared_memory_limit=optin, compute_capability=cc)
+    if cc >= 90:
+        assert long_row.kernel == "sce_cluster" and long_row.cluster_blocks == K
+        assert long_row.blocks % K == 0 and long_row.blocks == ck._MAX_PARTIALS  # "mean": capped in whole clusters
+        assert long_row.shared_bytes == 512 + 131072 // K * 4 + 16  # the slice, its misalignment, the header
+    else:
+        assert long_row.kernel == "sce_two_pass" and long_row.cluster_blocks == 1 and long_row.shared_bytes == 0
+    none = ck.plan_softmax_cross_entropy(16384, 131072, 4, reduction="none", shared_memory_limit=optin,
+                                         compute_capability=cc)
+    assert none.blocks == 16384 * (K if cc >= 90 else 1)  # a cluster (or block) per row
+    # Past what a cluster's shared memory holds (8 x 226 KiB): two passes everywhere.
+    assert ck.plan_softmax_cross_entropy(4, 8 * 60000, 4, shared_memory_limit=optin,
+                                         compute_capability=cc).kernel == "sce_two_pass"
+    assert ck.plan_softmax_cross_entropy(4, 32000, 4, shared_memory_limit=optin,
+                                         compute_capability=cc).kernel == "sce_on_chip"
+    # No rows, "sum": one cluster still writes the 0-d result.
+    empty = ck.plan_softmax_cross_entropy(0, 131072, 4, reduction="sum", shared_memory_limit=optin,
+                                          compute_capability=cc)
+    assert empty.blocks == (K if cc >= 90 else 1)
+    # "mean" with weights: the grid is capped by the labels' traffic per block, in whole clusters.
+    reduced = ck.plan_softmax_cross_entropy(16384, 131072, 2, labels_reduced=True, shared_memory_limit=optin,
+                                            compute_capability=cc)
+    assert reduced.blocks % reduced.cluster_blocks == 0 and reduced.blocks >= reduced.cluster_blocks
+
+
+def test_cluster_slice_matches_the_kernel(lib):
+    """The host's slice size (shared memory) is the kernel's: any smaller launch writes past the end of
+    the emulator's guarded dynamic shared memory, and a grid of several clusters covers every row."""
+    s, y, kw = _problem((3, 3001), "float32", {"label_smoothing": 0.1, "class_weights": True})
+    kernel = emulated.EmulatedModule(lib).get_function("sce_cluster<float, long long>")
+    loss_row, grad = _cluster_direct(SimpleNamespace(get_function=lambda name: kernel), s, y, kw["class_weights"],
+                                     np.full_like(s, np.nan), clusters=2)
+    _assert_close_with_nan_rows(loss_row, grad, *_reference(s, y, reduction="none", ignore_index=-100, **kw))
+    short = lambda grid, block, args, shared_mem: kernel(grid, block, args, shared_mem=shared_mem - 16)  # noqa: E731
+    with pytest.raises(RuntimeError, match="wrote past the end"):
+        _cluster_direct(SimpleNamespace(get_function=lambda name: short), s, y, kw["class_weights"],
+                        np.full_like(s, np.nan))

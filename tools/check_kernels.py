@@ -10,7 +10,9 @@ mask with its uint64 scalars and CuPy's index ``i``, for every float type it is 
 cubin for each target architecture, with ``ptxas -v``. It prints one line per kernel and architecture
 (registers, shared memory, stack frame, spill stores/loads) and exits 1 on any compile
 error, any register spill, or a template kernel that no instance covers.
-``--source NAME`` (repeatable) compiles only those units.
+``--source NAME`` (repeatable) compiles only those units. An instance listed in
+``INSTANCE_MIN_ARCH`` (sce_cluster's, which need sm_90's thread-block clusters) is compiled only
+for the architectures at or above its minimum, in both passes.
 
 ``--nvrtc`` also compiles everything the way CuPy does at run time, through CuPy's own
 path (``cupy._core.core.compile_with_cache`` into ``cupy.cuda.compiler``): each
@@ -56,7 +58,8 @@ NVCC_FLAGS = ("-std=c++17", "-Xptxas", "-v", "-Werror", "all-warnings")
 COMPILE_TIMEOUT_S = 300
 
 _TEMPLATE_KERNEL = re.compile(
-    r"template\s*<[^;{]*?>\s*__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(", re.DOTALL
+    r"template\s*<[^;{]*?>\s*__global__\s+void\s+(?:(?:__launch_bounds__|__cluster_dims__)\s*\([^)]*\)\s*)*(\w+)\s*\(",
+    re.DOTALL,
 )
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
 _PROPS = re.compile(r"Function properties for (\S+)")
@@ -115,6 +118,21 @@ def _load_by_path(name: str, path: Path):
 def load_instances() -> dict[str, tuple[str, ...]]:
     """KERNEL_INSTANCES from cuda_kernels.py."""
     return dict(_load_by_path("_deepcore_cuda_kernels", CUDA_KERNELS_PY).KERNEL_INSTANCES)
+
+
+def load_min_arch() -> dict[str, int]:
+    """INSTANCE_MIN_ARCH from cuda_kernels.py: name expression -> the first sm_NN it exists for."""
+    return dict(getattr(_load_by_path("_deepcore_cuda_kernels", CUDA_KERNELS_PY), "INSTANCE_MIN_ARCH", {}))
+
+
+def arch_number(arch: str) -> int:
+    """``sm_90`` / ``compute_90`` / ``90`` -> 90 (``sm_90a`` too)."""
+    return int(re.sub(r"\D", "", arch.removeprefix("sm_").removeprefix("compute_")) or 0)
+
+
+def for_arch(instances: tuple[str, ...], arch: str, min_arch: dict[str, int]) -> tuple[str, ...]:
+    """The instances that exist for ``arch``."""
+    return tuple(i for i in instances if arch_number(arch) >= min_arch.get(i, 0))
 
 
 ELEMENTWISE_UNIT = "elementwise_kernels"  # how the generated unit is named in the report
@@ -360,7 +378,7 @@ def _numpy_dtype(name: str) -> Any:
 
 
 def nvrtc_checks(sources: list[Path], registry: dict[str, tuple[str, ...]], archs: tuple[str, ...],
-                 elementwise: bool) -> list[str]:
+                 elementwise: bool, min_arch: dict[str, int] | None = None) -> list[str]:
     """Every RawModule source and (``elementwise``) every ElementwiseKernel through CuPy's own NVRTC
     path, per architecture; returns the errors."""
     try:
@@ -372,7 +390,7 @@ def nvrtc_checks(sources: list[Path], registry: dict[str, tuple[str, ...]], arch
     for arch in archs:
         num = arch.removeprefix("sm_").removeprefix("compute_")
         for source in sources:
-            instances = registry.get(source.name, ())
+            instances = for_arch(registry.get(source.name, ()), arch, min_arch or {})
             try:
                 res = cc.raw_module(source.read_text(encoding="utf-8"), instances, num)
             except Exception as exc:  # CompileException carries NVRTC's log
@@ -442,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check_kernels: error: no .cu files in {args.kernels_dir}")
         return 1
     registry = load_instances()
+    min_arch = load_min_arch()
     errors: list[str] = []
 
     # The registry is checked against every source even when --source narrows what is compiled.
@@ -471,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(job: tuple[Path, str]) -> CompileResult:
         source, arch = job
         text = ew_text if source == ew_source else None
-        return compile_one(nvcc, source, registry.get(source.name, ()), arch, Path(tmp), text)
+        return compile_one(nvcc, source, for_arch(registry.get(source.name, ()), arch, min_arch), arch, Path(tmp),
+                           text)
 
     results: list[CompileResult] = []
     if nvcc is not None:
@@ -500,12 +520,12 @@ def main(argv: list[str] | None = None) -> int:
             if f.spill_stores or f.spill_loads:
                 errors.append(f"{rel} [{res.arch}] {f.name}: spills {f.spill_stores} B stores / "
                               f"{f.spill_loads} B loads")
-        for inst in registry.get(rel, ()):
+        for inst in for_arch(registry.get(rel, ()), res.arch, min_arch):
             if inst.replace(" ", "") not in seen:
                 errors.append(f"{rel} [{res.arch}]: no ptxas report for instance {inst}")
 
     if args.nvrtc:
-        errors.extend(nvrtc_checks(sources, registry, archs, elementwise=ew_source in units))
+        errors.extend(nvrtc_checks(sources, registry, archs, elementwise=ew_source in units, min_arch=min_arch))
 
     if errors:
         for e in errors:

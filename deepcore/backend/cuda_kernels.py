@@ -31,11 +31,14 @@ __all__ = [
     "CONV_KERNELS",
     "CONV_NAME_EXPRESSIONS",
     "CONV_SOURCE",
+    "INSTANCE_MIN_ARCH",
     "KERNEL_INSTANCES",
     "PORTABLE_SHARED_MEMORY",
+    "SCE_CLUSTER_BLOCKS",
     "SCE_NAME_EXPRESSIONS",
     "SCE_THREADS",
     "ScePlan",
+    "cluster_slice",
     "fused_softmax_cross_entropy",
     "kernel_source",
     "launch_softmax_cross_entropy",
@@ -47,7 +50,7 @@ SCE_SOURCE = "softmax_cross_entropy.cu"
 # Logits dtype name -> CUDA type, and labels dtype name -> CUDA type.
 _LOGIT_CTYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
 _LABEL_CTYPES = {"int32": "int", "int64": "long long"}
-_SCE_KERNELS = ("sce_on_chip", "sce_two_pass")
+_SCE_KERNELS = ("sce_on_chip", "sce_two_pass", "sce_cluster")
 
 SCE_NAME_EXPRESSIONS: tuple[str, ...] = tuple(
     f"{kernel}<{t}, {lab}>"
@@ -70,6 +73,12 @@ CONV_NAME_EXPRESSIONS: tuple[str, ...] = tuple(f"{k}<{t}>" for k in CONV_KERNELS
 # these with nvcc, so a new instance must be added here to be checked at all.
 KERNEL_INSTANCES: dict[str, tuple[str, ...]] = {SCE_SOURCE: SCE_NAME_EXPRESSIONS, CONV_SOURCE: CONV_NAME_EXPRESSIONS}
 
+# Instances that exist only from an architecture on (as sm_NN's NN), everything else on every
+# architecture deepcore targets: sce_cluster needs thread-block clusters (sm_90, Hopper). The
+# .cu defines it only there; tools/check_kernels.py compiles it only for those targets, and the
+# wrapper launches it only on a device of compute capability 9.0 or above.
+INSTANCE_MIN_ARCH: dict[str, int] = {name: 90 for name in SCE_NAME_EXPRESSIONS if name.startswith("sce_cluster<")}
+
 # Must equal sce::kThreads in the .cu: __launch_bounds__ there promises ptxas this
 # size, and a larger launch fails. 512 threads keep 16-32 KiB of 16-byte loads in
 # flight per block.
@@ -83,6 +92,10 @@ _ELEMENTS_PER_THREAD = 8
 # what the kernel's static shared memory takes (under 1 KiB, see _STATIC_SHARED).
 _STATIC_SHARED = 1024
 PORTABLE_SHARED_MEMORY = 48 * 1024 - _STATIC_SHARED
+# sce_cluster: blocks per cluster (sce::kClusterBlocks, its __cluster_dims__), and the dynamic
+# shared memory ahead of a block's slice of the row (sce::kClusterHeaderBytes).
+SCE_CLUSTER_BLOCKS = 8
+_CLUSTER_HEADER = 512
 # Blocks of the grid: one tile (or row) per block up to CUDA's limit for "none";
 # for "sum"/"mean", at most _MAX_PARTIALS blocks (each writes one partial, which
 # the last block sums), the blocks looping over the tiles.
@@ -157,13 +170,27 @@ def _shared_optin() -> int:
     return limit
 
 
+#: device id -> its compute capability as major * 10 + minor (90 on H100).
+_COMPUTE_CAPABILITY: dict[int, int] = {}
+
+
+def _compute_capability() -> int:
+    import cupy
+
+    device = cupy.cuda.Device()
+    cc = _COMPUTE_CAPABILITY.get(device.id)
+    if cc is None:
+        cc = _COMPUTE_CAPABILITY[device.id] = int(device.compute_capability)  # CuPy's "90"
+    return cc
+
+
 #: id() of every kernel (kept alive by _COMPILED) that has opted in; CuPy's RawKernel takes no new attributes.
 _OPTED_IN: set[int] = set()
 
 
 def _sce_function(name_expression: str) -> Any:
     function = compiled_function(SCE_SOURCE, name_expression)
-    if (name_expression.startswith("sce_on_chip") and id(function) not in _OPTED_IN
+    if (name_expression.startswith(("sce_on_chip", "sce_cluster")) and id(function) not in _OPTED_IN
             and hasattr(function, "max_dynamic_shared_size_bytes")):
         # Opt in once to the device's whole shared memory (a launch with more than 48 KiB
         # of dynamic shared memory fails otherwise); the wrapper asks for at most
@@ -213,15 +240,17 @@ def fused_softmax_cross_entropy(
     return launch_softmax_cross_entropy(
         cupy, _sce_function, logits, labels, class_weights=class_weights, ignore_index=ignore_index,
         label_smoothing=label_smoothing, reduction=reduction, shared_memory_limit=_shared_optin() - _STATIC_SHARED,
-        ticket=_ticket(),
+        ticket=_ticket(), compute_capability=_compute_capability(),
     )
 
 
 @dataclass(frozen=True)
 class ScePlan:
-    """What one call launches: ``kernel`` ("sce_on_chip" or "sce_two_pass"), ``blocks`` x ``threads``
-    with ``shared_bytes`` of dynamic shared memory; sce_on_chip's ``threads_per_row`` and
-    ``rows_per_tile`` (sce_two_pass: a block per row, so 512 and 1)."""
+    """What one call launches: ``kernel`` ("sce_on_chip", "sce_cluster" or "sce_two_pass"), ``blocks``
+    x ``threads`` with ``shared_bytes`` of dynamic shared memory; sce_on_chip's ``threads_per_row``
+    and ``rows_per_tile`` (the others: a block, or a cluster, per row, so 512 and 1);
+    ``cluster_blocks``: blocks per cluster (sce_cluster's SCE_CLUSTER_BLOCKS, else 1), which
+    ``blocks`` is a multiple of."""
 
     kernel: str
     blocks: int
@@ -229,15 +258,28 @@ class ScePlan:
     threads_per_row: int
     rows_per_tile: int
     shared_bytes: int
+    cluster_blocks: int = 1
+
+
+def cluster_slice(n_classes: int, itemsize: int) -> int:
+    """Elements of a row per block of sce_cluster (sce::cluster_slice in the .cu): a multiple of the
+    16-byte vector, with the SCE_CLUSTER_BLOCKS slices covering the row and its offset from a
+    16-byte boundary (under one vector)."""
+    vector = 16 // itemsize
+    per_block = -(-(n_classes + vector - 1) // SCE_CLUSTER_BLOCKS)
+    return -(-per_block // vector) * vector
 
 
 def plan_softmax_cross_entropy(n_rows: int, n_classes: int, itemsize: int, *, reduction: str = "mean",
                                labels_reduced: bool = False,
-                               shared_memory_limit: int = PORTABLE_SHARED_MEMORY) -> ScePlan:
+                               shared_memory_limit: int = PORTABLE_SHARED_MEMORY,
+                               compute_capability: int = 0) -> ScePlan:
     """The launch for an (n_rows, n_classes) problem with ``itemsize``-byte logits.
 
     sce_on_chip whenever a tile fits in ``shared_memory_limit`` bytes of dynamic shared
-    memory (rows up to about that size: 227 KiB on H100, 48 KiB without opting in), else
+    memory (rows up to about that size: 227 KiB on H100, 48 KiB without opting in); else, on a
+    device of ``compute_capability`` 90 (9.0) or above, sce_cluster while a row's slice for one
+    block of a cluster fits (rows up to about 8 x 227 KiB: 454k float32 classes); else
     sce_two_pass. ``labels_reduced``: "mean" with class weights or ignore_index, where each
     block reduces the labels itself (the grid is then capped, see
     _LABEL_BYTES_PER_BLOCK_DIVISOR)."""
@@ -248,16 +290,24 @@ def plan_softmax_cross_entropy(n_rows: int, n_classes: int, itemsize: int, *, re
     rows_per_tile = SCE_THREADS // threads_per_row
     # The tile, plus one vector for the shift that puts its vectors on 16-byte boundaries.
     shared_bytes = -(-(rows_per_tile * n_classes + vector) * itemsize // 16) * 16
+    slice_bytes = _CLUSTER_HEADER + cluster_slice(n_classes, itemsize) * itemsize
+    cluster_blocks = 1
     if shared_bytes <= shared_memory_limit:
         kernel, units = "sce_on_chip", -(-n_rows // rows_per_tile)
+    elif compute_capability >= 90 and slice_bytes <= shared_memory_limit:
+        kernel, units, threads_per_row, rows_per_tile, shared_bytes = "sce_cluster", n_rows, SCE_THREADS, 1, slice_bytes
+        cluster_blocks = SCE_CLUSTER_BLOCKS
     else:
         kernel, units, threads_per_row, rows_per_tile, shared_bytes = "sce_two_pass", n_rows, SCE_THREADS, 1, 0
     cap = _MAX_GRID if reduction == "none" else _MAX_PARTIALS
     if labels_reduced:
-        cap = min(cap, max(1, n_classes * itemsize // _LABEL_BYTES_PER_BLOCK_DIVISOR))
-    # At least one block for "sum"/"mean" (even with no rows: it writes the 0-d result).
-    blocks = max(1, min(units, cap))
-    return ScePlan(kernel, blocks, SCE_THREADS, threads_per_row, rows_per_tile, shared_bytes)
+        # Per block: its share of the row's bytes (a cluster's block reads 1/SCE_CLUSTER_BLOCKS of it).
+        cap = min(cap, max(1, n_classes * itemsize // (_LABEL_BYTES_PER_BLOCK_DIVISOR * cluster_blocks)))
+    # At least one block (cluster) for "sum"/"mean" (even with no rows: it writes the 0-d result).
+    # units and cap count blocks, or clusters of cluster_blocks blocks each (cap in whole clusters).
+    clusters = max(1, min(units, cap // cluster_blocks if cluster_blocks > 1 else cap))
+    return ScePlan(kernel, clusters * cluster_blocks, SCE_THREADS, threads_per_row, rows_per_tile, shared_bytes,
+                   cluster_blocks)
 
 
 def launch_softmax_cross_entropy(
@@ -272,6 +322,7 @@ def launch_softmax_cross_entropy(
     reduction: str = "mean",
     shared_memory_limit: int = PORTABLE_SHARED_MEMORY,
     ticket: Any | None = None,
+    compute_capability: int = 0,
 ) -> tuple[Any, Any]:
     """:func:`fused_softmax_cross_entropy` with the array module and the kernels passed in.
 
@@ -286,7 +337,9 @@ def launch_softmax_cross_entropy(
     memory a launch may ask for (the kernel must have opted in to it).
     ``ticket``: a uint32 array of one zero that the kernels leave zero after
     every complete launch, kept per device and stream by the caller; without one,
-    "sum"/"mean" allocate a fresh zero (``xp.zeros``).
+    "sum"/"mean" allocate a fresh zero (``xp.zeros``). ``compute_capability``: the device's, as
+    major * 10 + minor; sce_cluster (thread-block clusters) is chosen only from 90 on, so the
+    default 0 never launches it.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -347,7 +400,8 @@ def launch_softmax_cross_entropy(
         return loss, grad
 
     plan = plan_softmax_cross_entropy(n_rows, n_classes, logits.dtype.itemsize, reduction=reduction,
-                                      labels_reduced=labels_reduced, shared_memory_limit=shared_memory_limit)
+                                      labels_reduced=labels_reduced, shared_memory_limit=shared_memory_limit,
+                                      compute_capability=compute_capability)
     null = numpy.uint64(0)  # a 64-bit zero is the kernel's null pointer
     partials = null
     if reduction != "none":

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SCE_SOURCE = REPO / "kernels" / "softmax_cross_entropy.cu"
 _EMULATOR_SOURCES = (HERE / "emulator.h", HERE / "include" / "cuda_fp16.h", HERE / "include" / "cuda_bf16.h",
-                     HERE / "sce_launch.cpp")
+                     HERE / "include" / "cooperative_groups.h", HERE / "sce_launch.cpp")
 ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
 #: CUDA's default limit of dynamic shared memory per block; more needs the kernel's opt-in attribute.
 DEFAULT_DYNAMIC_SHARED_BYTES = 48 * 1024
@@ -152,6 +152,7 @@ class EmulatedModule:
         ]
         self._names = {self._lib.emu_sce_name(i).decode(): i for i in range(self._lib.emu_sce_count())}
         self._on_chip = {name: bool(self._lib.emu_sce_on_chip(i)) for name, i in self._names.items()}
+        self._cluster = {name: int(self._lib.emu_sce_cluster(i)) for name, i in self._names.items()}
         self.order = order
         self.seed = seed
         self.shuffles = shuffles
@@ -176,7 +177,10 @@ class EmulatedModule:
 
 
 class EmulatedKernel:
-    """One template instance; called as ``kernel(grid, block, args, shared_mem=0)`` like ``cupy.RawKernel``."""
+    """One template instance; called as ``kernel(grid, block, args, shared_mem=0)`` like ``cupy.RawKernel``.
+
+    ``cluster_blocks``: the kernel's ``__cluster_dims__`` (1 without); the grid must be a multiple of it,
+    as a GPU requires, and each cluster's blocks run together (emulator.h)."""
 
     def __init__(self, module: EmulatedModule, name: str) -> None:
         self._module = module
@@ -184,6 +188,7 @@ class EmulatedKernel:
         template_args = name[name.index("<") + 1:-1].split(", ")
         self._logit_dtype, self._label_dtype = (_CTYPE_DTYPES[t] for t in template_args)
         self.on_chip = module._on_chip[name]
+        self.cluster_blocks = module._cluster[name]
         self._scalars = _ON_CHIP_SCALARS if self.on_chip else _SCALARS
         self._max_dynamic = DEFAULT_DYNAMIC_SHARED_BYTES
 
@@ -205,6 +210,9 @@ class EmulatedKernel:
         n_args = len(_POINTERS) + len(self._scalars)
         if len(args) != n_args:
             raise TypeError(f"{self.name} takes {n_args} arguments, got {len(args)}")
+        if int(grid[0]) % self.cluster_blocks != 0:
+            raise RuntimeError(f"{self.name}: a grid of {int(grid[0])} blocks is not a multiple of the kernel's "
+                               f"cluster size {self.cluster_blocks} (a GPU refuses this launch)")
         if not 0 <= int(shared_mem) <= self._max_dynamic:
             raise RuntimeError(f"{self.name}: {shared_mem} bytes of dynamic shared memory exceed the kernel's "
                                f"max_dynamic_shared_size_bytes of {self._max_dynamic} (a GPU refuses this launch)")

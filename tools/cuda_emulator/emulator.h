@@ -4,7 +4,20 @@
 // Every CUDA thread of a block is a fiber (ucontext) with its own stack; the
 // block's fibers run on one OS thread and switch only at barriers and (by
 // default) warp shuffles, where CUDA lets threads observe each other. Blocks
-// run one after another, so `__shared__` becomes a function-local static. What this
+// run one after another, so `__shared__` becomes a function-local static.
+//
+// Thread-block clusters (Options::cluster_blocks = K > 1, a kernel's
+// __cluster_dims__(K, 1, 1); 1-D grids only, a multiple of K): the K blocks of a
+// cluster (blockIdx.x / K) run together, their K x blockDim fibers in one scheduler
+// (in `order` over all of them), each block with its own barriers and dynamic shared
+// memory; cooperative_groups' cluster_group (include/cooperative_groups.h) gives
+// block_rank() = blockIdx.x % K, sync() (a barrier of the cluster's threads, a
+// deadlock reported as for __syncthreads) and map_shared_rank(), a pointer into
+// another block's dynamic shared memory. A block's dynamic shared memory is poisoned
+// again once all its threads have exited, and mapping an exited block's is an error
+// (CUDA leaves both undefined). A static __shared__ would be one variable for the
+// whole cluster here, so declaring one in a cluster launch throws: a cluster kernel
+// keeps its shared memory in EMU_DYNAMIC_SHARED. What this
 // checks that a compile cannot: indexing, every element written, reductions,
 // barrier placement (a barrier some threads never reach is reported as a
 // deadlock instead of hanging), and, by running the threads of a block in
@@ -49,6 +62,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <memory>
 #include <math.h>  // expf, logf, fmaxf in the global namespace, as CUDA has them
 #include <cstdint>
 #include <cstring>
@@ -77,8 +91,11 @@ using ShuffleRecord = std::vector<std::pair<std::uint32_t, std::uint32_t>>;
 
 struct Fiber {
     ucontext_t ctx;
-    std::vector<char> stack;
+    std::unique_ptr<char[]> stack;  // uninitialised: a cluster launch has thousands of fibers
+    size_t stack_bytes = 0;
     dim3 thread_idx;
+    dim3 block_idx;
+    unsigned slot = 0;  // the block's place in its cluster (its rank), 0 without clusters
     bool done = false;
     ShuffleRecord* shuffles = nullptr;  // this thread's record (kShufflesRecord / kShufflesReplay)
     size_t n_shuffles = 0;              // shuffles done so far in this block
@@ -101,21 +118,25 @@ struct Options {
     ShuffleLog* log = nullptr;        // written by kShufflesRecord, read by kShufflesReplay
     size_t stack_bytes = 64 * 1024;
     size_t dynamic_shared_bytes = 0;  // the launch's dynamic shared memory per block
+    unsigned cluster_blocks = 1;      // blocks per cluster: the kernel's __cluster_dims__(K, 1, 1)
 };
 
 constexpr size_t kDynamicSharedGuard = 64;
 constexpr unsigned char kDynamicSharedGuardByte = 0xa5;
 
 struct Launch {
-    dim3 grid, block, block_idx;
+    dim3 grid, block;
+    unsigned cluster_blocks = 1;
     Shuffles shuffles = kShufflesMeet;
-    std::vector<Fiber> fibers;
-    std::vector<Barrier> warp_barriers;
-    std::vector<float> warp_slots;  // one float per lane, for shuffles
-    std::vector<unsigned char> dynamic_shared;  // 16 bytes of slack for alignment, the buffer, its guard
-    unsigned char* dynamic_shared_base = nullptr;
+    std::vector<Fiber> fibers;              // cluster_blocks x block, block by block
+    std::vector<Barrier> warp_barriers;     // per block of the cluster, per warp
+    std::vector<float> warp_slots;          // one float per lane, for shuffles
+    std::vector<unsigned char> dynamic_shared;  // per block: 16 bytes of slack for alignment, the buffer, its guard
+    std::vector<unsigned char*> dynamic_shared_base;  // per block of the cluster
+    std::vector<unsigned> live_threads;     // per block of the cluster: threads not yet exited
     size_t dynamic_shared_bytes = 0;
-    Barrier block_barrier;
+    std::vector<Barrier> block_barriers;    // per block of the cluster
+    Barrier cluster_barrier;
     ucontext_t scheduler;
     Fiber* current = nullptr;
     bool progressed = false;
@@ -159,7 +180,7 @@ inline void require_full_mask(unsigned mask) {
 }
 
 inline std::string where() {
-    return "block " + std::to_string(active()->block_idx.x) + " thread " + std::to_string(self().thread_idx.x);
+    return "block " + std::to_string(self().block_idx.x) + " thread " + std::to_string(self().thread_idx.x);
 }
 
 template <typename T>
@@ -184,7 +205,7 @@ T shuffle(T value, int src_lane) {
         std::memcpy(&out, &received, sizeof out);
         return out;
     }
-    const int w = warp_id();
+    const int w = static_cast<int>(f.slot * (l.block.x / 32)) + warp_id();
     float* slots = l.warp_slots.data() + 32 * w;
     std::memcpy(&slots[lane_id()], &value, sizeof(T));
     arrive_and_wait(l.warp_barriers[w]);  // every lane has published its value
@@ -225,7 +246,41 @@ inline unsigned char* dynamic_shared() {
     Launch& l = *active();
     if (l.dynamic_shared_bytes == 0)
         throw std::logic_error("emulator: the kernel uses dynamic shared memory but the launch gave it none");
-    return l.dynamic_shared_base;
+    return l.dynamic_shared_base[self().slot];
+}
+
+inline Barrier& block_barrier() { return active()->block_barriers[self().slot]; }
+inline Barrier& warp_barrier() {
+    Launch& l = *active();
+    return l.warp_barriers[self().slot * (l.block.x / 32) + warp_id()];
+}
+
+// Evaluated wherever a kernel declares a static __shared__ variable (see the top of the file).
+inline int static_shared_declared() {
+    Launch* l = active();
+    if (l != nullptr && l->cluster_blocks > 1)
+        throw std::logic_error("emulator: " + where() + " declares a static __shared__ variable in a cluster "
+                               "launch, where the cluster's blocks would share it: use dynamic shared memory");
+    return 0;
+}
+
+// cooperative_groups::cluster_group, for include/cooperative_groups.h.
+inline unsigned cluster_block_rank() { return self().block_idx.x % active()->cluster_blocks; }
+inline void cluster_sync() { arrive_and_wait(active()->cluster_barrier); }
+inline void* map_shared_rank(const void* addr, int rank, size_t size) {
+    Launch& l = *active();
+    if (rank < 0 || static_cast<unsigned>(rank) >= l.cluster_blocks)
+        throw std::logic_error("emulator: " + where() + ": map_shared_rank to rank " + std::to_string(rank) +
+                               " of a cluster of " + std::to_string(l.cluster_blocks));
+    const unsigned char* own = l.dynamic_shared_base[self().slot];
+    const auto* p = static_cast<const unsigned char*>(addr);
+    if (l.dynamic_shared_bytes < size || p < own || p > own + (l.dynamic_shared_bytes - size))
+        throw std::logic_error("emulator: " + where() + ": map_shared_rank of an address outside the block's "
+                               "dynamic shared memory (the only shared memory mapped here)");
+    if (l.live_threads[rank] == 0)
+        throw std::runtime_error("emulator: " + where() + " maps the shared memory of cluster rank " +
+                                 std::to_string(rank) + ", whose block has exited");
+    return l.dynamic_shared_base[rank] + (p - own);
 }
 
 inline void fiber_entry() {
@@ -245,23 +300,33 @@ inline void fiber_entry() {
 // would make it distrust every local of the caller.
 __attribute__((noinline)) inline void start_fiber(Fiber& f, ucontext_t* link) {
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
-    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_stack.ss_sp = f.stack.get();
+    f.ctx.uc_stack.ss_size = f.stack_bytes;
     f.ctx.uc_link = link;
     makecontext(&f.ctx, fiber_entry, 0);
 }
 
-// Run body(arg) as `grid` x `block` CUDA threads (x dimension only), blocks
-// one after another and each block's threads in `opts.order` between switches.
-// Throws std::runtime_error on a deadlock (a barrier some threads never reach).
+// Run body(arg) as `grid` x `block` CUDA threads (x dimension only), blocks (or
+// clusters of opts.cluster_blocks blocks) one after another and the threads of each in
+// `opts.order` between switches. Throws std::runtime_error on a deadlock (a barrier some
+// threads never reach).
 inline void launch(unsigned grid, unsigned block, const Options& opts, void (*body)(void*), void* arg) {
     if (block == 0 || block % 32 != 0 || block > 1024)
         throw std::invalid_argument("emulator: block size must be a multiple of 32 in [32, 1024], got " +
                                     std::to_string(block));
+    const unsigned k = opts.cluster_blocks;
+    if (k == 0 || k > 8) throw std::invalid_argument("emulator: cluster size must be in [1, 8], got " + std::to_string(k));
+    if (grid % k != 0)
+        throw std::invalid_argument("emulator: the grid of " + std::to_string(grid) +
+                                    " blocks is not a multiple of the kernel's cluster size " + std::to_string(k) +
+                                    " (a GPU refuses this launch)");
     const unsigned first = opts.first_block, last = std::min(opts.last_block, grid);
     if (first > last)
         throw std::invalid_argument("emulator: first block " + std::to_string(first) + " lies past the grid's " +
                                     std::to_string(last));
+    if (first % k != 0 || last % k != 0)
+        throw std::invalid_argument("emulator: blocks [" + std::to_string(first) + ", " + std::to_string(last) +
+                                    ") do not start and end on clusters of " + std::to_string(k));
     if (opts.shuffles != kShufflesMeet && opts.log == nullptr)
         throw std::invalid_argument("emulator: recording or replaying shuffles needs a ShuffleLog");
     if (active() != nullptr) throw std::logic_error("emulator: nested launch");
@@ -272,67 +337,97 @@ inline void launch(unsigned grid, unsigned block, const Options& opts, void (*bo
     Launch l;
     l.grid.x = grid;
     l.block.x = block;
+    l.cluster_blocks = k;
     l.shuffles = opts.shuffles;
     l.body = body;
     l.arg = arg;
     const unsigned nwarps = block / 32;
-    l.fibers.resize(block);
-    for (auto& f : l.fibers) f.stack.resize(opts.stack_bytes);
-    l.warp_barriers.resize(nwarps);
-    l.warp_slots.assign(32 * nwarps, 0.f);
+    const unsigned n_fibers = k * block;
+    l.fibers.resize(n_fibers);
+    for (auto& f : l.fibers) {
+        f.stack.reset(new char[opts.stack_bytes]);
+        f.stack_bytes = opts.stack_bytes;
+    }
+    l.warp_barriers.resize(static_cast<size_t>(k) * nwarps);
+    l.warp_slots.assign(32 * static_cast<size_t>(k) * nwarps, 0.f);
+    l.block_barriers.resize(k);
+    l.live_threads.assign(k, 0);
     l.dynamic_shared_bytes = opts.dynamic_shared_bytes;
-    l.dynamic_shared.assign(opts.dynamic_shared_bytes + kDynamicSharedGuard + 16, 0);
+    const size_t stride = (opts.dynamic_shared_bytes + kDynamicSharedGuard + 15) / 16 * 16;
+    l.dynamic_shared.assign(stride * k + 16, 0);
     {
         auto p = reinterpret_cast<std::uintptr_t>(l.dynamic_shared.data());
-        l.dynamic_shared_base = l.dynamic_shared.data() + (16 - p % 16) % 16;
+        unsigned char* base = l.dynamic_shared.data() + (16 - p % 16) % 16;
+        for (unsigned r = 0; r < k; ++r) l.dynamic_shared_base.push_back(base + r * stride);
     }
+    auto block_name = [&](unsigned slot, unsigned c) {
+        return std::to_string(c * k + slot);
+    };
     std::mt19937 rng(opts.seed);
-    std::vector<unsigned> schedule(block);
+    std::vector<unsigned> schedule(n_fibers);
     active() = &l;
     try {
-        for (unsigned bi = first; bi < last; ++bi) {
-            l.block_idx.x = opts.order == kReverse ? first + last - 1 - bi : bi;
+        for (unsigned ci = first / k; ci < last / k; ++ci) {
+            const unsigned c = opts.order == kReverse ? first / k + last / k - 1 - ci : ci;  // the cluster
             for (auto& b : l.warp_barriers) b = Barrier{32, 0, 0};
-            std::memset(l.dynamic_shared_base, 0xff, l.dynamic_shared_bytes);
-            std::memset(l.dynamic_shared_base + l.dynamic_shared_bytes, kDynamicSharedGuardByte, kDynamicSharedGuard);
-            l.block_barrier = Barrier{static_cast<int>(block), 0, 0};
-            for (unsigned t = 0; t < block; ++t) {
-                Fiber& f = l.fibers[t];
+            for (unsigned r = 0; r < k; ++r) {
+                std::memset(l.dynamic_shared_base[r], 0xff, l.dynamic_shared_bytes);
+                std::memset(l.dynamic_shared_base[r] + l.dynamic_shared_bytes, kDynamicSharedGuardByte,
+                            kDynamicSharedGuard);
+                l.block_barriers[r] = Barrier{static_cast<int>(block), 0, 0};
+                l.live_threads[r] = block;
+            }
+            l.cluster_barrier = Barrier{static_cast<int>(n_fibers), 0, 0};
+            for (unsigned i = 0; i < n_fibers; ++i) {
+                Fiber& f = l.fibers[i];
                 f.done = false;
-                f.thread_idx.x = t;
+                f.slot = i / block;
+                f.thread_idx.x = i % block;
+                f.block_idx.x = c * k + f.slot;
                 f.n_shuffles = 0;
                 f.shuffles = opts.log != nullptr
-                                 ? &opts.log->threads[static_cast<size_t>(l.block_idx.x - first) * block + t]
+                                 ? &opts.log->threads[static_cast<size_t>(f.block_idx.x - first) * block + i % block]
                                  : nullptr;
                 start_fiber(f, &l.scheduler);
             }
-            for (unsigned t = 0; t < block; ++t) schedule[t] = opts.order == kReverse ? block - 1 - t : t;
-            for (unsigned live = block; live > 0;) {
+            for (unsigned i = 0; i < n_fibers; ++i) schedule[i] = opts.order == kReverse ? n_fibers - 1 - i : i;
+            for (unsigned live = n_fibers; live > 0;) {
                 if (opts.order == kShuffled) std::shuffle(schedule.begin(), schedule.end(), rng);
                 l.progressed = false;
                 live = 0;
-                for (unsigned t : schedule) {
-                    Fiber& f = l.fibers[t];
+                for (unsigned i : schedule) {
+                    Fiber& f = l.fibers[i];
                     if (f.done) continue;
                     l.current = &f;
                     swapcontext(&l.scheduler, &f.ctx);
                     if (!l.error.empty()) throw std::runtime_error(l.error);
-                    if (!f.done) ++live;
+                    if (!f.done) {
+                        ++live;
+                    } else if (--l.live_threads[f.slot] == 0 && k > 1) {
+                        // The block has exited: what another block reads of its shared memory now is garbage.
+                        std::memset(l.dynamic_shared_base[f.slot], 0xff, l.dynamic_shared_bytes);
+                    }
                 }
                 if (live > 0 && !l.progressed)
-                    throw std::runtime_error("emulator: deadlock in block " + std::to_string(l.block_idx.x) + ": " +
-                                             std::to_string(live) +
+                    throw std::runtime_error("emulator: deadlock in " +
+                                             (k > 1 ? "cluster " + std::to_string(c) + " (blocks " +
+                                                          block_name(0, c) + "-" + block_name(k - 1, c) + ")"
+                                                    : "block " + block_name(0, c)) +
+                                             ": " + std::to_string(live) +
                                              " thread(s) wait at a barrier the others never reach");
             }
-            for (size_t i = 0; i < kDynamicSharedGuard; ++i)
-                if (l.dynamic_shared_base[l.dynamic_shared_bytes + i] != kDynamicSharedGuardByte)
-                    throw std::runtime_error("emulator: block " + std::to_string(l.block_idx.x) +
-                                             " wrote past the end of its " + std::to_string(l.dynamic_shared_bytes) +
-                                             " bytes of dynamic shared memory");
+            for (unsigned r = 0; r < k; ++r) {
+                for (size_t i = 0; i < kDynamicSharedGuard; ++i)
+                    if (l.dynamic_shared_base[r][l.dynamic_shared_bytes + i] != kDynamicSharedGuardByte)
+                        throw std::runtime_error("emulator: block " + block_name(r, c) +
+                                                 " wrote past the end of its " +
+                                                 std::to_string(l.dynamic_shared_bytes) +
+                                                 " bytes of dynamic shared memory");
+            }
             if (opts.shuffles == kShufflesReplay)
                 for (const Fiber& f : l.fibers)
                     if (f.n_shuffles != f.shuffles->size())
-                        throw std::runtime_error("emulator: block " + std::to_string(l.block_idx.x) + " thread " +
+                        throw std::runtime_error("emulator: block " + std::to_string(f.block_idx.x) + " thread " +
                                                  std::to_string(f.thread_idx.x) +
                                                  " shuffles less often than when recorded");
         }
@@ -351,17 +446,21 @@ inline void launch(unsigned grid, unsigned block, const Options& opts, void (*bo
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// A static __shared__ variable: a function-local static, refused in a cluster launch.
+#define EMU_CAT2(a, b) a##b
+#define EMU_CAT(a, b) EMU_CAT2(a, b)
+#define __shared__ [[maybe_unused]] const int EMU_CAT(emu_static_shared_, __COUNTER__) = emu::static_shared_declared(); static
+#define __cluster_dims__(...)
 
 #define threadIdx (emu::self().thread_idx)
-#define blockIdx (emu::active()->block_idx)
+#define blockIdx (emu::self().block_idx)
 #define blockDim (emu::active()->block)
 #define gridDim (emu::active()->grid)
 
-inline void __syncthreads() { emu::arrive_and_wait(emu::active()->block_barrier); }
+inline void __syncthreads() { emu::arrive_and_wait(emu::block_barrier()); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
     emu::require_full_mask(mask);
-    emu::arrive_and_wait(emu::active()->warp_barriers[emu::warp_id()]);
+    emu::arrive_and_wait(emu::warp_barrier());
 }
 template <typename T>
 T __shfl_sync(unsigned mask, T value, int src_lane, int width = 32) {

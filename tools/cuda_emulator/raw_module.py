@@ -35,7 +35,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 _HEADERS = (HERE / "emulator.h", HERE / "kernel_table.h", HERE / "include" / "cuda_fp16.h",
-            HERE / "include" / "cuda_bf16.h")
+            HERE / "include" / "cuda_bf16.h", HERE / "include" / "cooperative_groups.h")
 ORDERS = {"forward": 0, "reverse": 1, "shuffled": 2}
 
 # The pointed-to C type -> NumPy dtype name, and scalar C type -> (NumPy type, ctypes type).

@@ -9,7 +9,7 @@
 
 namespace {
 
-// Both kernels' parameters; sce_two_pass has no threads_per_row. Mirrored by
+// The kernels' parameters; sce_two_pass and sce_cluster have no threads_per_row. Mirrored by
 // emulated.py's ctypes structure.
 struct SceArgs {
     const void* logits;
@@ -28,10 +28,16 @@ struct SceArgs {
     int threads_per_row;
 };
 
-template <typename T, typename L, bool OnChip>
+enum Kind { kOnChip, kTwoPass, kCluster };
+
+template <typename T, typename L, Kind K>
 void run(void* p) {
     const SceArgs& a = *static_cast<const SceArgs*>(p);
-    if constexpr (OnChip) {
+    if constexpr (K == kCluster) {
+        sce_cluster<T, L>(static_cast<const T*>(a.logits), static_cast<const L*>(a.labels), a.class_weights,
+                          static_cast<T*>(a.grad), static_cast<T*>(a.loss), a.partials, a.ticket, a.n_rows,
+                          a.n_classes, a.ignore_index, a.label_smoothing, a.scale, a.reduction);
+    } else if constexpr (K == kOnChip) {
         sce_on_chip<T, L>(static_cast<const T*>(a.logits), static_cast<const L*>(a.labels), a.class_weights,
                           static_cast<T*>(a.grad), static_cast<T*>(a.loss), a.partials, a.ticket, a.n_rows,
                           a.n_classes, a.ignore_index, a.label_smoothing, a.scale, a.reduction, a.threads_per_row);
@@ -47,20 +53,20 @@ struct Instance {
     void (*body)(void*);
     unsigned max_threads;  // the kernel's __launch_bounds__: a GPU refuses a larger block
     size_t logit_bytes;    // sizeof(T)
-    bool on_chip;
+    bool on_chip;          // takes threads_per_row
+    unsigned cluster;      // the kernel's __cluster_dims__ (blocks per cluster), 1 without
 };
 
-#define SCE_INSTANCES(KERNEL, ON_CHIP)                                                                           \
-    {KERNEL "<float, int>", run<float, int, ON_CHIP>, sce::kThreads, sizeof(float), ON_CHIP},                    \
-    {KERNEL "<float, long long>", run<float, long long, ON_CHIP>, sce::kThreads, sizeof(float), ON_CHIP},        \
-    {KERNEL "<__half, int>", run<__half, int, ON_CHIP>, sce::kThreads, sizeof(__half), ON_CHIP},                 \
-    {KERNEL "<__half, long long>", run<__half, long long, ON_CHIP>, sce::kThreads, sizeof(__half), ON_CHIP},     \
-    {KERNEL "<__nv_bfloat16, int>", run<__nv_bfloat16, int, ON_CHIP>, sce::kThreads, sizeof(__nv_bfloat16),     \
-     ON_CHIP},                                                                                                   \
-    {KERNEL "<__nv_bfloat16, long long>", run<__nv_bfloat16, long long, ON_CHIP>, sce::kThreads,                 \
-     sizeof(__nv_bfloat16), ON_CHIP}
+#define SCE_INSTANCE(KERNEL, T, L, KIND, CLUSTER) \
+    {KERNEL "<" #T ", " #L ">", run<T, L, KIND>, sce::kThreads, sizeof(T), KIND == kOnChip, CLUSTER}
+#define SCE_INSTANCES(KERNEL, KIND, CLUSTER)                                                               \
+    SCE_INSTANCE(KERNEL, float, int, KIND, CLUSTER), SCE_INSTANCE(KERNEL, float, long long, KIND, CLUSTER), \
+        SCE_INSTANCE(KERNEL, __half, int, KIND, CLUSTER), SCE_INSTANCE(KERNEL, __half, long long, KIND, CLUSTER), \
+        SCE_INSTANCE(KERNEL, __nv_bfloat16, int, KIND, CLUSTER),                                            \
+        SCE_INSTANCE(KERNEL, __nv_bfloat16, long long, KIND, CLUSTER)
 
-const Instance kInstances[] = {SCE_INSTANCES("sce_on_chip", true), SCE_INSTANCES("sce_two_pass", false)};
+const Instance kInstances[] = {SCE_INSTANCES("sce_on_chip", kOnChip, 1), SCE_INSTANCES("sce_two_pass", kTwoPass, 1),
+                               SCE_INSTANCES("sce_cluster", kCluster, sce::kClusterBlocks)};
 constexpr int kCount = sizeof(kInstances) / sizeof(kInstances[0]);
 
 thread_local std::string last_error;
@@ -121,6 +127,9 @@ const char* emu_sce_name(int i) { return i >= 0 && i < kCount ? kInstances[i].na
 
 int emu_sce_on_chip(int i) { return i >= 0 && i < kCount ? static_cast<int>(kInstances[i].on_chip) : -1; }
 
+// Blocks per cluster of instance i (its __cluster_dims__), 1 for a kernel without clusters.
+int emu_sce_cluster(int i) { return i >= 0 && i < kCount ? static_cast<int>(kInstances[i].cluster) : -1; }
+
 const char* emu_last_error() { return last_error.c_str(); }
 
 // 0 on success, else -1 with the reason in emu_last_error(). Runs blocks
@@ -146,6 +155,9 @@ int emu_sce_launch(int instance, unsigned grid, unsigned block, unsigned shared_
     opts.first_block = first_block;
     opts.last_block = last_block;
     opts.dynamic_shared_bytes = shared_bytes;
+    opts.cluster_blocks = inst.cluster;
+    // A cluster's blocks run together: K x 512 fibers, so smaller stacks (still far above what the kernels use).
+    if (inst.cluster > 1) opts.stack_bytes = 32 * 1024;
     std::lock_guard<std::mutex> lock(launch_mutex);
     try {
         if (unordered_shuffles != 0) {
