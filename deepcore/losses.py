@@ -21,7 +21,8 @@ from ._checks import (
     check_values_in,
 )
 from .backend import Backend, backend_of
-from .backend.base import Array
+from .backend.base import REDUCTIONS, Array
+from .backend.registry import _by_type as _BACKEND_BY_TYPE
 
 __all__ = [
     "binary_cross_entropy",
@@ -49,6 +50,28 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mea
     range check (a host synchronisation on a GPU); a bad label then yields NaN,
     never an out-of-bounds access.
     """
+    # The training step's call (no weights, smoothing or ignored rows, arrays of one single-device
+    # library, right shapes and dtypes) checked in a handful of identity tests; anything else, and
+    # every error message, comes from the full checks below.
+    array_type = type(logits)
+    backend = _BACKEND_BY_TYPE.get(array_type)
+    if (backend is not None and class_weights is None and ignore_index is None and type(labels) is array_type
+            and backend.single_device and type(reduction) is str and reduction in REDUCTIONS
+            and (label_smoothing == 0.0 if type(label_smoothing) in (float, int) else False)
+            and logits.ndim == 2 and labels.ndim == 1 and labels.shape[0] == logits.shape[0]
+            and backend.is_floating(logits) and backend.is_integer(labels)):
+        n, c = logits.shape
+        if n == 0:
+            in_range = True
+        elif not validate:
+            in_range = False
+        else:
+            in_range = getattr(backend, "labels_in_range", None)
+            in_range = (in_range is not None and in_range(labels, c)) or check_labels(
+                backend, labels, n, c, "softmax_cross_entropy", validate=True)
+        with backend.silent_fp():
+            return backend.softmax_cross_entropy(logits, labels, reduction=reduction, label_smoothing=0.0,
+                                                 ignore_index=None, class_weights=None, labels_in_range=in_range)
     fn = "softmax_cross_entropy"
     backend = _backend(fn, (logits, "logits"), (labels, "labels"), (class_weights, "class_weights"))
     check_reduction(reduction, fn)

@@ -49,6 +49,10 @@ class NumpyBackend(Backend):
     def is_integer(self, x: Array) -> bool:
         return x.dtype.kind in "iu"
 
+    def compute_dtype(self, dtype: Any) -> Any:
+        # The base rule (float32/float64 keep theirs, the rest float32) without the namespace look-ups.
+        return dtype if dtype == _FLOAT32 or dtype == _FLOAT64 else _FLOAT32
+
     def labels_in_range(self, labels: np.ndarray, num_classes: int) -> bool:
         """True when every label is in [0, num_classes): one reduction over the labels read as
         unsigned (a negative label becomes a huge one), instead of two comparisons and an ``any``."""
@@ -60,7 +64,7 @@ class NumpyBackend(Backend):
                 # here every non-negative label is in range, so only the sign matters.
                 return bool(labels.min() >= 0)
             labels = labels.view(_UNSIGNED[labels.dtype.itemsize])
-        return int(labels.max()) < num_classes
+        return int(_max_reduce(labels)) < num_classes  # the ufunc itself: ndarray.max adds a Python call
 
     def to_numpy(self, x: Array) -> np.ndarray:
         return np.array(x, copy=True)
@@ -94,6 +98,18 @@ class NumpyBackend(Backend):
             if bias is not None:
                 y32 += bias.astype(np.float32)
             return y32.astype(x.dtype)
+        n = x.shape[0]
+        if x.ndim == 2 and weight.ndim == 2 and n <= 64 and weight.shape[0] >= 4 * n:
+            # A short batch against a wide layer: OpenBLAS forms W x^T (out x N) markedly faster than
+            # x W^T (N x out), 0.5-0.67x the time at 16-32 rows of 784 -> 256, 0.87x at 64, and not
+            # from 128 rows on. The transposed product comes back in (N, out) C order in the pass
+            # that adds the bias, so nothing downstream sees another layout.
+            yt = np.matmul(weight, x.T)
+            if bias is None:
+                return np.ascontiguousarray(yt.T)
+            y = np.empty((n, yt.shape[0]), dtype=yt.dtype)
+            np.add(yt.T, bias, out=y)
+            return y
         y = np.matmul(x, weight.T)
         if bias is not None:
             y += bias
@@ -108,7 +124,7 @@ class NumpyBackend(Backend):
             return dx, dw, db
         dx = np.matmul(dy, weight) if need_dx else None
         dw = np.matmul(dy.T, x)
-        db = dy.sum(axis=0) if need_bias else None
+        db = _column_sum(dy) if need_bias else None
         return dx, dw, db
 
     # ------------------------------------------------------------ activations
@@ -211,15 +227,14 @@ class NumpyBackend(Backend):
 
         grad = np.subtract(logits, _row_max(logits), dtype=dt, order="C")
         flat = grad.reshape(-1)  # a view: grad is C-contiguous
-        target_idx = np.arange(0, n * c, c)
         # safe labels lie in [0, C); unsafe casting lets uint64 labels add to intp.
-        np.add(target_idx, safe, out=target_idx, casting="unsafe")
+        target_idx = np.add(_row_starts(n, c), safe, dtype=np.intp, casting="unsafe")
         target = flat[target_idx]
         w = None if class_weights is None else np.asarray(class_weights, dtype=dt)
         if eps > 0.0:
             weighted_sum = grad.sum(axis=1) if w is None else grad @ w
         np.exp(grad, out=grad)
-        sum_e = grad.sum(axis=1)
+        sum_e = _row_sum(grad)
         log_z = np.log(sum_e)
 
         # w_y: the target's weight per row (None: all ones); w_sum: sum_k w_k.
@@ -269,10 +284,11 @@ class NumpyBackend(Backend):
             grad[bad] = np.nan
             per_sample[bad] = np.nan
 
+        if dt != out_dtype:
+            grad = grad.astype(out_dtype)
         if reduction == "none":
-            return per_sample.astype(out_dtype, copy=False), grad.astype(out_dtype, copy=False)
-        loss = np.array(per_sample.sum(dtype=np.float64) * scale, dtype=out_dtype)
-        return loss, grad.astype(out_dtype, copy=False)
+            return per_sample.astype(out_dtype, copy=False), grad
+        return np.array(_add_reduce(per_sample, dtype=np.float64) * scale, dtype=out_dtype), grad
 
     # ------------------------------------------------------ optimizer updates
     # Same rules as the reference, written into the existing arrays with out= so
@@ -283,6 +299,15 @@ class NumpyBackend(Backend):
     def sgd_update(self, value: np.ndarray, grad: np.ndarray, buf: np.ndarray | None, *, lr: float,
                    momentum: float, dampening: float, nesterov: bool, weight_decay: float,
                    first_step: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        if (momentum != 0.0 and buf is not None and not first_step and dampening == 0.0 and not nesterov
+                and weight_decay == 0.0 and value.ndim and value.flags.writeable):
+            # The steady momentum step, tested first: the hand-written loop's three statements
+            # (block by block for a large parameter).
+            if value.size < _SGD_BLOCKED_MIN or not _sgd_momentum_blocked(value, grad, buf, lr, momentum):
+                buf *= momentum
+                buf += grad
+                value += np.multiply(buf, -lr)
+            return value, buf
         if value.ndim == 0:
             # ufuncs give scalars, not arrays, for 0-d operands: work on 1-element views.
             v1, b1 = self.sgd_update(value.reshape(1), grad.reshape(1), None if buf is None else buf.reshape(1),
@@ -425,7 +450,48 @@ class NumpyBackend(Backend):
         return value, state_sum
 
 
+#: Elements per block of the blocked momentum update (256 KiB of float32: the block of the
+#: parameter, its gradient, its buffer and the scratch, 1 MiB, stay in a 2 MiB L2 cache).
+_SGD_BLOCK = 65536
+#: From this size on the momentum update runs block by block (below it, one pass per operation).
+_SGD_BLOCKED_MIN = 98304
+
+
+def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float) -> bool:
+    """SGD's steady momentum step (``buf = μ buf + g; value -= lr buf``) block by block, with the
+    same four operations per element as the one-pass code (the same bits): each operation over a
+    whole large array would stream it from memory again, four times per step; over a block that
+    stays in the cache, each array is read and written once. False (nothing written) when the
+    arrays are not one C-contiguous layout of one dtype, or may overlap (then the order of the
+    passes would show)."""
+    dtype = value.dtype
+    if not (grad.dtype == dtype and buf.dtype == dtype and grad.shape == value.shape and buf.shape == value.shape
+            and value.flags.c_contiguous and grad.flags.c_contiguous and buf.flags.c_contiguous
+            and buf.flags.writeable and not (np.may_share_memory(buf, value) or np.may_share_memory(buf, grad)
+                                             or np.may_share_memory(value, grad))):
+        return False
+    v, g, b = value.reshape(-1), grad.reshape(-1), buf.reshape(-1)
+    n = v.shape[0]
+    blocks = -(-n // _SGD_BLOCK)
+    size = -(-n // blocks)
+    scratch = np.empty(size, dtype)
+    multiply, add = np.multiply, np.add
+    neg_lr = -lr
+    for i in range(0, n, size):
+        j = i + size
+        bb, vb = b[i:j], v[i:j]
+        sb = scratch if j <= n else scratch[:n - i]
+        multiply(bb, momentum, out=bb)
+        add(bb, g[i:j], out=bb)
+        multiply(bb, neg_lr, out=sb)
+        add(vb, sb, out=vb)
+    return True
+
+
 _UNSIGNED = {k: np.dtype(f"u{k}") for k in (1, 2, 4, 8)}
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+#: What ndarray.max / ndarray.sum call, without their Python wrappers (numpy/_core/_methods.py).
+_max_reduce, _add_reduce = np.maximum.reduce, np.add.reduce
 
 
 def bfloat16() -> np.dtype:
@@ -449,10 +515,52 @@ _BLOCK_ELEMS = 65536
 
 def _row_max(a: np.ndarray) -> np.ndarray:
     """``a.max(axis=1, keepdims=True)`` for 2-D ``a``. NumPy reduces a short row (10 classes) one
-    row at a time, at ~50 ns a row; over a transposed copy the reduction runs down long columns."""
-    if a.shape[1] <= 32 and a.shape[0] >= 64:
-        return np.ascontiguousarray(a.T).max(axis=0)[:, None]
-    return a.max(axis=1, keepdims=True)
+    row at a time, at ~50 ns a row; over a transposed copy the reduction runs down long columns
+    (faster from 16 rows on: 2.3 against 3.6 us at 32 x 10, 13 against 180 us at 2048 x 10)."""
+    if a.shape[1] <= 32 and a.shape[0] >= 16:
+        return _max_reduce(np.ascontiguousarray(a.T), axis=0)[:, None]
+    return _max_reduce(a, axis=1, keepdims=True)
+
+
+#: Read-only vectors of ones by (length, dtype), the operand of the GEMV that sums rows or columns.
+_ONES: dict[tuple[int, np.dtype], np.ndarray] = {}
+#: Read-only ``arange(0, n*c, c)`` by (n, c): the flat index of each row's first element.
+_ROW_STARTS: dict[tuple[int, int], np.ndarray] = {}
+_CACHE_LIMIT = 16
+
+
+def _cached(cache: dict[Any, np.ndarray], key: Any, make: Any) -> np.ndarray:
+    a = cache.get(key)
+    if a is None:
+        if len(cache) >= _CACHE_LIMIT:
+            cache.pop(next(iter(cache)))  # the oldest key: batch sizes change rarely
+        a = make()
+        a.flags.writeable = False
+        cache[key] = a
+    return a
+
+
+def _ones(n: int, dtype: np.dtype) -> np.ndarray:
+    ones = _ONES.get((n, dtype))
+    return ones if ones is not None else _cached(_ONES, (n, dtype), lambda: np.ones(n, dtype))
+
+
+def _row_starts(n: int, c: int) -> np.ndarray:
+    starts = _ROW_STARTS.get((n, c))
+    return starts if starts is not None else _cached(_ROW_STARTS, (n, c), lambda: np.arange(0, n * c, c))
+
+
+def _row_sum(a: np.ndarray) -> np.ndarray:
+    """``a.sum(axis=1)`` for 2-D float32/float64 ``a`` as a GEMV with ones: NumPy's reduction along
+    short rows costs ~20 ns a row (47 us at 2048 x 10), BLAS's product 6 us."""
+    return np.matmul(a, _ones(a.shape[1], a.dtype))
+
+
+def _column_sum(a: np.ndarray) -> np.ndarray:
+    """``a.sum(axis=0)`` for 2-D float32/float64 ``a`` (a bias gradient) as a GEMV with ones:
+    2-3x faster than NumPy's reduction at every batch (1 against 2.3 us at 32 x 256, 38 against
+    113 us at 2048 x 256)."""
+    return np.matmul(_ones(a.shape[0], a.dtype), a)
 
 
 def _as_0d(result: np.ndarray, original: np.ndarray | None) -> np.ndarray:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from ..backend import Backend
 from ..backend.base import Array
+from ..backend.registry import _by_type as _BACKEND_BY_TYPE
 from .module import (
     Backward,
     Module,
     check_grad_shape,
     input_backend,
-    input_grad_optional,
 )
 
 
@@ -23,15 +23,19 @@ class _Activation(Module):
         raise NotImplementedError
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
-        backend = input_backend(self, x)
+        backend = _BACKEND_BY_TYPE.get(type(x))
+        if not (backend is not None and backend.single_device and backend.is_floating(x)):
+            backend = input_backend(self, x)
         y = self._f(backend, x)
         shape = tuple(x.shape)
+        df = self._df
 
-        @input_grad_optional
         def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
-            check_grad_shape(self, dy, shape)
-            return self._df(backend, dy, x, y) if need_input_grad else None
+            if dy.shape != shape:
+                check_grad_shape(self, dy, shape)
+            return df(backend, dy, x, y) if need_input_grad else None
 
+        backward.deepcore_input_grad_optional = True  # type: ignore[attr-defined]  # input_grad_optional
         return y, backward
 
 

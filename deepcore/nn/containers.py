@@ -7,9 +7,11 @@ from collections.abc import Iterator
 from ..backend import get_backend
 from ..backend.base import Array
 from .module import (
+    INPUT_GRAD_OPTIONAL,
     Backward,
     Module,
     check_grad_shape,
+    inner_forward,
     input_grad_optional,
     takes_input_grad_flag,
 )
@@ -43,7 +45,7 @@ class Sequential(Module):
         layers = list(self._children.values())
         backwards = []
         for layer in layers:
-            x, back = layer.forward(x, train=train)
+            x, back = inner_forward(layer, x, train)
             backwards.append(back)
 
         @input_grad_optional
@@ -70,8 +72,8 @@ class Sequential(Module):
 
 
 def _first_that_must_run(layers: list[Module], backwards: list[Backward]) -> int | None:
-    for i, (layer, back) in enumerate(zip(layers, backwards, strict=True)):
-        if not takes_input_grad_flag(back) or _has_parameters(layer):
+    for i, layer in enumerate(layers):
+        if not getattr(backwards[i], INPUT_GRAD_OPTIONAL, False) or _has_parameters(layer):
             return i
     return None
 
@@ -132,11 +134,11 @@ class Residual(Module):
         self.shortcut = shortcut
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
-        y, block_back = self.block.forward(x, train=train)
+        y, block_back = inner_forward(self.block, x, train)
         if self.shortcut is None:
             skip, skip_back = x, None
         else:
-            skip, skip_back = self.shortcut.forward(x, train=train)
+            skip, skip_back = inner_forward(self.shortcut, x, train)
         if tuple(y.shape) != tuple(skip.shape):
             what = "the input" if self.shortcut is None else "the shortcut's output"
             raise ValueError(f"Residual: the block's output has shape {tuple(y.shape)} but {what} has shape "

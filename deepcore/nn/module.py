@@ -33,7 +33,7 @@ from typing import Any
 
 from ..backend import Backend, BackendMismatchError, backend_of, get_backend, to_backend
 from ..backend.base import Array
-from ..backend.registry import known_backend
+from ..backend.registry import _by_type as _BACKEND_BY_TYPE
 
 Backward = Callable[..., Array]
 
@@ -58,17 +58,25 @@ _DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("deepcore_forward_d
 _OUTPUTS: dict[int, weakref.ref[Any]] = {}
 
 
+class _OutputRef(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to an outermost output that knows its key in ``_OUTPUTS``: one shared
+    callback instead of a closure built per forward call."""
+
+    __slots__ = ("key",)
+
+
+def _forget(ref: _OutputRef) -> None:
+    if _OUTPUTS.get(ref.key) is ref:
+        del _OUTPUTS[ref.key]
+
+
 def _remember_output(y: Any) -> None:
-    key = id(y)
-
-    def forget(ref: weakref.ref[Any]) -> None:
-        if _OUTPUTS.get(key) is ref:
-            del _OUTPUTS[key]
-
     try:
-        _OUTPUTS[key] = weakref.ref(y, forget)
+        ref = _OutputRef(y, _forget)
     except TypeError:  # an array type without weak references: its outputs count as data
-        pass
+        return
+    ref.key = key = id(y)
+    _OUTPUTS[key] = ref
 
 
 def _is_output(x: Any) -> bool:
@@ -104,12 +112,25 @@ def _forward_entry(impl: Callable[..., tuple[Array, Backward]]) -> Callable[...,
             if input_grad is None:
                 input_grad = _is_output(x)
             _remember_output(y)
-        if input_grad is False or (input_grad is None and depth == 0):
+        if input_grad is False:
             return y, _params_only(backward)
         return y, backward
 
     forward._deepcore_entry = True  # type: ignore[attr-defined]
+    #: The subclass's own ``forward(x, train)``: a container inside a forward call (where this
+    #: wrapper would only count the depth) calls it directly.
+    forward._deepcore_impl = impl  # type: ignore[attr-defined]
     return forward
+
+
+def inner_forward(layer: Module, x: Array, train: bool) -> tuple[Array, Backward]:
+    """``layer.forward(x, train=train)`` for a container's child, called from inside the container's
+    own ``forward`` (the depth is already above zero, so the entry wrapper would change nothing):
+    the layer's own ``forward`` directly, without the wrapper, unless the instance overrides it."""
+    impl = getattr(type(layer).forward, "_deepcore_impl", None)
+    if impl is None or "forward" in layer.__dict__:
+        return layer.forward(x, train=train)
+    return impl(layer, x, train)
 
 
 class Param:
@@ -141,7 +162,8 @@ class Param:
         contribution is adopted without a copy.
         """
         if self.grad is None:
-            self.grad = backend.astype(g, self.value.dtype)
+            dtype = self.value.dtype
+            self.grad = g if g.dtype == dtype else backend.astype(g, dtype)
         else:
             self.grad = backend.add_into(self.grad, g)
 
@@ -386,10 +408,13 @@ def input_backend(layer: Module, x: Array, *params: Param) -> Backend:
     """The backend running ``layer`` on ``x``: checks that ``x`` is a floating-point array on the
     same backend and device as the layer's parameters, with errors that say what to do."""
     array_type = type(x)
-    backend = known_backend(array_type)
-    if (backend is not None and backend.single_device and backend.is_floating(x)
-            and all(type(p.value) is array_type for p in params)):
-        return backend  # the usual case, in a dictionary look-up
+    backend = _BACKEND_BY_TYPE.get(array_type)
+    if backend is not None and backend.single_device and backend.is_floating(x):
+        for p in params:
+            if type(p.value) is not array_type:
+                break
+        else:
+            return backend  # the usual case, in a dictionary look-up
     try:
         backend = backend_of(x, *[p.value for p in params])
     except (BackendMismatchError, TypeError):

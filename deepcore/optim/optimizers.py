@@ -24,7 +24,7 @@ import numpy as np
 
 from ..backend import Backend, BackendMismatchError, backend_of, get_backend, to_backend
 from ..backend.base import Array
-from ..backend.registry import known_backend
+from ..backend.registry import _by_type as _BACKEND_BY_TYPE
 from ..nn.module import Param
 from .checks import backend_or_none, jsonable, learning_rate, real, state_int
 from .groups import NAME_KEY, ParamGroup, parse_param_groups
@@ -157,26 +157,35 @@ class Optimizer:
         """
         plan = []
         states = self.state
+        names = self.STATE_ARRAYS
+        by_type = _BACKEND_BY_TYPE
         for i, p in enumerate(self.params):
             grad = p.grad
             if grad is None:
                 continue
-            # The usual case, checked without a look-up or a copy: a gradient of the parameter's own
-            # type, dtype and shape on a one-device library, and state already where it lives.
-            value, state = p.value, states[i]
-            backend = known_backend(type(value))
-            if (backend is not None and backend.single_device and type(grad) is type(value)
-                    and grad.dtype == value.dtype and grad.shape == value.shape and backend.is_floating(value)
-                    and all(_in_place_of(state[name], value, backend) for name in self.STATE_ARRAYS
-                            if name in state)):
-                plan.append((i, backend, grad, state))
-            else:
-                plan.append(self._prepare(i, p))
-        group_of = self._group_of
+            # The usual case, checked without a call, a look-up beyond one dict or a copy: a gradient of
+            # the parameter's own type, dtype and shape on a one-device library, and state already where
+            # it lives (what _in_place_of says, inline).
+            value = p.value
+            array_type = type(value)
+            backend = by_type.get(array_type)
+            if (backend is not None and type(grad) is array_type and backend.single_device
+                    and grad.dtype == value.dtype and grad.shape == value.shape and backend.is_floating(value)):
+                state = states[i]
+                for name in names:
+                    if name in state:
+                        x = state[name]
+                        if not (type(x) is array_type and x.dtype == value.dtype and x.shape == value.shape):
+                            break
+                else:
+                    plan.append((i, backend, grad, state))
+                    continue
+            plan.append(self._prepare(i, p))
+        group_of, params, update = self._group_of, self.params, self._update
         for i, backend, grad, state in plan:
-            self.state[i] = state
-            self._update(self.params[i], backend, grad, state, group_of[i])
-        self.step_count += 1
+            states[i] = state
+            update(params[i], backend, grad, state, group_of[i])
+        self.__dict__["step_count"] = self.step_count + 1  # not through __setattr__: no hyperparameter
 
     def _update(self, p: Param, backend: Backend, grad: Array, state: dict[str, Any], group: ParamGroup) -> None:
         """Update ``p`` (with ``grad`` in its dtype) and ``state`` in place, with ``group``'s hyperparameters."""

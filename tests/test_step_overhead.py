@@ -1,0 +1,255 @@
+"""The plain training step's fast paths keep behaviour (issue 12): the blocked momentum update,
+the bias and row sums as products with ones, the loss's quick argument checks, containers calling
+their children's ``forward`` without the entry wrapper, and the optimizer's inline checks, each
+against PyTorch or the hand-written formula."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+import deepcore as dc
+from deepcore import losses, nn, optim
+from deepcore.backend import numpy_backend
+from deepcore.nn import module as module_mod
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _pair(sizes, seed=0):
+    """A deepcore MLP (Linear, ReLU, ...) and a torch copy with the same weights."""
+    layers, tlayers = [], []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b, seed=seed + i))
+        tlayers.append(torch.nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+            tlayers.append(torch.nn.ReLU())
+    model, tmodel = nn.Sequential(*layers), torch.nn.Sequential(*tlayers)
+    with torch.no_grad():
+        for p, tp in zip(model.parameters(), tmodel.parameters(), strict=True):
+            tp.copy_(torch.from_numpy(np.asarray(p.value)))
+    return model, tmodel
+
+
+@pytest.mark.parametrize("batch", [3, 32, 200])
+def test_readme_loop_with_a_blocked_momentum_update_matches_torch(batch):
+    # 400 x 300 = 120,000 weights: above the size from which the momentum step runs block by block.
+    sizes = (300, 400, 10)
+    assert 300 * 400 >= numpy_backend._SGD_BLOCKED_MIN
+    model, tmodel = _pair(sizes)
+    opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    topt = torch.optim.SGD(tmodel.parameters(), lr=0.05, momentum=0.9)
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+        y = rng.integers(0, sizes[-1], batch)
+        logits, back = model.forward(x, train=True)
+        loss, g = losses.softmax_cross_entropy(logits, y)
+        back(g)
+        opt.step()
+        opt.zero_grad()
+        topt.zero_grad()
+        tloss = F.cross_entropy(tmodel(torch.from_numpy(x)), torch.from_numpy(y))
+        tloss.backward()
+        topt.step()
+        np.testing.assert_allclose(float(loss), float(tloss.detach()), rtol=1e-5)
+    for p, tp in zip(model.parameters(), tmodel.parameters(), strict=True):
+        np.testing.assert_allclose(p.value, tp.detach().numpy(), rtol=1e-4, atol=1e-6)
+    for state, tp in zip(opt.state, tmodel.parameters(), strict=True):
+        np.testing.assert_allclose(state["momentum_buffer"], topt.state[tp]["momentum_buffer"].numpy(),
+                                   rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [numpy_backend._SGD_BLOCKED_MIN, 300_001, 65536 * 3 + 7])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocked_momentum_step_is_bitwise_the_one_pass_formula(n, dtype):
+    nb = dc.get_backend("numpy")
+    rng = np.random.default_rng(2)
+    value, grad, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+    want_v, want_b = value.copy(), buf.copy()
+    want_b *= 0.9
+    want_b += grad
+    want_v += np.multiply(want_b, -0.01)
+    v, b = nb.sgd_update(value, grad, buf, lr=0.01, momentum=0.9, dampening=0.0, nesterov=False,
+                         weight_decay=0.0, first_step=False)
+    assert v is value and b is buf  # in place, identities kept
+    np.testing.assert_array_equal(b, want_b)
+    np.testing.assert_array_equal(v, want_v)
+
+
+def test_blocked_momentum_step_refuses_overlapping_or_strided_arrays():
+    nb = dc.get_backend("numpy")
+    rng = np.random.default_rng(3)
+    n = numpy_backend._SGD_BLOCKED_MIN
+    base = rng.standard_normal(2 * n).astype(np.float32)
+    grad = rng.standard_normal(n).astype(np.float32)
+    # a strided parameter (a view with step 2) and its buffer: one pass per operation, same rule
+    value = base[::2]
+    buf = rng.standard_normal(n).astype(np.float32)
+    want_v, want_b = value.copy(), buf * np.float32(0.9) + grad
+    want_v += np.multiply(want_b, -0.1)
+    nb.sgd_update(value, grad, buf, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
+                  first_step=False)
+    np.testing.assert_array_equal(buf, want_b)
+    np.testing.assert_array_equal(value, want_v)
+    assert not numpy_backend._sgd_momentum_blocked(value, grad, buf, 0.1, 0.9)
+    whole = rng.standard_normal(n).astype(np.float32)
+    assert not numpy_backend._sgd_momentum_blocked(whole, whole, whole.copy(), 0.1, 0.9)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (32, 256), (2048, 10), (0, 4)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bias_gradient_and_row_sums_are_the_sums(shape, dtype):
+    nb = dc.get_backend("numpy")
+    rng = np.random.default_rng(4)
+    dy = rng.standard_normal(shape).astype(dtype)
+    x = rng.standard_normal((shape[0], 3)).astype(dtype)
+    w = rng.standard_normal((shape[1], 3)).astype(dtype)
+    _, _, db = nb.linear_backward(dy, x, w, need_dx=False)
+    assert db.dtype == dtype and db.shape == (shape[1],)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(db, dy.astype(np.float64).sum(axis=0), rtol=tol, atol=tol)
+    np.testing.assert_allclose(numpy_backend._row_sum(dy), dy.astype(np.float64).sum(axis=1), rtol=tol, atol=tol)
+    # a transposed (non-contiguous) gradient too
+    _, _, db_t = nb.linear_backward(np.ascontiguousarray(dy.T).T, x, w, need_dx=False)
+    np.testing.assert_allclose(db_t, db, rtol=tol, atol=tol)
+
+
+def test_the_cached_ones_cannot_be_written():
+    ones = numpy_backend._ones(7, np.dtype(np.float32))
+    assert not ones.flags.writeable
+    with pytest.raises(ValueError):
+        ones[0] = 2.0
+    assert numpy_backend._row_starts(3, 4).tolist() == [0, 4, 8]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("n, c", [(16, 10), (33, 7), (64, 32), (5, 100)])
+@pytest.mark.parametrize("label_dtype", [np.int64, np.int32, np.uint8, np.uint64])
+def test_softmax_ce_quick_path_matches_torch(reduction, n, c, label_dtype):
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((n, c)) * 3).astype(np.float32)
+    labels = rng.integers(0, c, n).astype(label_dtype)
+    loss, grad = losses.softmax_cross_entropy(logits, labels, reduction=reduction)
+    t = torch.from_numpy(logits).requires_grad_()
+    tloss = F.cross_entropy(t, torch.from_numpy(labels.astype(np.int64)), reduction=reduction)
+    tloss.sum().backward()
+    assert loss.dtype == np.float32 and grad.dtype == np.float32 and grad.shape == (n, c)
+    np.testing.assert_allclose(loss, tloss.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, t.grad.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_softmax_ce_quick_path_keeps_every_check_and_message():
+    logits = np.zeros((4, 3), np.float32)
+    with pytest.raises(ValueError, match=r"labels\[2\] = 3"):
+        losses.softmax_cross_entropy(logits, np.array([0, 1, 3, 2]))
+    with pytest.raises(ValueError, match=r"labels\[1\] = -1"):
+        losses.softmax_cross_entropy(logits, np.array([0, -1, 2, 2]))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        losses.softmax_cross_entropy(logits, np.array([0, 1, 2, 2]), reduction="avg")
+    with pytest.raises(TypeError, match="label_smoothing must be a number"):
+        losses.softmax_cross_entropy(logits, np.array([0, 1, 2, 2]), label_smoothing=False)
+    with pytest.raises(ValueError, match=r"must have shape \(4,\)"):
+        losses.softmax_cross_entropy(logits, np.array([0, 1, 2]))
+    with pytest.raises(TypeError, match="integer array of class indices"):
+        losses.softmax_cross_entropy(logits, np.zeros(4, np.float32))
+    with pytest.raises(TypeError, match="floating-point array"):
+        losses.softmax_cross_entropy(logits.astype(np.int64), np.array([0, 1, 2, 2]))
+    # validate=False: the bad row is NaN, the rest as torch gives them
+    labels = np.array([0, 5, 2, 1])
+    loss, grad = losses.softmax_cross_entropy(logits, labels, reduction="none", validate=False)
+    assert np.isnan(loss[1]) and np.isnan(grad[1]).all()
+    np.testing.assert_allclose(loss[[0, 2, 3]], np.log(3.0), rtol=1e-6)
+    # an integer 0 smoothing is the plain loss
+    a = losses.softmax_cross_entropy(logits, np.array([0, 1, 2, 2]), label_smoothing=0)
+    b = losses.softmax_cross_entropy(logits, np.array([0, 1, 2, 2]))
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+class _Double(nn.Module):
+    def forward(self, x, train=False):
+        def backward(dy):
+            return 2 * dy
+
+        return 2 * x, backward
+
+
+def test_a_container_honours_a_forward_overridden_on_the_instance_or_the_class(monkeypatch):
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    layer = _Double()
+    model = nn.Sequential(layer, nn.ReLU())
+    np.testing.assert_array_equal(model(x), 2 * x)
+
+    def triple(x, train=False, *, input_grad=None):
+        return 3 * x, lambda dy: 3 * dy
+
+    layer.forward = triple  # an instance attribute wins, as before
+    np.testing.assert_array_equal(model(x), 3 * x)
+    del layer.forward
+    calls = []
+    original = nn.ReLU.forward
+
+    def spy(self, x, train=False, *, input_grad=None):
+        calls.append(train)
+        return original(self, x, train, input_grad=input_grad)
+
+    monkeypatch.setattr(nn.ReLU, "forward", spy)  # a class-level patch is seen too
+    y, back = model.forward(x, train=True, input_grad=True)
+    np.testing.assert_array_equal(y, 2 * x)
+    assert calls == [True]
+    np.testing.assert_array_equal(back(np.ones_like(y)), np.where(x > 0, 2.0, 0.0))
+
+
+def test_outputs_of_outermost_calls_are_forgotten_when_they_die():
+    model = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+    x = np.ones((4, 3), np.float32)
+    before = len(module_mod._OUTPUTS)
+    for _ in range(50):
+        y, _ = model.forward(x, train=True)
+        del y
+    gc.collect()
+    assert len(module_mod._OUTPUTS) <= before + 1
+    # an output fed back in is still an activation: its backward gives dL/dx
+    h, _ = model.forward(x, train=True)
+    head = nn.Linear(2, 2)
+    out, back = head.forward(h, train=True)
+    w = np.asarray(head.weight.value)
+    np.testing.assert_allclose(back(np.ones_like(out)), np.ones((4, 2), np.float32) @ w, rtol=1e-6)
+
+
+def test_optimizer_quick_checks_still_send_odd_state_through_the_full_path():
+    p = nn.Param(np.ones(3, np.float32), "w")
+    opt = optim.SGD([p], lr=0.5, momentum=0.9)
+    p.grad = np.ones(3, np.float32)
+    opt.step()
+    # a float64 buffer (as a state dict from elsewhere might hold) is converted, not used as is
+    opt.state[0]["momentum_buffer"] = np.full(3, 2.0)
+    p.grad = np.ones(3, np.float32)
+    opt.step()
+    buf = opt.state[0]["momentum_buffer"]
+    assert buf.dtype == np.float32
+    np.testing.assert_allclose(buf, 0.9 * 2.0 + 1.0)
+    np.testing.assert_allclose(p.value, 1.0 - 0.5 * 1.0 - 0.5 * 2.8, rtol=1e-6)
+    assert opt.step_count == 2
+    p.grad = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match=r"the gradient of parameter 0 \('w'\) must have the parameter's shape"):
+        opt.step()
+    assert opt.step_count == 2
+
+
+@pytest.mark.parametrize("n", [1, 16, 32, 64, 65])
+@pytest.mark.parametrize("bias", [True, False])
+def test_short_batch_linear_product_matches_torch_in_c_order(n, bias):
+    nb = dc.get_backend("numpy")
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((n, 300)).astype(np.float32)
+    w = rng.standard_normal((256, 300)).astype(np.float32)
+    b = rng.standard_normal(256).astype(np.float32) if bias else None
+    y = nb.linear(x, w, b)
+    want = F.linear(torch.from_numpy(x), torch.from_numpy(w), None if b is None else torch.from_numpy(b)).numpy()
+    assert y.shape == (n, 256) and y.dtype == np.float32 and y.flags.c_contiguous
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
