@@ -1,4 +1,5 @@
-"""Optional pictures (matplotlib): training curves and the under-/over-fitting demo.
+"""Pictures: training curves (SVG with no dependency, or PNG through matplotlib) and the
+under-/over-fitting demo (matplotlib).
 
 Each function returns the path it wrote, or None with a note when matplotlib is
 missing, so that plotting never stops a run.
@@ -69,12 +70,19 @@ def training_curves_figure(history: History, *, dataset: str | None = None, mode
 def training_curves(history: History, path: str | Path, note: Callable[[str], None] = print, *,
                     dataset: str | None = None, model: str | None = None,
                     test_accuracy: float | None = None) -> Path | None:
-    """Write :func:`training_curves_figure` as a PNG at ``path``; None (with a note) without matplotlib."""
+    """Write the curves at ``path``: an SVG (:mod:`deepcore.curves_svg`, no dependency) when it ends in
+    ``.svg``, else :func:`training_curves_figure` as a PNG; None (with a note) for a PNG without matplotlib."""
+    path = Path(path)
+    if path.suffix.lower() == ".svg":
+        from .curves_svg import curves_svg
+
+        text = curves_svg(history, curves_title(dataset, model, test_accuracy))
+        return write_bytes_atomic(path, text.encode("utf-8"))
     fig = training_curves_figure(history, dataset=dataset, model=model, test_accuracy=test_accuracy)
     if fig is None:
         note("matplotlib is not installed: skipping the training-curve PNG (pip install matplotlib)")
         return None
-    return _save(fig, Path(path))
+    return _save(fig, path)
 
 
 def overfitting(orders: Sequence[int], train_err: Sequence[float], test_err: Sequence[float], curve: dict[str, Any],

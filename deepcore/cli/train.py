@@ -105,6 +105,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its checkpoint and history)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--curves", choices=("svg", "png", "none"), default="svg",
+                   help="the training curves: curves.svg (no dependency), curves.png (needs matplotlib) or none")
     mark_defaults(p)  # after every add_argument: tells a flag given with its default from one left out
     p.set_defaults(run=run_command)
     return p
@@ -337,11 +339,15 @@ def _train(args: argparse.Namespace, comm: Any) -> int:
                     | {"architecture": architecture_of(model)}  # for `deepcore evaluate` / `predict`
                     | ({"classes": list(splits.classes)} if splits.classes else {})
                     | ({"input_shape": list(image)} if image else {}))
-    png = training_curves(history, args.out / "curves.png", note=report, dataset=splits.name,
-                          model=_describe_model(args), test_accuracy=test.get("accuracy"))
+    curves = None if args.curves == "none" else training_curves(
+        history, args.out / f"curves.{args.curves}", note=report, dataset=splits.name,
+        model=_describe_model(args), test_accuracy=test.get("accuracy"))
+    for fmt in ("svg", "png"):  # a picture of this folder's earlier run would no longer match its history
+        if curves is None or curves.suffix != f".{fmt}":
+            (args.out / f"curves.{fmt}").unlink(missing_ok=True)
     acc = f", test accuracy {test['accuracy']:.2%}" if "accuracy" in test else ""
     print(f"test loss {test['loss']:.4f}{acc}")
-    report(f"wrote {ckpt}, {history_path}" + (f", {png}" if png else ""))
+    report(f"wrote {ckpt}, {history_path}" + (f", {curves}" if curves else ""))
     report(f"done in {time.perf_counter() - started:.1f} s")
     comm.barrier()
     return 0
