@@ -63,6 +63,8 @@ class NumpyBackend(Backend):
                 # Read as unsigned, -1 would be 2**bits - 1, not beyond so many classes:
                 # here every non-negative label is in range, so only the sign matters.
                 return bool(labels.min() >= 0)
+            if not labels.dtype.isnative:  # the unsigned view below is in native byte order
+                labels = labels.astype(labels.dtype.newbyteorder("="))
             labels = labels.view(_UNSIGNED[labels.dtype.itemsize])
         return int(_max_reduce(labels)) < num_classes  # the ufunc itself: ndarray.max adds a Python call
 
@@ -303,6 +305,9 @@ class NumpyBackend(Backend):
                 and weight_decay == 0.0 and value.ndim and value.flags.writeable):
             # The steady momentum step, tested first: the hand-written loop's three statements
             # (block by block for a large parameter).
+            # float(): a NumPy float64 lr would add a float64 step in the one-pass form but a float32
+            # one in the blocked form; as Python floats both give the same bits
+            lr, momentum = float(lr), float(momentum)
             if value.size < _SGD_BLOCKED_MIN or not _sgd_momentum_blocked(value, grad, buf, lr, momentum):
                 buf *= momentum
                 buf += grad
@@ -533,7 +538,10 @@ def _cached(cache: dict[Any, np.ndarray], key: Any, make: Any) -> np.ndarray:
     a = cache.get(key)
     if a is None:
         if len(cache) >= _CACHE_LIMIT:
-            cache.pop(next(iter(cache)))  # the oldest key: batch sizes change rarely
+            try:  # the oldest key (batch sizes change rarely); another thread may be evicting too
+                cache.pop(next(iter(cache), None), None)
+            except RuntimeError:  # the dict changed size under the iterator
+                pass
         a = make()
         a.flags.writeable = False
         cache[key] = a
@@ -550,9 +558,15 @@ def _row_starts(n: int, c: int) -> np.ndarray:
     return starts if starts is not None else _cached(_ROW_STARTS, (n, c), lambda: np.arange(0, n * c, c))
 
 
+_ROW_SUM_GEMV_MAX = 1024
+
+
 def _row_sum(a: np.ndarray) -> np.ndarray:
     """``a.sum(axis=1)`` for 2-D float32/float64 ``a`` as a GEMV with ones: NumPy's reduction along
-    short rows costs ~20 ns a row (47 us at 2048 x 10), BLAS's product 6 us."""
+    short rows costs ~20 ns a row (47 us at 2048 x 10), BLAS's product 6 us. Long rows keep NumPy's
+    pairwise sum: BLAS accumulates in order, 5-8x the float32 error at 250k classes."""
+    if a.shape[1] > _ROW_SUM_GEMV_MAX:
+        return a.sum(axis=1)
     return np.matmul(a, _ones(a.shape[1], a.dtype))
 
 

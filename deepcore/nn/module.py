@@ -116,18 +116,22 @@ def _forward_entry(impl: Callable[..., tuple[Array, Backward]]) -> Callable[...,
             return y, _params_only(backward)
         return y, backward
 
-    forward._deepcore_entry = True  # type: ignore[attr-defined]
-    #: The subclass's own ``forward(x, train)``: a container inside a forward call (where this
-    #: wrapper would only count the depth) calls it directly.
-    forward._deepcore_impl = impl  # type: ignore[attr-defined]
+    _ENTRY_IMPL[forward] = impl
     return forward
+
+
+#: Each wrapper ``_forward_entry`` made -> the subclass's own ``forward(x, train)``, which a container
+#: inside a forward call (where the wrapper would only count the depth) calls directly. Keyed by the
+#: wrapper itself, not marked by an attribute on it, since ``functools.wraps`` copies attributes: a
+#: user's own ``forward`` decorated with ``wraps(nn.ReLU.forward)`` must neither be skipped nor unwrapped.
+_ENTRY_IMPL: dict[Callable[..., Any], Callable[..., tuple[Array, Backward]]] = {}
 
 
 def inner_forward(layer: Module, x: Array, train: bool) -> tuple[Array, Backward]:
     """``layer.forward(x, train=train)`` for a container's child, called from inside the container's
     own ``forward`` (the depth is already above zero, so the entry wrapper would change nothing):
     the layer's own ``forward`` directly, without the wrapper, unless the instance overrides it."""
-    impl = getattr(type(layer).forward, "_deepcore_impl", None)
+    impl = _ENTRY_IMPL.get(type(layer).forward)
     if impl is None or "forward" in layer.__dict__:
         return layer.forward(x, train=train)
     return impl(layer, x, train)
@@ -187,7 +191,7 @@ class Module:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         impl = cls.__dict__.get("forward")
-        if impl is not None and not getattr(impl, "_deepcore_entry", False):
+        if impl is not None and impl not in _ENTRY_IMPL:
             cls.forward = _forward_entry(impl)  # type: ignore[method-assign]
 
     def __init__(self) -> None:
