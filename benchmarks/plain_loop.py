@@ -1,21 +1,27 @@
 """The README's plain training loop against the same step hand-written in NumPy and PyTorch eager,
-each contender in its own process, alternated, medians of several rounds.
+each contender in its own process, in lockstep rounds, medians of per-round ratios.
 
-    python benchmarks/plain_loop.py                      # 1 and 2 threads, every size (~5 min)
-    python benchmarks/plain_loop.py --threads 2 --rounds 3 --sizes 784-256-10:32
+    python benchmarks/plain_loop.py                      # 1 and 2 threads, every size (~8 min)
+    python benchmarks/plain_loop.py --threads 2 --rounds 9 --sizes 784-256-10:32
 
-For every (MLP, batch) and thread count, each round starts one fresh process per contender (in
-turn, so a slow minute of a shared machine hits all of them) that builds the workload of
-``deepcore.bench`` (the same code as ``deepcore bench`` and the pytest suite), warms it up, and
-reports the median of 7 samples of at least 0.2 s each; the contender's figure is the median over
-rounds, and each ratio is the median over rounds of the two processes' figures in that round.
+For every (MLP, batch) and thread count, one process per contender starts and stays: each builds
+the workload of ``deepcore.bench`` (the same code as ``deepcore bench`` and the pytest suite) and
+warms up. Then, round after round, each process in turn (the order rotating) runs the same number
+of steps, about ``--chunk`` seconds of deepcore's, while the others wait on their pipe; a short
+idle gap before each turn lets the previous process's BLAS/OpenMP threads stop spinning. A
+contender's figure is the median over rounds of its time per step; each ratio is the median of
+the per-round ratios, with their quartiles. Rounds a few seconds apart see the same state of a
+shared machine, whose speed drifts by 10-30% over seconds; earlier versions of this script started
+a process per contender per round and compared figures taken a minute apart, and a faster
+contender got further into training, where repeating one batch breeds subnormal numbers in the
+momentum buffer that slow its update: here every contender is at the same step in every round.
 
 Contenders: ``numpy`` (deepcore's loop as the README writes it: forward, loss, ``backward(g)``,
 ``opt.step()``, ``opt.zero_grad()``), ``numpy-plain`` (the step by hand in NumPy), ``torch``
 (PyTorch eager), and the matrix products of the step alone in NumPy and torch (``gemms``), the
 floor that each library's BLAS sets. Only deepcore's process keeps its allocator tuning
 (deepcore/backend/malloc_tuning.py); the others run with glibc's defaults, as a user's own
-NumPy or PyTorch loop would.
+NumPy or PyTorch loop would. Only the torch contenders' processes import torch.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,30 +40,32 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = r"""
 import json, sys, time
 threads, case, contender, batch, sizes = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
-import numpy as np
-try:
+if contender.startswith("torch"):
     import torch
     torch.set_num_threads(threads)
-except ImportError:
-    pass
 from threadpoolctl import threadpool_info, threadpool_limits
 threadpool_limits(threads)
 from deepcore.bench import make_workload
-wl = make_workload(case, contender, batch=batch, sizes=tuple(int(s) for s in sizes.split("-")))
-t0 = time.perf_counter(); n = 0
-while time.perf_counter() - t0 < 0.3 or n < 20:
-    wl.fn(); n += 1
-per = (time.perf_counter() - t0) / n
-calls = max(3, int(0.2 / per))
-samples = []
-for _ in range(7):
-    t0 = time.perf_counter()
-    for _ in range(calls):
+def fresh():  # the workload from its initial state (the same seeds), warmed up
+    wl = make_workload(case, contender, batch=batch, sizes=tuple(int(s) for s in sizes.split("-")))
+    for _ in range(int(sys.argv[6])):
         wl.fn()
-    samples.append((time.perf_counter() - t0) / calls)
-blas = [p for p in threadpool_info() if p["user_api"] == "blas"][0]
-print(json.dumps({"median": sorted(samples)[3], "blas": f"{blas['internal_api']} {blas['version']} "
-                  f"{blas.get('architecture')}", "blas_threads": blas["num_threads"]}))
+    return wl
+wl = fresh()
+blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+blas = f"{blas[0]['internal_api']} {blas[0]['version']} {blas[0].get('architecture')}" if blas else None
+print(json.dumps({"ready": True, "blas": blas}), flush=True)
+for line in sys.stdin:  # "reset": start training again; "N": run N steps, answer the seconds they took
+    if line.strip() == "reset":
+        del wl
+        wl = fresh()
+        print(json.dumps({"ready": True}), flush=True)
+        continue
+    n = int(line)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        wl.fn()
+    print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
 """
 
 CONTENDERS = (("mlp_step", "numpy"), ("mlp_step", "numpy-plain"), ("mlp_step", "torch"),
@@ -71,58 +80,139 @@ def _cpu() -> str:
     return "unknown CPU"
 
 
-def _run(threads: int, case: str, contender: str, sizes: str, batch: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
-    env["PYTHONPATH"] = str(ROOT)
-    if (case, contender) != ("mlp_step", "numpy"):
-        # The baselines run as their users run them: glibc's allocator as it comes (deepcore's NumPy
-        # backend, which every worker imports, would otherwise tune it for them too).
-        env["DEEPCORE_MALLOC_TUNING"] = "0"
-    out = subprocess.run([sys.executable, "-c", WORKER, str(threads), case, contender, str(batch), sizes],
-                         env=env, capture_output=True, text=True, check=True, cwd="/")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class _Worker:
+    """One contender's process, resident for a whole (threads, MLP, batch) cell: it builds its
+    workload and warms up once, then runs ``n`` steps whenever asked and says how long they took."""
+
+    def __init__(self, threads: int, case: str, contender: str, sizes: str, batch: int, warmup: int) -> None:
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+        env["PYTHONPATH"] = str(ROOT)
+        if (case, contender) != ("mlp_step", "numpy"):
+            # The baselines run as their users run them: glibc's allocator as it comes (deepcore's NumPy
+            # backend, which every worker imports, would otherwise tune it for them too).
+            env["DEEPCORE_MALLOC_TUNING"] = "0"
+        self.proc = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), case, contender, str(batch), sizes,
+                                      str(warmup)], env=env, cwd="/", text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.name = f"{case}:{contender}"
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"{self.name}: the worker ended (exit status {self.proc.wait()})")
+        return json.loads(line)
+
+    def ready(self) -> dict:
+        return self._answer()
+
+    def reset(self) -> None:
+        self.proc.stdin.write("reset\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        self._answer()
+
+    def run(self, steps: int) -> float:
+        self.proc.stdin.write(f"{steps}\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self._answer()["seconds"] / steps
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        self.proc.wait(timeout=60)
 
 
-def _ratio(per: dict[tuple[str, str], list[float]], a: tuple[str, str], b: tuple[str, str]) -> float:
-    """The median over rounds of a's figure over b's in the same round."""
-    return statistics.median(x / y for x, y in zip(per[a], per[b], strict=True))
+#: A fresh turn's most steps: from the initial weights a dead unit's momentum takes ~700 steps of
+#: 0.9x decay to reach the subnormals, so a fresh turn measures the step without them.
+FRESH_MAX_STEPS = 300
+
+
+def _cell(threads: int, sizes: str, batch: int, rounds: int, chunk_s: float,
+          gap_s: float) -> tuple[dict[str, dict], str | None]:
+    """Every contender's per-step time in lockstep rounds: in a round each resident process in turn
+    (the order rotating) runs the same number of steps, about ``chunk_s`` seconds of deepcore's, while
+    the others wait, so a slow second of a shared machine falls on all of them.
+
+    Two modes, ``rounds`` rounds each. ``fresh``: each turn starts training again from the initial
+    weights (untimed: rebuild and warm up), then times at most FRESH_MAX_STEPS steps, the step as
+    it is early in training. ``long``: training goes on from turn to turn on the one repeated
+    batch, thousands of steps, into the regime where exactly-zero gradients have left subnormal
+    numbers in the momentum buffers; the same step counts keep every contender at the same point."""
+    warmup = 20
+    workers = [_Worker(threads, case, contender, sizes, batch, warmup) for case, contender in CONTENDERS]
+    out: dict[str, dict] = {}
+    try:
+        blas = None
+        for w in workers:  # started together, so they build and warm up at once; timed only from here
+            blas = w.ready()["blas"] or blas
+        steps = max(3, round(chunk_s / workers[0].run(warmup)))
+        for mode in ("fresh", "long"):
+            n = min(steps, FRESH_MAX_STEPS) if mode == "fresh" else steps
+            per: dict[tuple[str, str], list[float]] = {c: [] for c in CONTENDERS}
+            for w in workers:
+                w.reset()
+            for r in range(rounds):
+                for k in range(len(workers)):
+                    i = (k + r) % len(workers)
+                    if mode == "fresh" and r:
+                        workers[i].reset()
+                    time.sleep(gap_s)  # the previous process's BLAS/OpenMP threads stop spinning first
+                    per[CONTENDERS[i]].append(workers[i].run(n))
+            out[mode] = {"per": per, "steps": n}
+    finally:
+        for w in workers:
+            w.close()
+    return out, blas
+
+
+def _ratio(per: dict[tuple[str, str], list[float]], a: tuple[str, str], b: tuple[str, str]) -> dict[str, float]:
+    """The median over rounds of a's figure over b's in the same round, with the quartiles."""
+    r = sorted(x / y for x, y in zip(per[a], per[b], strict=True))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2", help="comma-separated BLAS/torch thread counts (default 1,2)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=11, help="lockstep rounds per mode and cell (default 11)")
+    ap.add_argument("--chunk", type=float, default=0.25, help="seconds of deepcore's steps per turn (default 0.25)")
+    ap.add_argument("--gap", type=float, default=0.05, help="seconds of idle between turns (default 0.05)")
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated MLP:BATCH (default: the issue's set)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    for flag, value in (("--rounds", args.rounds), ("--chunk", args.chunk)):
+        if value <= 0:
+            ap.error(f"{flag} must be positive, got {value}")
     rows, blas = [], None
     for threads in (int(t) for t in args.threads.split(",")):
         for spec in args.sizes.split(","):
             sizes, batch = spec.split(":")
-            per: dict[tuple[str, str], list[float]] = {c: [] for c in CONTENDERS}
-            for _ in range(args.rounds):
-                for c in CONTENDERS:
-                    r = _run(threads, c[0], c[1], sizes, int(batch))
-                    per[c].append(r["median"])
-                    blas = r["blas"]
-
-            step, plain, torch = CONTENDERS[0], CONTENDERS[1], CONTENDERS[2]
-            row = {"threads": threads, "mlp": sizes, "batch": int(batch),
-                   **{f"{c[0]}:{c[1]}": statistics.median(v) for c, v in per.items()},
-                   "plain_vs_numpy": _ratio(per, step, plain), "plain_vs_torch": _ratio(per, step, torch),
-                   "gemms_numpy_vs_torch": _ratio(per, CONTENDERS[3], CONTENDERS[4])}
-            rows.append(row)
+            cell, blas = _cell(threads, sizes, int(batch), args.rounds, args.chunk, args.gap)
+            for mode, result in cell.items():
+                per = result["per"]
+                step, plain, torch = CONTENDERS[0], CONTENDERS[1], CONTENDERS[2]
+                rows.append({"threads": threads, "mlp": sizes, "batch": int(batch), "mode": mode,
+                             "steps_per_turn": result["steps"],
+                             **{f"{c[0]}:{c[1]}": statistics.median(v) for c, v in per.items()},
+                             "plain_vs_numpy": _ratio(per, step, plain), "plain_vs_torch": _ratio(per, step, torch),
+                             "gemms_numpy_vs_torch": _ratio(per, CONTENDERS[3], CONTENDERS[4]),
+                             "rounds": {f"{c[0]}:{c[1]}": v for c, v in per.items()}})
             print(f"  done: {threads} thread(s), {sizes} batch {batch}", file=sys.stderr, flush=True)
-    print(f"{_cpu()}, {os.cpu_count()} cores; BLAS {blas}; {args.rounds} alternated rounds, one process each")
-    print("threads  MLP                 batch  deepcore   by hand    torch     | deepcore/hand  deepcore/torch"
-          "  | GEMMs numpy  GEMMs torch")
+    print(f"{_cpu()}, {os.cpu_count()} cores; BLAS {blas}; {args.rounds} lockstep rounds per mode of resident "
+          f"processes, one per contender; ratio = median of per-round ratios [quartiles]")
+    print("threads  MLP                 batch  mode   deepcore   by hand    torch     | deepcore/hand         "
+          "deepcore/torch        | GEMMs numpy  GEMMs torch")
+
+    def show(r: dict) -> str:
+        return f"{r['median']:.3f}x [{r['q1']:.2f}-{r['q3']:.2f}]"
+
     for r in rows:
-        print(f"{r['threads']:>7}  {r['mlp']:<18} {r['batch']:>6}  {r['mlp_step:numpy'] * 1e3:7.3f}ms "
+        print(f"{r['threads']:>7}  {r['mlp']:<18} {r['batch']:>6}  {r['mode']:<5} {r['mlp_step:numpy'] * 1e3:7.3f}ms "
               f"{r['mlp_step:numpy-plain'] * 1e3:7.3f}ms {r['mlp_step:torch'] * 1e3:7.3f}ms | "
-              f"{r['plain_vs_numpy']:12.3f}x  {r['plain_vs_torch']:13.3f}x  | "
+              f"{show(r['plain_vs_numpy']):<21} {show(r['plain_vs_torch']):<21} | "
               f"{r['mlp_gemms:numpy'] * 1e3:9.3f}ms  {r['mlp_gemms:torch'] * 1e3:9.3f}ms")
     if args.json:
-        args.json.write_text(json.dumps({"cpu": _cpu(), "blas": blas, "rows": rows}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"cpu": _cpu(), "blas": blas, "rounds": args.rounds, "chunk_s": args.chunk,
+                                         "gap_s": args.gap, "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -1,0 +1,90 @@
+"""The NumPy backend flushes subnormal numbers out of the optimizers' moment buffers.
+
+Where a gradient entry is exactly zero for a long stretch (a dead ReLU unit, an input pixel that is
+always 0), ``buf = mu * buf`` decays into the subnormals and sticks at the smallest one, and each
+later float operation on it is a slow microcode assist on x86. The reference is PyTorch's SGD and
+Adam, which keep those subnormals: the parameters must agree, the buffers must differ only there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepcore import nn, optim
+from deepcore.backend import numpy_backend
+
+TINY = {np.float16: np.finfo(np.float16).tiny, np.float32: np.finfo(np.float32).tiny,
+        np.float64: np.finfo(np.float64).tiny}
+
+
+def _subnormal_count(a: np.ndarray) -> int:
+    a = np.asarray(a)
+    return int(np.count_nonzero((a != 0) & (np.abs(a) < TINY[a.dtype.type])))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_flush_subnormals_zeroes_exactly_the_subnormals(dtype):
+    tiny = TINY[dtype]
+    smallest = np.nextafter(dtype(0), dtype(1))
+    values = np.array([0.0, -0.0, smallest, -smallest, tiny / 2, -tiny / 3, tiny, -tiny, 1.0, -2.5,
+                       np.inf, -np.inf, np.nan, np.finfo(dtype).max], dtype=dtype)
+    a = values.copy()
+    numpy_backend.flush_subnormals(a)
+    want = values.copy()
+    want[2:6] = 0.0
+    np.testing.assert_array_equal(a, want)  # NaN compares equal to NaN here
+    assert _subnormal_count(values) == 4 and _subnormal_count(a) == 0
+    strided = np.stack([values, values])[:, ::2]  # a non-contiguous view is flushed in place too
+    numpy_backend.flush_subnormals(strided)
+    np.testing.assert_array_equal(strided[0], want[::2])
+
+
+def test_flush_subnormals_leaves_other_dtypes_alone():
+    ints = np.array([0, 1, 2**23], np.int32)
+    numpy_backend.flush_subnormals(ints)
+    np.testing.assert_array_equal(ints, [0, 1, 2**23])
+
+
+def _dead_unit_problem(n_in: int, steps: int, opt_name: str):
+    """A linear layer whose gradient row 0 is zero after the first step (that unit is dead from then
+    on): ``steps`` updates of deepcore and of torch from the same weights."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((4, n_in)).astype(np.float32)
+    grads = rng.standard_normal((steps, 4, n_in)).astype(np.float32) * 1e-3
+    grads[1:, 0] = 0.0
+    p = nn.Param(w0.copy(), "w")
+    tp = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    if opt_name == "sgd":
+        opt, topt = optim.SGD([p], lr=0.1, momentum=0.9), torch.optim.SGD([tp], lr=0.1, momentum=0.9)
+    else:
+        opt, topt = optim.Adam([p], lr=1e-3), torch.optim.Adam([tp], lr=1e-3)
+    for g in grads:
+        p.grad = g.copy()
+        opt.step()
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+    return p, tp, opt, topt
+
+
+@pytest.mark.parametrize("n_in", [8, numpy_backend._SGD_BLOCKED_MIN // 4 + 5], ids=["one-pass", "blocked"])
+def test_sgd_momentum_buffer_of_a_dead_unit_is_flushed_and_the_weights_match_torch(n_in):
+    # 0.9^t from ~1e-3 reaches the subnormals near t = 790 and the smallest one by t = 950
+    p, tp, opt, topt = _dead_unit_problem(n_in, 1000, "sgd")
+    theirs = topt.state[tp]["momentum_buffer"].numpy()
+    ours = opt.state[0]["momentum_buffer"]
+    assert _subnormal_count(theirs[0]) == n_in  # torch keeps them: the test's premise
+    assert _subnormal_count(ours) == 0
+    np.testing.assert_array_equal(ours[0], 0.0)
+    np.testing.assert_allclose(ours[1:], theirs[1:], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(p.value, tp.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_adam_moments_of_a_dead_unit_are_flushed_and_the_weights_match_torch():
+    p, tp, opt, topt = _dead_unit_problem(16, 1000, "adam")
+    theirs = topt.state[tp]["exp_avg"].numpy()
+    assert _subnormal_count(theirs[0]) > 0
+    assert _subnormal_count(opt.state[0]["exp_avg"]) == 0
+    assert _subnormal_count(opt.state[0]["exp_avg_sq"]) == 0
+    np.testing.assert_allclose(p.value, tp.detach().numpy(), rtol=1e-5, atol=1e-6)
