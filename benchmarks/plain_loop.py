@@ -1,12 +1,12 @@
 """The README's plain training loop against the same step hand-written in NumPy and PyTorch eager,
 each contender in its own process, in lockstep rounds, medians of per-round ratios.
 
-    python benchmarks/plain_loop.py                      # 1 and 2 threads, every size (~8 min)
+    python benchmarks/plain_loop.py                      # 1 and 2 threads, every size (~12 min)
     python benchmarks/plain_loop.py --threads 2 --rounds 9 --sizes 784-256-10:32
 
 For every (MLP, batch) and thread count, one process per contender starts and stays: each builds
 the workload of ``deepcore.bench`` (the same code as ``deepcore bench`` and the pytest suite) and
-warms up. Then, round after round, each process in turn (the order rotating) runs the same number
+warms up. Then, round after round, each process in turn (a fixed order, reversed every other round) runs the same number
 of steps, about ``--chunk`` seconds of deepcore's, while the others wait on their pipe; a short
 idle gap before each turn lets the previous process's BLAS/OpenMP threads stop spinning. A
 contender's figure is the median over rounds of its time per step; each ratio is the median of
@@ -46,19 +46,19 @@ if contender.startswith("torch"):
 from threadpoolctl import threadpool_info, threadpool_limits
 threadpool_limits(threads)
 from deepcore.bench import make_workload
-def fresh():  # the workload from its initial state (the same seeds), warmed up
+def fresh(warmup):  # the workload from its initial state (the same seeds), warmed up
     wl = make_workload(case, contender, batch=batch, sizes=tuple(int(s) for s in sizes.split("-")))
-    for _ in range(int(sys.argv[6])):
+    for _ in range(warmup):
         wl.fn()
     return wl
-wl = fresh()
+wl = fresh(int(sys.argv[6]))
 blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
 blas = f"{blas[0]['internal_api']} {blas[0]['version']} {blas[0].get('architecture')}" if blas else None
 print(json.dumps({"ready": True, "blas": blas}), flush=True)
 for line in sys.stdin:  # "reset": start training again; "N": run N steps, answer the seconds they took
     if line.strip() == "reset":
         del wl
-        wl = fresh()
+        wl = fresh(3)
         print(json.dumps({"ready": True}), flush=True)
         continue
     n = int(line)
@@ -120,6 +120,10 @@ class _Worker:
         self.proc.wait(timeout=60)
 
 
+#: The turns of a round, reversed every other round (so a steady drift of the machine's speed
+#: cancels over two rounds): deepcore's loop between the two steps it is compared with, each GEMM
+#: floor next to its library's step.
+TURN_ORDER = (3, 1, 0, 2, 4)
 #: A fresh turn's most steps: from the initial weights a dead unit's momentum takes ~700 steps of
 #: 0.9x decay to reach the subnormals, so a fresh turn measures the step without them.
 FRESH_MAX_STEPS = 300
@@ -128,8 +132,8 @@ FRESH_MAX_STEPS = 300
 def _cell(threads: int, sizes: str, batch: int, rounds: int, chunk_s: float,
           gap_s: float) -> tuple[dict[str, dict], str | None]:
     """Every contender's per-step time in lockstep rounds: in a round each resident process in turn
-    (the order rotating) runs the same number of steps, about ``chunk_s`` seconds of deepcore's, while
-    the others wait, so a slow second of a shared machine falls on all of them.
+    (in TURN_ORDER, reversed every other round) runs the same number of steps, about ``chunk_s``
+    seconds of deepcore's, while the others wait, so a slow second of a shared machine falls on all.
 
     Two modes, ``rounds`` rounds each. ``fresh``: each turn starts training again from the initial
     weights (untimed: rebuild and warm up), then times at most FRESH_MAX_STEPS steps, the step as
@@ -150,8 +154,7 @@ def _cell(threads: int, sizes: str, batch: int, rounds: int, chunk_s: float,
             for w in workers:
                 w.reset()
             for r in range(rounds):
-                for k in range(len(workers)):
-                    i = (k + r) % len(workers)
+                for i in TURN_ORDER if r % 2 == 0 else TURN_ORDER[::-1]:
                     if mode == "fresh" and r:
                         workers[i].reset()
                     time.sleep(gap_s)  # the previous process's BLAS/OpenMP threads stop spinning first
@@ -173,9 +176,9 @@ def _ratio(per: dict[tuple[str, str], list[float]], a: tuple[str, str], b: tuple
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default="1,2", help="comma-separated BLAS/torch thread counts (default 1,2)")
-    ap.add_argument("--rounds", type=int, default=11, help="lockstep rounds per mode and cell (default 11)")
-    ap.add_argument("--chunk", type=float, default=0.25, help="seconds of deepcore's steps per turn (default 0.25)")
-    ap.add_argument("--gap", type=float, default=0.05, help="seconds of idle between turns (default 0.05)")
+    ap.add_argument("--rounds", type=int, default=25, help="lockstep rounds per mode and cell (default 25)")
+    ap.add_argument("--chunk", type=float, default=0.1, help="seconds of deepcore's steps per turn (default 0.1)")
+    ap.add_argument("--gap", type=float, default=0.03, help="seconds of idle between turns (default 0.03)")
     ap.add_argument("--sizes", default=",".join(SIZES), help="comma-separated MLP:BATCH (default: the issue's set)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
