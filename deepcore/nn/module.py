@@ -277,8 +277,22 @@ class Module:
         extra states, as references (no copies). That undoes anything that replaces arrays (a
         forward pass's buffer updates, :meth:`load_state_dict`, :meth:`to`), not in-place writes
         such as an optimizer step."""
-        return ModuleSnapshot([(p, p.value, p.grad) for p in self.parameters()], dict(self.named_buffers()),
-                              self.extra_states())
+        # One walk for all three (fit takes a snapshot every step); the same contents and order as
+        # parameters(), named_buffers() and extra_states().
+        params: list[tuple[Param, Array, Array | None]] = []
+        buffers: dict[str, Array] = {}
+        extra: dict[str, Any] = {}
+        base_extra = Module.get_extra_state
+        for path, m in self.named_modules():
+            for p in m._params.values():
+                params.append((p, p.value, p.grad))
+            for name, b in m._buffers.items():
+                buffers[f"{path}.{name}" if path else name] = b
+            if type(m).get_extra_state is not base_extra or "get_extra_state" in m.__dict__:
+                st = m.get_extra_state()
+                if st is not None:
+                    extra[path] = st
+        return ModuleSnapshot(params, buffers, extra)
 
     def restore(self, snapshot: ModuleSnapshot) -> None:
         """Put back what :meth:`snapshot` took."""
