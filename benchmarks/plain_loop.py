@@ -116,8 +116,12 @@ class _Worker:
         return self._answer()["seconds"] / steps
 
     def close(self) -> None:
-        self.proc.stdin.close()  # type: ignore[union-attr]
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+            self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):  # a worker that died or hangs: never leave it behind
+            self.proc.kill()
+            self.proc.wait()
 
 
 #: The turns of a round, reversed every other round (so a steady drift of the machine's speed
@@ -185,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--rounds", args.rounds), ("--chunk", args.chunk)):
         if value <= 0:
             ap.error(f"{flag} must be positive, got {value}")
+    if args.gap < 0:
+        ap.error(f"--gap must be >= 0, got {args.gap}")
     rows, blas = [], None
     for threads in (int(t) for t in args.threads.split(",")):
         for spec in args.sizes.split(","):

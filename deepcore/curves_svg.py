@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape as _xml_escape
 
 if TYPE_CHECKING:
     from .callbacks import History
@@ -27,6 +27,11 @@ _STYLES = (("", "train ", "#1f77b4", ""), ("val_", "validation ", "#ff7f0e", ' s
 _FONT = 'font-family="DejaVu Sans, Helvetica, Arial, sans-serif"'
 
 
+def escape(text: str) -> str:
+    """XML-escaped, without the control characters XML forbids (a data set's file name may hold one)."""
+    return _xml_escape("".join(c for c in text if c >= " " or c in "\t\n"))
+
+
 def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
     """Ticks covering [lo, hi]: a step of 1, 2 or 5 x 10^k giving about ``target`` intervals,
     the first tick at or below ``lo`` and the last at or above ``hi``."""
@@ -34,7 +39,7 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
         raise ValueError(f"nice_ticks: the range must be finite, got [{lo}, {hi}]")
     if hi < lo:
         lo, hi = hi, lo
-    if hi == lo:  # one value: a unit interval around it, at its own scale
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi)):  # one value (to a few ulps): an interval around it
         pad = abs(lo) * 0.05 or 0.5
         lo, hi = lo - pad, hi + pad
     raw = (hi - lo) / max(1, target)

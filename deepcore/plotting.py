@@ -76,7 +76,11 @@ def training_curves(history: History, path: str | Path, note: Callable[[str], No
     if path.suffix.lower() == ".svg":
         from .curves_svg import curves_svg
 
-        text = curves_svg(history, curves_title(dataset, model, test_accuracy))
+        try:
+            text = curves_svg(history, curves_title(dataset, model, test_accuracy))
+        except (ValueError, OverflowError) as exc:  # values no axis can span (+-1e308): no picture, not a failed run
+            note(f"could not draw {path.name}: {exc}")
+            return None
         return write_bytes_atomic(path, text.encode("utf-8"))
     fig = training_curves_figure(history, dataset=dataset, model=model, test_accuracy=test_accuracy)
     if fig is None:

@@ -104,7 +104,17 @@ def test_a_non_finite_value_breaks_the_line_and_a_lone_epoch_is_a_dot():
     np.testing.assert_allclose(dots["accuracy"]["train accuracy"], [[1.0, 90.0]], atol=0.05)
 
 
+def test_nearly_equal_and_huge_values():
+    rows = [{"epoch": e, "loss": v, "accuracy": 0.5} for e, v in ((1, 0.6931471805599453), (2, 0.6931471805599454))]
+    ET.fromstring(curves_svg(History(rows), "t"))  # a range of one ulp: drawn as one value
+    notes = []
+    huge = History([{"epoch": 1, "loss": 1e308, "accuracy": 0.5}, {"epoch": 2, "loss": -1e308, "accuracy": 0.5}])
+    assert training_curves(huge, "/nonexistent-dir-never-written/c.svg", note=notes.append) is None
+    assert notes and notes[0].startswith("could not draw c.svg")
+
+
 def test_text_is_escaped():
+    assert ET.fromstring(curves_svg(_history(2), "data\x01set")).find("s:text[@class='title']", NS).text == "dataset"
     svg = curves_svg(_history(2), 'a <b> & "c"')
     assert ET.fromstring(svg).find("s:text[@class='title']", NS).text == 'a <b> & "c"'
 

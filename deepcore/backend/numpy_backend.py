@@ -385,8 +385,8 @@ class NumpyBackend(Backend):
         v *= beta2
         v += scratch
         if _flush_due(m):
+            # m only: v (0.999^t, far slower to decay) flushed while m is not would leave m / (sqrt(0) + eps)
             flush_subnormals(m)
-            flush_subnormals(v)
         step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
         np.sqrt(v, out=scratch)
         scratch /= bc2_sqrt
@@ -515,11 +515,12 @@ _EXPONENT_BITS = {2: (np.dtype(np.int16), 0x7C00), 4: (np.dtype(np.int32), 0x7F8
 def _flush_due(buf: np.ndarray) -> bool:
     """True on one call in ``_FLUSH_EVERY`` for each buffer (told apart by ``id``; a reused id only
     shifts that buffer's phase)."""
-    key = id(buf)
+    base = buf.base  # a 0-d buffer is updated through a fresh 1-element view each call: its base's phase
+    key = id(buf if base is None else base)
     phase = _flush_phase.get(key, 0) + 1
     if phase >= _FLUSH_EVERY:
         phase = 0
-    elif len(_flush_phase) > 4096:  # buffers of optimizers long gone
+    elif len(_flush_phase) > 1 << 16:  # buffers of optimizers long gone
         _flush_phase.clear()
     _flush_phase[key] = phase
     return phase == 0
@@ -536,7 +537,7 @@ def flush_subnormals(a: np.ndarray) -> None:
     changes nothing a parameter can see (``lr`` times a subnormal is below its resolution unless the
     parameter is itself below 1e-30). The test reads the exponent as integer bits, no float op."""
     spec = _EXPONENT_BITS.get(a.dtype.itemsize) if a.dtype.kind == "f" else None
-    if spec is None or a.size == 0:
+    if spec is None or a.size == 0 or not a.dtype.isnative:  # the integer view reads native byte order
         return
     mask = np.bitwise_and(a.view(spec[0]), spec[1])
     np.copyto(a, 0, where=np.equal(mask, 0))  # (zeros rewritten as zeros)
