@@ -21,7 +21,9 @@ Contenders: ``numpy`` (deepcore's loop as the README writes it: forward, loss, `
 (PyTorch eager), and the matrix products of the step alone in NumPy and torch (``gemms``), the
 floor that each library's BLAS sets. Only deepcore's process keeps its allocator tuning
 (deepcore/backend/malloc_tuning.py); the others run with glibc's defaults, as a user's own
-NumPy or PyTorch loop would. Only the torch contenders' processes import torch.
+NumPy or PyTorch loop would. Only the torch contenders' processes import torch. Each process
+pins its pools after NumPy (and torch) are loaded, since threadpoolctl reaches only the libraries
+already loaded, and stops with an error unless every pool runs at the thread count asked for.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = r"""
 import json, sys, time
 threads, case, contender, batch, sizes = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+import numpy  # loaded before the pools are pinned: threadpoolctl pins only the libraries loaded
 if contender.startswith("torch"):
     import torch
     torch.set_num_threads(threads)
@@ -52,9 +55,17 @@ def fresh(warmup):  # the workload from its initial state (the same seeds), warm
         wl.fn()
     return wl
 wl = fresh(int(sys.argv[6]))
-blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+pools = threadpool_info()
+# Every pool, and torch's, at the count asked for, or the cell's figures would mean nothing.
+wrong = [f"{p['internal_api']} {p['filepath']}: {p['num_threads']}" for p in pools if p["num_threads"] != threads]
+if contender.startswith("torch") and torch.get_num_threads() != threads:
+    wrong.append(f"torch: {torch.get_num_threads()}")
+if wrong:
+    sys.exit(f"{contender}: asked for {threads} thread(s), running with " + "; ".join(wrong))
+blas = [p for p in pools if p["user_api"] == "blas"]
 blas = f"{blas[0]['internal_api']} {blas[0]['version']} {blas[0].get('architecture')}" if blas else None
-print(json.dumps({"ready": True, "blas": blas}), flush=True)
+print(json.dumps({"ready": True, "blas": blas, "threads": {p["internal_api"]: p["num_threads"] for p in pools}}),
+      flush=True)
 for line in sys.stdin:  # "reset": start training again; "N": run N steps, answer the seconds they took
     if line.strip() == "reset":
         del wl
@@ -85,7 +96,8 @@ class _Worker:
     workload and warms up once, then runs ``n`` steps whenever asked and says how long they took."""
 
     def __init__(self, threads: int, case: str, contender: str, sizes: str, batch: int, warmup: int) -> None:
-        env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") and not k.endswith("_NUM_THREADS")}
         env["PYTHONPATH"] = str(ROOT)
         if (case, contender) != ("mlp_step", "numpy"):
             # The baselines run as their users run them: glibc's allocator as it comes (deepcore's NumPy
