@@ -234,3 +234,22 @@ def test_a_numpy_workload_loads_no_other_library():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'jax', 'dask', 'scipy', 'cupy'}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_plain_loop_workers_run_at_the_thread_count_asked_for():
+    """benchmarks/plain_loop.py pins each worker's pools after NumPy is loaded: threadpoolctl reaches
+    only loaded libraries, and a worker pinned before NumPy ran its "1 thread" rows on every core."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plain_loop.py"
+    spec = importlib.util.spec_from_file_location("plain_loop_under_test", path)
+    plain_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain_loop)
+    worker = plain_loop._Worker(1, "mlp_step", "numpy", "8-4-2", 4, 1)
+    try:
+        ready = worker.ready()
+        assert ready["threads"] and all(n == 1 for n in ready["threads"].values()), ready
+        assert worker.run(2) > 0
+    finally:
+        worker.close()
