@@ -282,16 +282,13 @@ class Module:
         params: list[tuple[Param, Array, Array | None]] = []
         buffers: dict[str, Array] = {}
         extra: dict[str, Any] = {}
-        base_extra = Module.get_extra_state
         for path, m in self.named_modules():
             for p in m._params.values():
                 params.append((p, p.value, p.grad))
             for name, b in m._buffers.items():
                 buffers[f"{path}.{name}" if path else name] = b
-            if type(m).get_extra_state is not base_extra or "get_extra_state" in m.__dict__:
-                st = m.get_extra_state()
-                if st is not None:
-                    extra[path] = st
+            if (st := m.get_extra_state()) is not None:
+                extra[path] = st
         return ModuleSnapshot(params, buffers, extra)
 
     def restore(self, snapshot: ModuleSnapshot) -> None:
