@@ -271,14 +271,16 @@ def test_a_float32_training_step_makes_no_float64_array(monkeypatch):
         def wrapped(*args, **kwargs):
             out = method(*args, **kwargs)
             for a in (*args, *kwargs.values(), *(out if isinstance(out, tuple) else (out,))):
-                if isinstance(a, np.ndarray) and a.dtype.kind == "f":
-                    seen.append((name, a.dtype))
+                for b in (a if isinstance(a, list | tuple) else (a,)):  # sgd_update_many's lists
+                    for c in (b if isinstance(b, list | tuple) else (b,)):
+                        if isinstance(c, np.ndarray) and c.dtype.kind == "f":
+                            seen.append((name, c.dtype))
             return out
 
         monkeypatch.setattr(nb, name, wrapped)
 
     for name in ("linear", "linear_backward", "relu", "relu_backward", "softmax_cross_entropy", "sgd_update",
-                 "add_into", "dropout_mask"):
+                 "sgd_update_many", "add_into", "dropout_mask"):
         spy(name)
     rng = np.random.default_rng(4)
     model = nn.Sequential(nn.Linear(20, 16, seed=0), nn.ReLU(), nn.Dropout(0.1, seed=0), nn.Linear(16, 4, seed=1))
@@ -292,7 +294,8 @@ def test_a_float32_training_step_makes_no_float64_array(monkeypatch):
         assert loss.dtype == np.float32 and grad.dtype == np.float32 and pred.dtype == np.float32
         back(grad, need_input_grad=need)
         opt.step()
-    assert {name for name, _ in seen} >= {"linear", "linear_backward", "relu", "softmax_cross_entropy", "sgd_update"}
+    assert {name for name, _ in seen} >= {"linear", "linear_backward", "relu", "softmax_cross_entropy",
+                                         "sgd_update_many"}
     assert all(dt == np.float32 for _, dt in seen), sorted({(n, str(d)) for n, d in seen if d != np.float32})
     for p in model.parameters():
         assert p.value.dtype == np.float32 and p.grad.dtype == np.float32

@@ -308,3 +308,74 @@ def test_short_batch_linear_product_matches_torch_in_c_order(n, bias):
     want = F.linear(torch.from_numpy(x), torch.from_numpy(w), None if b is None else torch.from_numpy(b)).numpy()
     assert y.shape == (n, 256) and y.dtype == np.float32 and y.flags.c_contiguous
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+_SGD_CONFIGS = [dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0),
+                dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=1e-2),
+                dict(momentum=0.8, dampening=0.3, nesterov=False, weight_decay=0.0),
+                dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=1e-2)]
+
+
+@pytest.mark.parametrize("config", _SGD_CONFIGS, ids=["steady", "nesterov+wd", "dampening", "no-momentum"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_update_many_is_bitwise_the_per_parameter_update(config, dtype):
+    # One group's parameters in one call, as SGD.step makes it: a blocked-size matrix, a vector, a 0-d
+    # scalar, a read-only parameter and a parameter on its first step (no buffer yet), for 20 steps that
+    # cross a flush step; the reference is sgd_update called per parameter.
+    nb = dc.get_backend("numpy")
+    rng = np.random.default_rng(7)
+    shapes = [(numpy_backend._SGD_BLOCKED_MIN // 100 + 1, 100), (13,), (), (5, 3), (4,)]
+    values = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    values[3].flags.writeable = False
+    ref = [v.copy() for v in values]
+    ref[3].flags.writeable = False
+    bufs: list = [None] * len(shapes)
+    ref_bufs: list = [None] * len(shapes)
+    for step in range(1, 21):
+        grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        live = range(len(shapes)) if step > 2 else range(len(shapes) - 1)  # the last joins at step 3
+        out_v, out_b = nb.sgd_update_many([values[i] for i in live], [grads[i] for i in live],
+                                          [bufs[i] for i in live], lr=0.05, step=step, **config)
+        for k, i in enumerate(live):
+            values[i], bufs[i] = out_v[k], out_b[k]
+            ref[i], ref_bufs[i] = nb.sgd_update(ref[i], grads[i].copy(), ref_bufs[i], lr=0.05,
+                                                first_step=ref_bufs[i] is None, **config)
+        for i in live:
+            np.testing.assert_array_equal(values[i], ref[i], err_msg=f"step {step}, parameter {i}")
+            if config["momentum"]:
+                np.testing.assert_array_equal(bufs[i], ref_bufs[i])
+            else:
+                assert bufs[i] is None
+    assert values[2].shape == () and isinstance(values[2], np.ndarray)
+
+
+def test_sgd_update_many_of_the_reference_backend_loops_its_sgd_update():
+    import array_api_compat.numpy as np_compat
+
+    from deepcore.backend import Backend
+
+    ref = Backend(np_compat, name="reference")  # the array-API code, no NumPy override
+    rng = np.random.default_rng(8)
+    values = [rng.standard_normal(s) for s in ((3, 2), (4,))]
+    grads = [rng.standard_normal(s) for s in ((3, 2), (4,))]
+    bufs = [None, rng.standard_normal(4)]
+    out_v, out_b = ref.sgd_update_many(values, grads, bufs, lr=0.1, momentum=0.9, dampening=0.0,
+                                       nesterov=False, weight_decay=0.0, step=1)
+    np.testing.assert_allclose(out_v[0], values[0] - 0.1 * grads[0], rtol=1e-15)
+    np.testing.assert_allclose(out_b[0], grads[0], rtol=1e-15)
+    np.testing.assert_allclose(out_b[1], 0.9 * bufs[1] + grads[1], rtol=1e-15)
+    np.testing.assert_allclose(out_v[1], values[1] - 0.1 * out_b[1], rtol=1e-15)
+
+
+def test_an_sgd_subclass_with_its_own_update_rule_is_still_called_per_parameter():
+    class SignSGD(optim.SGD):
+        def _update(self, p, backend, grad, state, group):
+            p.value = p.value - group["lr"] * np.sign(grad)
+
+    params = [nn.Param(np.zeros(3, np.float32), "a"), nn.Param(np.zeros(2, np.float32), "b")]
+    opt = SignSGD(params, lr=0.5, momentum=0.9)
+    params[0].grad = np.array([2.0, -3.0, 0.0], np.float32)
+    params[1].grad = np.array([-1e-9, 7.0], np.float32)
+    opt.step()
+    np.testing.assert_array_equal(params[0].value, [-0.5, 0.5, 0.0])
+    np.testing.assert_array_equal(params[1].value, [0.5, -0.5])

@@ -111,3 +111,67 @@ def test_big_endian_and_0d_buffers():
         opt.step()
     assert len(numpy_backend._flush_phase) <= before + 2  # one phase for the 0-d buffer, not one per call
     assert _subnormal_count(opt.state[0]["momentum_buffer"]) == 0
+
+
+def _flush_calls(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = numpy_backend.flush_subnormals
+
+    def spy(a):
+        calls.append(a.size)
+        real(a)
+
+    monkeypatch.setattr(numpy_backend, "flush_subnormals", spy)
+    return calls
+
+
+@pytest.mark.parametrize("n_in", [8, numpy_backend._SGD_BLOCKED_MIN // 4 + 5], ids=["one-pass", "blocked"])
+def test_sgd_skips_the_flush_while_no_update_underflows(monkeypatch, n_in):
+    # Early in training nothing underflows: the flush steps pass no buffer to flush_subnormals.
+    calls = _flush_calls(monkeypatch)
+    rng = np.random.default_rng(5)
+    p = nn.Param(rng.standard_normal((4, n_in)).astype(np.float32), "w")
+    opt = optim.SGD([p], lr=0.1, momentum=0.9)
+    for _ in range(3 * numpy_backend._FLUSH_EVERY):
+        p.grad = rng.standard_normal((4, n_in)).astype(np.float32)
+        opt.step()
+    assert calls == []
+
+
+@pytest.mark.parametrize("n_in", [8, numpy_backend._SGD_BLOCKED_MIN // 4 + 5], ids=["one-pass", "blocked"])
+def test_sgd_flushes_a_buffer_at_the_first_flush_step_after_it_underflows(monkeypatch, n_in):
+    calls = _flush_calls(monkeypatch)
+    every = numpy_backend._FLUSH_EVERY
+    p = nn.Param(np.ones((4, n_in), np.float32), "w")
+    opt = optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = np.ones((4, n_in), np.float32)
+    opt.step()
+    opt.state[0]["momentum_buffer"][0] = 2e-38  # x 0.9 per step: subnormal from the 2nd step on
+    while opt.step_count < every - 1:
+        p.grad = np.zeros((4, n_in), np.float32)
+        opt.step()
+    buf = opt.state[0]["momentum_buffer"]
+    assert _subnormal_count(buf) == n_in and calls == []
+    p.grad = np.zeros((4, n_in), np.float32)
+    opt.step()  # step `every`: its update underflows, the buffer (or its blocks with row 0) is flushed
+    assert calls and _subnormal_count(buf) == 0
+    np.testing.assert_array_equal(buf[0], 0.0)
+    np.testing.assert_allclose(buf[1:], 0.9 ** (every - 1), rtol=1e-5)
+
+
+def test_sgd_flushes_an_exact_power_of_two_decay_on_the_periodic_full_flush():
+    # momentum 0.5 halves 2**-127 (subnormal) exactly down to 2**-149: no underflow is raised, so the
+    # watched flush steps miss it and only the periodic flush of every buffer catches it.
+    always = numpy_backend._FLUSH_ALWAYS_EVERY
+    p = nn.Param(np.ones(4, np.float32), "w")
+    opt = optim.SGD([p], lr=0.1, momentum=0.5)
+    p.grad = np.zeros(4, np.float32)
+    opt.step()
+    buf = opt.state[0]["momentum_buffer"]
+    while opt.step_count < always - 1:
+        buf[:] = np.float32(2.0**-127)  # one exact halving per step, never down to the rounding point
+        opt.step()
+        assert _subnormal_count(buf) == 4, opt.step_count  # the watched steps (every 16th) let it be
+    buf[:] = np.float32(2.0**-127)
+    opt.step()  # step `always`: every buffer flushed
+    assert opt.step_count == always and _subnormal_count(buf) == 0

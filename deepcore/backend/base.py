@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import secrets
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -409,6 +410,20 @@ class Backend(ConvReference):
                 buf = buf * momentum + (1.0 - dampening) * d
             d = d + momentum * buf if nesterov else buf
         return value - lr * d, buf
+
+    def sgd_update_many(self, values: Sequence[Array], grads: Sequence[Array], bufs: Sequence[Array | None], *,
+                        lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                        step: int) -> tuple[list[Array], list[Array | None]]:
+        """:meth:`sgd_update` for a parameter group in one call (PyTorch's ``foreach``), a parameter's
+        first step where its buffer is None; ``step`` is the optimizer's step count (from 1), which a
+        backend may use to pace its upkeep of the buffers. Returns the new values and buffers."""
+        out_values, out_bufs = [], []
+        for value, grad, buf in zip(values, grads, bufs, strict=True):
+            value, buf = self.sgd_update(value, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
+                                         nesterov=nesterov, weight_decay=weight_decay, first_step=buf is None)
+            out_values.append(value)
+            out_bufs.append(buf)
+        return out_values, out_bufs
 
     def adam_update(self, value: Array, grad: Array, m: Array, v: Array, *, step: int, lr: float, beta1: float,
                     beta2: float, eps: float, weight_decay: float,

@@ -7,6 +7,7 @@ rest is the array-API reference in :mod:`deepcore.backend.base`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import array_api_compat.numpy as np_compat
@@ -301,26 +302,75 @@ class NumpyBackend(Backend):
     def sgd_update(self, value: np.ndarray, grad: np.ndarray, buf: np.ndarray | None, *, lr: float,
                    momentum: float, dampening: float, nesterov: bool, weight_decay: float,
                    first_step: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        # A lone call flushes each buffer on its own phase (told apart by id); the optimizers go
+        # through sgd_update_many, where the optimizer's step count says when.
+        flush = buf is not None and momentum != 0.0 and not first_step and _flush_due(buf)
+        return self._sgd(value, grad, buf, lr, momentum, dampening, nesterov, weight_decay, first_step, flush)
+
+    def sgd_update_many(self, values: Sequence[np.ndarray], grads: Sequence[np.ndarray],
+                        bufs: Sequence[np.ndarray | None], *, lr: float, momentum: float, dampening: float,
+                        nesterov: bool, weight_decay: float,
+                        step: int) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        # Every _FLUSH_EVERY optimizer steps the buffers whose update underflowed lose their subnormals
+        # (every buffer, every _FLUSH_ALWAYS_EVERY): see flush_subnormals.
+        if step % _FLUSH_EVERY or step % _FLUSH_ALWAYS_EVERY == 0:
+            return self._sgd_many(values, grads, bufs, lr, momentum, dampening, nesterov, weight_decay,
+                                  step % _FLUSH_EVERY == 0)
+        watch = _Underflow()
+        with np.errstate(under="call", call=watch):
+            return self._sgd_many(values, grads, bufs, lr, momentum, dampening, nesterov, weight_decay, watch)
+
+    def _sgd_many(self, values: Sequence[np.ndarray], grads: Sequence[np.ndarray], bufs: Sequence[np.ndarray | None],
+                  lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                  flush: _Flush) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        out_values, out_bufs = list(values), list(bufs)
+        if momentum != 0.0 and dampening == 0.0 and not nesterov and weight_decay == 0.0:
+            # The steady momentum step of every parameter in one loop: the hand-written loop's three
+            # statements each (block by block for a large parameter), none of the per-call checks.
+            # float(): a NumPy float64 lr would add a float64 step in the one-pass form but a float32
+            # one in the blocked form; as Python floats both give the same bits.
+            lr, momentum = float(lr), float(momentum)
+            neg_lr, multiply, blocked_min = -lr, np.multiply, _SGD_BLOCKED_MIN
+            for i, value in enumerate(values):
+                grad, buf = grads[i], bufs[i]
+                if buf is None or not value.ndim or not value.flags.writeable:
+                    out_values[i], out_bufs[i] = self._sgd(value, grad, buf, lr, momentum, 0.0, False, 0.0,
+                                                           buf is None, flush)
+                elif value.size < blocked_min or not _sgd_momentum_blocked(value, grad, buf, lr, momentum, flush):
+                    if flush:
+                        _watch(flush)
+                    buf *= momentum
+                    buf += grad
+                    if flush:
+                        _flush_if(buf, flush)
+                    value += multiply(buf, neg_lr)
+            return out_values, out_bufs
+        for i, value in enumerate(values):
+            out_values[i], out_bufs[i] = self._sgd(value, grads[i], bufs[i], lr, momentum, dampening, nesterov,
+                                                   weight_decay, bufs[i] is None, flush)
+        return out_values, out_bufs
+
+    def _sgd(self, value: np.ndarray, grad: np.ndarray, buf: np.ndarray | None, lr: float, momentum: float,
+             dampening: float, nesterov: bool, weight_decay: float, first_step: bool,
+             flush: _Flush) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`sgd_update`, the momentum buffer flushed of subnormals after its update as ``flush`` says."""
         if (momentum != 0.0 and buf is not None and not first_step and dampening == 0.0 and not nesterov
                 and weight_decay == 0.0 and value.ndim and value.flags.writeable):
-            # The steady momentum step, tested first: the hand-written loop's three statements
-            # (block by block for a large parameter).
-            # float(): a NumPy float64 lr would add a float64 step in the one-pass form but a float32
-            # one in the blocked form; as Python floats both give the same bits
+            # The steady momentum step, tested first (see sgd_update_many).
             lr, momentum = float(lr), float(momentum)
-            flush = _flush_due(buf)
             if value.size < _SGD_BLOCKED_MIN or not _sgd_momentum_blocked(value, grad, buf, lr, momentum, flush):
+                if flush:
+                    _watch(flush)
                 buf *= momentum
                 buf += grad
                 if flush:
-                    flush_subnormals(buf)
+                    _flush_if(buf, flush)
                 value += np.multiply(buf, -lr)
             return value, buf
         if value.ndim == 0:
             # ufuncs give scalars, not arrays, for 0-d operands: work on 1-element views.
-            v1, b1 = self.sgd_update(value.reshape(1), grad.reshape(1), None if buf is None else buf.reshape(1),
-                                     lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
-                                     weight_decay=weight_decay, first_step=first_step)
+            v1, b1 = self._sgd(value.reshape(1), grad.reshape(1), None if buf is None else buf.reshape(1),
+                               lr, momentum, dampening, nesterov, weight_decay, first_step, flush)
             return _as_0d(v1, value), None if b1 is None else _as_0d(b1, buf)
         if not value.flags.writeable:
             return super().sgd_update(value, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
@@ -334,6 +384,8 @@ class NumpyBackend(Backend):
                 # Adopt our own array; copy the caller's gradient, which may be accumulated into later.
                 buf = np.array(d, copy=True) if d is grad else d
             else:
+                if flush:
+                    _watch(flush)
                 buf *= momentum
                 if dampening == 0.0:
                     buf += d
@@ -342,8 +394,8 @@ class NumpyBackend(Backend):
                 else:
                     d *= 1.0 - dampening  # our scratch; nesterov (which reads d again) forbids dampening
                     buf += d
-                if _flush_due(buf):
-                    flush_subnormals(buf)
+                if flush:
+                    _flush_if(buf, flush)
             if nesterov:
                 step_dir = np.multiply(buf, momentum)
                 step_dir += d
@@ -471,7 +523,7 @@ _SGD_BLOCKED_MIN = 98304
 
 
 def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
-                          flush: bool = False) -> bool:
+                          flush: _Flush = False) -> bool:
     """SGD's steady momentum step (``buf = μ buf + g; value -= lr buf``) block by block, with the
     same four operations per element as the one-pass code (the same bits): each operation over a
     whole large array would stream it from memory again, four times per step; over a block that
@@ -495,10 +547,12 @@ def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, 
         j = i + size
         bb, vb = b[i:j], v[i:j]
         sb = scratch if j <= n else scratch[:n - i]
+        if flush:
+            _watch(flush)
         multiply(bb, momentum, out=bb)
         add(bb, g[i:j], out=bb)
         if flush:
-            flush_subnormals(bb)
+            _flush_if(bb, flush)
         multiply(bb, neg_lr, out=sb)
         add(vb, sb, out=vb)
     return True
@@ -506,6 +560,41 @@ def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, 
 
 #: Optimizer steps between two flushes of a moment buffer's subnormal entries (see flush_subnormals).
 _FLUSH_EVERY = 16
+#: sgd_update_many flushes only the buffers whose update underflowed, except on every this many steps,
+#: when it flushes every buffer: a product that is exact (a power-of-two momentum halving an even
+#: subnormal, a subnormal gradient added) raises no underflow.
+_FLUSH_ALWAYS_EVERY = 256
+
+
+class _Underflow:
+    """The flush mode "where the buffer's update underflowed": the ``np.errstate(under="call")``
+    callback notes that a ufunc's result underflowed (IEEE: tiny and inexact, which a subnormal times a
+    momentum that is not a power of two always is), so a step that made or kept no subnormal (early
+    in training, every step) skips the flush's three passes over the buffer."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, kind: str, flag: int) -> None:
+        self.seen = True
+
+
+#: How an update flushes its buffer: False never, True always, an _Underflow where it underflowed.
+_Flush = bool | _Underflow
+
+
+def _watch(flush: _Flush) -> None:
+    """Before a buffer's update: forget the underflows seen so far."""
+    if type(flush) is _Underflow:
+        flush.seen = False
+
+
+def _flush_if(buf: np.ndarray, flush: _Flush) -> None:
+    """After a buffer's update: flush it if ``flush`` says so."""
+    if flush is True or (type(flush) is _Underflow and flush.seen):
+        flush_subnormals(buf)
 _flush_phase: dict[int, int] = {}
 #: Per float itemsize: the integer view and the exponent's bits.
 _EXPONENT_BITS = {2: (np.dtype(np.int16), 0x7C00), 4: (np.dtype(np.int32), 0x7F800000),

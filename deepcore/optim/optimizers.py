@@ -181,11 +181,15 @@ class Optimizer:
                     plan.append((i, backend, grad, state))
                     continue
             plan.append(self._prepare(i, p))
-        group_of, params, update = self._group_of, self.params, self._update
+        self._apply(plan)
+        self.__dict__["step_count"] = self.step_count + 1  # not through __setattr__: no hyperparameter
+
+    def _apply(self, plan: list[tuple[int, Backend, Array, dict[str, Any]]]) -> None:
+        """Write the checked ``plan`` (index, backend, gradient, state per parameter): ``_update`` each."""
+        group_of, params, states, update = self._group_of, self.params, self.state, self._update
         for i, backend, grad, state in plan:
             states[i] = state
             update(params[i], backend, grad, state, group_of[i])
-        self.__dict__["step_count"] = self.step_count + 1  # not through __setattr__: no hyperparameter
 
     def _update(self, p: Param, backend: Backend, grad: Array, state: dict[str, Any], group: ParamGroup) -> None:
         """Update ``p`` (with ``grad`` in its dtype) and ``state`` in place, with ``group``'s hyperparameters."""
@@ -398,6 +402,32 @@ class SGD(Optimizer):
             "nesterov": bool(nesterov),
             "weight_decay": real(h.get("weight_decay", 0.0), "weight_decay", fn, ">= 0", lambda x: x >= 0),
         }
+
+    def _apply(self, plan: list[tuple[int, Backend, Array, dict[str, Any]]]) -> None:
+        """The plan's parameters in runs of one group on one backend, each run one
+        ``Backend.sgd_update_many`` call (the per-parameter ``_update`` where a subclass overrides it)."""
+        if type(self)._update is not SGD._update:
+            return super()._apply(plan)
+        group_of, states = self._group_of, self.state
+        start, end = 0, len(plan)
+        for k in range(1, end + 1):
+            if k == end or plan[k][1] is not plan[start][1] or group_of[plan[k][0]] is not group_of[plan[start][0]]:
+                self._apply_run(plan[start:k])
+                start = k
+        for i, _, _, state in plan:
+            states[i] = state
+
+    def _apply_run(self, run: list[tuple[int, Backend, Array, dict[str, Any]]]) -> None:
+        params, group = self.params, self._group_of[run[0][0]]
+        new_values, new_bufs = run[0][1].sgd_update_many(
+            [params[i].value for i, _, _, _ in run], [grad for _, _, grad, _ in run],
+            [state.get("momentum_buffer") for _, _, _, state in run], lr=group["lr"], momentum=group["momentum"],
+            dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"],
+            step=self.step_count + 1)
+        for (i, _, _, state), value, buf in zip(run, new_values, new_bufs, strict=True):
+            params[i].value = value
+            if buf is not None:
+                state["momentum_buffer"] = buf
 
     def _update(self, p: Param, backend: Backend, grad: Array, state: dict[str, Any], group: ParamGroup) -> None:
         buf = state.get("momentum_buffer")
