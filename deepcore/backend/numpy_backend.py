@@ -132,12 +132,13 @@ class NumpyBackend(Backend):
 
     # ------------------------------------------------------------ activations
     def relu(self, x: np.ndarray) -> np.ndarray:
-        return np.maximum(x, 0, dtype=x.dtype)
+        return np.maximum(x, _zero(x.dtype))
 
     def relu_backward(self, dy: np.ndarray, x: np.ndarray) -> np.ndarray:
         # The mask as dy's dtype, then a same-dtype product: float32 times bool is ~2x slower.
-        out = np.empty(dy.shape, dtype=np.result_type(dy.dtype, x.dtype))
-        np.greater(x, 0, out=out)
+        dtype = dy.dtype if dy.dtype == x.dtype else np.result_type(dy.dtype, x.dtype)
+        out = np.empty(dy.shape, dtype=dtype)
+        np.greater(x, _zero(x.dtype), out=out)
         out *= dy
         return out
 
@@ -685,6 +686,15 @@ def _cached(cache: dict[Any, np.ndarray], key: Any, make: Any) -> np.ndarray:
         a.flags.writeable = False
         cache[key] = a
     return a
+
+
+#: A read-only 0-d zero per dtype: a ufunc converts a Python 0 for every call (~0.5 us of a ReLU's 4).
+_ZEROS: dict[np.dtype, np.ndarray] = {}
+
+
+def _zero(dtype: np.dtype) -> np.ndarray:
+    zero = _ZEROS.get(dtype)
+    return zero if zero is not None else _cached(_ZEROS, dtype, lambda: np.zeros((), dtype))
 
 
 def _ones(n: int, dtype: np.dtype) -> np.ndarray:
