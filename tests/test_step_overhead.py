@@ -332,6 +332,7 @@ def test_sgd_update_many_is_bitwise_the_per_parameter_update(config, dtype):
     bufs: list = [None] * len(shapes)
     ref_bufs: list = [None] * len(shapes)
     for step in range(1, 21):
+        values[3].flags.writeable = ref[3].flags.writeable = False  # (the reference's result is a new array)
         grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
         live = range(len(shapes)) if step > 2 else range(len(shapes) - 1)  # the last joins at step 3
         out_v, out_b = nb.sgd_update_many([values[i] for i in live], [grads[i] for i in live],
@@ -379,3 +380,32 @@ def test_an_sgd_subclass_with_its_own_update_rule_is_still_called_per_parameter(
     opt.step()
     np.testing.assert_array_equal(params[0].value, [-0.5, 0.5, 0.0])
     np.testing.assert_array_equal(params[1].value, [0.5, -0.5])
+
+
+def test_a_step_failing_in_a_later_group_keeps_the_earlier_groups_state():
+    # The first group's parameter is moved before the second group's update raises: its new momentum
+    # buffer must be kept with it, or the next step would restart its momentum from the gradient.
+    a, b = nn.Param(np.ones(3, np.float32), "a"), nn.Param(np.ones(3, np.float32), "b")
+    opt = optim.SGD([{"params": [a]}, {"params": [b], "lr": 1.0}], lr=0.1, momentum=0.9)
+    a.grad = np.ones(3, np.float32)
+    b.grad = np.full(3, np.finfo(np.float32).max, np.float32)
+    b.value = np.full(3, -np.finfo(np.float32).max, np.float32)
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        opt.step()
+    np.testing.assert_allclose(a.value, 0.9)
+    np.testing.assert_array_equal(opt.state[0]["momentum_buffer"], 1.0)
+
+
+def test_a_numpy_backend_subclass_with_its_own_sgd_rule_is_honoured():
+    from deepcore.backend.numpy_backend import NumpyBackend
+
+    class Halving(NumpyBackend):
+        def sgd_update(self, value, grad, buf, **kw):
+            return value / 2, buf
+
+    values, out = [np.ones(2), np.full(3, 4.0)], None
+    out, bufs = Halving().sgd_update_many(values, [np.ones(2), np.ones(3)], [None, None], lr=0.1, momentum=0.9,
+                                          dampening=0.0, nesterov=False, weight_decay=0.0, step=1)
+    np.testing.assert_array_equal(out[0], 0.5)
+    np.testing.assert_array_equal(out[1], 2.0)
+    assert bufs == [None, None]

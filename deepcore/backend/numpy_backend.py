@@ -136,7 +136,7 @@ class NumpyBackend(Backend):
 
     def relu_backward(self, dy: np.ndarray, x: np.ndarray) -> np.ndarray:
         # The mask as dy's dtype, then a same-dtype product: float32 times bool is ~2x slower.
-        dtype = dy.dtype if dy.dtype == x.dtype else np.result_type(dy.dtype, x.dtype)
+        dtype = dy.dtype if dy.dtype == x.dtype and dy.dtype.isnative else np.result_type(dy.dtype, x.dtype)
         out = np.empty(dy.shape, dtype=dtype)
         np.greater(x, _zero(x.dtype), out=out)
         out *= dy
@@ -312,6 +312,10 @@ class NumpyBackend(Backend):
                         bufs: Sequence[np.ndarray | None], *, lr: float, momentum: float, dampening: float,
                         nesterov: bool, weight_decay: float,
                         step: int) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        if type(self).sgd_update is not NumpyBackend.sgd_update or "sgd_update" in self.__dict__:
+            # A subclass's (or a patched) per-parameter rule: honoured, one call per parameter.
+            return super().sgd_update_many(values, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
+                                           nesterov=nesterov, weight_decay=weight_decay, step=step)
         # Every _FLUSH_EVERY optimizer steps the buffers whose update underflowed lose their subnormals
         # (every buffer, every _FLUSH_ALWAYS_EVERY): see flush_subnormals.
         if step % _FLUSH_EVERY or step % _FLUSH_ALWAYS_EVERY == 0:
@@ -437,7 +441,7 @@ class NumpyBackend(Backend):
         scratch *= grad
         v *= beta2
         v += scratch
-        if _flush_due(m):
+        if step % _FLUSH_EVERY == 0:  # the parameter's own step count paces its flush
             # m only: v (0.999^t, far slower to decay) flushed while m is not would leave m / (sqrt(0) + eps)
             flush_subnormals(m)
         step_size, bc2_sqrt = _adam_scalars(step, lr, beta1, beta2)
@@ -562,16 +566,18 @@ def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, 
 #: Optimizer steps between two flushes of a moment buffer's subnormal entries (see flush_subnormals).
 _FLUSH_EVERY = 16
 #: sgd_update_many flushes only the buffers whose update underflowed, except on every this many steps,
-#: when it flushes every buffer: a product that is exact (a power-of-two momentum halving an even
-#: subnormal, a subnormal gradient added) raises no underflow.
+#: when it flushes every buffer: a product that is exact raises no underflow (a momentum with a short
+#: significand, 0.5 or 0.75, times a subnormal with enough trailing zero bits; a subnormal gradient
+#: added, which is always exact).
 _FLUSH_ALWAYS_EVERY = 256
 
 
 class _Underflow:
     """The flush mode "where the buffer's update underflowed": the ``np.errstate(under="call")``
-    callback notes that a ufunc's result underflowed (IEEE: tiny and inexact, which a subnormal times a
-    momentum that is not a power of two always is), so a step that made or kept no subnormal (early
-    in training, every step) skips the flush's three passes over the buffer."""
+    callback notes that a ufunc's result underflowed (IEEE: tiny and inexact, as a subnormal times a
+    momentum such as 0.9 nearly always is), so a step that made or kept no subnormal (early in
+    training, every step) skips the flush's three passes over the buffer. A product that happens to
+    be exact goes unseen until the periodic flush of every buffer (_FLUSH_ALWAYS_EVERY)."""
 
     __slots__ = ("seen",)
 
@@ -596,6 +602,9 @@ def _flush_if(buf: np.ndarray, flush: _Flush) -> None:
     """After a buffer's update: flush it if ``flush`` says so."""
     if flush is True or (type(flush) is _Underflow and flush.seen):
         flush_subnormals(buf)
+
+
+#: Each buffer's phase for lone sgd_update calls (sgd_update_many is paced by the optimizer's step).
 _flush_phase: dict[int, int] = {}
 #: Per float itemsize: the integer view and the exponent's bits.
 _EXPONENT_BITS = {2: (np.dtype(np.int16), 0x7C00), 4: (np.dtype(np.int32), 0x7F800000),

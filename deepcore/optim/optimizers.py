@@ -2,10 +2,11 @@
 
 Each applies exactly PyTorch's update rule (``torch.optim.SGD``/``Adam``/``AdamW``
 with foreach and fused off). The arithmetic lives in the backend
-(``Backend.sgd_update``/``adam_update``): NumPy updates in place with ``out=``,
-CuPy in one fused kernel per parameter, any other array-API library through
-the reference. ``step()`` checks every gradient before it changes anything, so
-a failed step leaves parameters and optimizer state as they were.
+(``Backend.sgd_update_many``, a run of one group's parameters in one call, and
+``adam_update``): NumPy updates in place with ``out=``, CuPy in one fused kernel
+per parameter, any other array-API library through the reference. ``step()``
+checks every gradient before it changes anything, so a step refused for a bad
+gradient or state leaves parameters and optimizer state as they were.
 
 Parameters come as a list (one group) or as PyTorch's parameter groups,
 ``[{"params": [...], "lr": 0.01, "weight_decay": 0.0}, ...]``, each group
@@ -406,16 +407,16 @@ class SGD(Optimizer):
     def _apply(self, plan: list[tuple[int, Backend, Array, dict[str, Any]]]) -> None:
         """The plan's parameters in runs of one group on one backend, each run one
         ``Backend.sgd_update_many`` call (the per-parameter ``_update`` where a subclass overrides it)."""
-        if type(self)._update is not SGD._update:
+        if type(self)._update is not SGD._update or "_update" in self.__dict__:
             return super()._apply(plan)
         group_of, states = self._group_of, self.state
+        for i, _, _, state in plan:  # before any update, as Optimizer._apply: a run that fails keeps the rest
+            states[i] = state
         start, end = 0, len(plan)
         for k in range(1, end + 1):
             if k == end or plan[k][1] is not plan[start][1] or group_of[plan[k][0]] is not group_of[plan[start][0]]:
                 self._apply_run(plan[start:k])
                 start = k
-        for i, _, _, state in plan:
-            states[i] = state
 
     def _apply_run(self, run: list[tuple[int, Backend, Array, dict[str, Any]]]) -> None:
         params, group = self.params, self._group_of[run[0][0]]
