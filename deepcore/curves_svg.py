@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
-from xml.sax.saxutils import escape as _xml_escape
 
 if TYPE_CHECKING:
     from .callbacks import History
@@ -29,7 +28,9 @@ _FONT = 'font-family="DejaVu Sans, Helvetica, Arial, sans-serif"'
 
 def escape(text: str) -> str:
     """XML-escaped, without the control characters XML forbids (a data set's file name may hold one)."""
-    return _xml_escape("".join(c for c in text if c >= " " or c in "\t\n"))
+    # xml.sax.saxutils.escape's three replacements, without its import of urllib (~14 ms).
+    kept = "".join(c for c in text if c >= " " or c in "\t\n")
+    return kept.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:

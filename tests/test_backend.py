@@ -282,6 +282,45 @@ def test_entry_point_plugins_register_backends(monkeypatch):
         registry._registry.pop("broken_plugin", None)
 
 
+def test_built_in_names_resolve_without_scanning_plugins(monkeypatch):
+    # Scanning every installed package's entry points costs ~25 ms of a CLI start: only a name (or an
+    # array namespace) that nothing registered yet loads the plug-ins.
+    from deepcore.backend import registry
+
+    scans = []
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: scans.append(group) or [])
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    assert dc.get_backend("numpy").name == "numpy"
+    assert registry.backend_status("numpy") is True
+    assert scans == []
+    with pytest.raises(dc.backend.UnknownBackendError):
+        dc.get_backend("no_such_backend_anywhere")
+    assert scans == [registry.ENTRY_POINT_GROUP]
+
+
+def test_an_array_of_an_unregistered_namespace_consults_the_plugins(monkeypatch):
+    from types import SimpleNamespace
+
+    from deepcore.backend import registry
+
+    xp = SimpleNamespace(__name__="fake_plugin_xp")
+    scans = []
+
+    def entry_points(group):
+        scans.append(group)
+        dc.register_backend("fake_plugin", lambda: Backend(xp, name="fake_plugin"), namespaces=("fake_plugin_xp",))
+        return []
+
+    monkeypatch.setattr("importlib.metadata.entry_points", entry_points)
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    try:
+        assert registry._for_namespace(xp).name == "fake_plugin"
+        assert scans == [registry.ENTRY_POINT_GROUP]
+    finally:
+        registry._registry.pop("fake_plugin", None)
+        registry._by_namespace.pop("fake_plugin_xp", None)
+
+
 def test_model_to_module_objects(other_backend):
     import importlib
 

@@ -115,8 +115,9 @@ def test_nearly_equal_and_huge_values():
 
 def test_text_is_escaped():
     assert ET.fromstring(curves_svg(_history(2), "data\x01set")).find("s:text[@class='title']", NS).text == "dataset"
-    svg = curves_svg(_history(2), 'a <b> & "c"')
-    assert ET.fromstring(svg).find("s:text[@class='title']", NS).text == 'a <b> & "c"'
+    for title in ('a <b> & "c"', "&amp; &lt;x&gt; >>", "ünï & <ö>"):  # an entity's text stays text
+        svg = curves_svg(_history(2), title)
+        assert ET.fromstring(svg).find("s:text[@class='title']", NS).text == title
 
 
 def test_training_curves_picks_svg_by_suffix(tmp_path):
