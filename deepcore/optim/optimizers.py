@@ -171,12 +171,13 @@ class Optimizer:
             array_type = type(value)
             backend = by_type.get(array_type)
             if (backend is not None and type(grad) is array_type and backend.single_device
-                    and grad.dtype == value.dtype and grad.shape == value.shape and backend.is_floating(value)):
+                    and grad.dtype == (dtype := value.dtype) and grad.shape == (shape := value.shape)
+                    and backend.is_floating(value)):
                 state = states[i]
                 for name in names:
                     if name in state:
                         x = state[name]
-                        if not (type(x) is array_type and x.dtype == value.dtype and x.shape == value.shape):
+                        if not (type(x) is array_type and x.dtype == dtype and x.shape == shape):
                             break
                 else:
                     plan.append((i, backend, grad, state))
@@ -409,26 +410,28 @@ class SGD(Optimizer):
         ``Backend.sgd_update_many`` call (the per-parameter ``_update`` where a subclass overrides it)."""
         if type(self)._update is not SGD._update or "_update" in self.__dict__:
             return super()._apply(plan)
-        group_of, states = self._group_of, self.state
-        for i, _, _, state in plan:  # before any update, as Optimizer._apply: a run that fails keeps the rest
+        group_of, states, params = self._group_of, self.state, self.params
+        runs: list[tuple[Backend, ParamGroup, list[int], list[Array], list[Array], list[Array | None]]] = []
+        backend = group = None
+        for i, entry_backend, grad, state in plan:
+            # Recorded before any update, as Optimizer._apply: a run that fails keeps the others' state.
             states[i] = state
-        start, end = 0, len(plan)
-        for k in range(1, end + 1):
-            if k == end or plan[k][1] is not plan[start][1] or group_of[plan[k][0]] is not group_of[plan[start][0]]:
-                self._apply_run(plan[start:k])
-                start = k
-
-    def _apply_run(self, run: list[tuple[int, Backend, Array, dict[str, Any]]]) -> None:
-        params, group = self.params, self._group_of[run[0][0]]
-        new_values, new_bufs = run[0][1].sgd_update_many(
-            [params[i].value for i, _, _, _ in run], [grad for _, _, grad, _ in run],
-            [state.get("momentum_buffer") for _, _, _, state in run], lr=group["lr"], momentum=group["momentum"],
-            dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-            step=self.step_count + 1)
-        for (i, _, _, state), value, buf in zip(run, new_values, new_bufs, strict=True):
-            params[i].value = value
-            if buf is not None:
-                state["momentum_buffer"] = buf
+            if entry_backend is not backend or group_of[i] is not group:
+                backend, group = entry_backend, group_of[i]
+                runs.append((backend, group, indices := [], values := [], grads := [], bufs := []))
+            indices.append(i)
+            values.append(params[i].value)
+            grads.append(grad)
+            bufs.append(state.get("momentum_buffer"))
+        step = self.step_count + 1
+        for backend, group, indices, values, grads, bufs in runs:
+            new_values, new_bufs = backend.sgd_update_many(
+                values, grads, bufs, lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                nesterov=group["nesterov"], weight_decay=group["weight_decay"], step=step)
+            for i, value, buf in zip(indices, new_values, new_bufs, strict=True):
+                params[i].value = value
+                if buf is not None:
+                    states[i]["momentum_buffer"] = buf
 
     def _update(self, p: Param, backend: Backend, grad: Array, state: dict[str, Any], group: ParamGroup) -> None:
         buf = state.get("momentum_buffer")
