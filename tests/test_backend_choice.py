@@ -58,3 +58,30 @@ def test_with_a_driver_cupy_alone_is_probed(monkeypatch, status, expected):
 def test_backend_status_of_one_backend():
     assert registry.backend_status("numpy") is True
     assert "no backend named 'nope'" in registry.backend_status("nope")
+
+
+def test_a_numpy_run_imports_neither_array_api_compats_numpy_copy_nor_the_plugins():
+    # array_api_compat.numpy clones NumPy by touching every lazy submodule (f2py, testing, ma, ...),
+    # ~70 ms; NumPy >= 2.1 is itself the array-API namespace. The entry-point scan is ~25 ms more.
+    import numpy as np
+
+    code = ("import json, sys, numpy as np\n"
+            "import deepcore as dc\n"
+            "from deepcore import losses, nn, optim\n"
+            "model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))\n"
+            "opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)\n"
+            "x = np.ones((5, 4), np.float32)\n"
+            "y, back = model.forward(x, train=True)\n"
+            "loss, g = losses.softmax_cross_entropy(y, np.array([0, 1, 0, 1, 1]))\n"
+            "back(g); opt.step()\n"
+            "b = dc.get_backend(x)\n"
+            "print(json.dumps([b.name, b.xp.__name__, dc.get_backend('numpy') is b,\n"
+            "    sorted(m for m in ('array_api_compat.numpy', 'numpy.f2py', 'numpy.testing', 'importlib.metadata')\n"
+            "           if m in sys.modules)]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    name, xp_name, same, loaded = json.loads(out.stdout)
+    assert name == "numpy" and same
+    if np.lib.NumpyVersion(np.__version__) >= "2.1.0":
+        assert xp_name == "numpy" and loaded == []
+    else:
+        assert xp_name == "array_api_compat.numpy"

@@ -10,8 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat.numpy as np_compat
 import numpy as np
+
+if np.lib.NumpyVersion(np.__version__) >= "2.1.0":
+    # NumPy's own namespace has followed the array API (2023.12) since 2.1; array-api-compat's copy
+    # of it costs ~70 ms at import (its clone touches every lazy submodule: f2py, testing, ma, ...),
+    # a tenth of `deepcore train`'s start, and adds a Python wrapper to each call it changes.
+    np_compat = np
+else:
+    import array_api_compat.numpy as np_compat
 
 from . import dropout_hash, malloc_tuning, numpy_conv
 from .base import Array, Backend, _adam_scalars

@@ -27,6 +27,7 @@ from types import ModuleType
 from typing import Any
 
 import array_api_compat
+import numpy as np
 
 from .base import Array, Backend
 
@@ -229,6 +230,10 @@ def known_backend(array_type: type) -> Backend | None:
 def _for_array(x: Any) -> Backend:
     backend = _by_type.get(type(x))
     if backend is not None:
+        return backend
+    if type(x) is np.ndarray and "numpy" in _by_namespace:  # without importing array_api_compat.numpy
+        backend = _instantiate(_registry[_by_namespace["numpy"]])
+        _by_type[np.ndarray] = backend
         return backend
     try:
         xp = array_api_compat.array_namespace(x)
