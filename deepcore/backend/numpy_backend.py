@@ -342,20 +342,13 @@ class NumpyBackend(Backend):
             # float(): a NumPy float64 lr would add a float64 step in the one-pass form but a float32
             # one in the blocked form; as Python floats both give the same bits.
             lr, momentum = float(lr), float(momentum)
-            neg_lr, multiply, blocked_min = -lr, np.multiply, _SGD_BLOCKED_MIN
             for i, value in enumerate(values):
                 grad, buf = grads[i], bufs[i]
                 if buf is None or not value.ndim or not value.flags.writeable:
                     out_values[i], out_bufs[i] = self._sgd(value, grad, buf, lr, momentum, 0.0, False, 0.0,
                                                            buf is None, flush)
-                elif value.size < blocked_min or not _sgd_momentum_blocked(value, grad, buf, lr, momentum, flush):
-                    if flush:
-                        _watch(flush)
-                    buf *= momentum
-                    buf += grad
-                    if flush:
-                        _flush_if(buf, flush)
-                    value += multiply(buf, neg_lr)
+                else:
+                    _steady_momentum(value, grad, buf, lr, momentum, flush)
             return out_values, out_bufs
         for i, value in enumerate(values):
             out_values[i], out_bufs[i] = self._sgd(value, grads[i], bufs[i], lr, momentum, dampening, nesterov,
@@ -369,15 +362,7 @@ class NumpyBackend(Backend):
         if (momentum != 0.0 and buf is not None and not first_step and dampening == 0.0 and not nesterov
                 and weight_decay == 0.0 and value.ndim and value.flags.writeable):
             # The steady momentum step, tested first (see sgd_update_many).
-            lr, momentum = float(lr), float(momentum)
-            if value.size < _SGD_BLOCKED_MIN or not _sgd_momentum_blocked(value, grad, buf, lr, momentum, flush):
-                if flush:
-                    _watch(flush)
-                buf *= momentum
-                buf += grad
-                if flush:
-                    _flush_if(buf, flush)
-                value += np.multiply(buf, -lr)
+            _steady_momentum(value, grad, buf, float(lr), float(momentum), flush)
             return value, buf
         if value.ndim == 0:
             # ufuncs give scalars, not arrays, for 0-d operands: work on 1-element views.
@@ -532,6 +517,20 @@ class NumpyBackend(Backend):
 _SGD_BLOCK = 65536
 #: From this size on the momentum update runs block by block (below it, one pass per operation).
 _SGD_BLOCKED_MIN = 98304
+
+
+def _steady_momentum(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
+                     flush: _Flush) -> None:
+    """SGD's steady momentum step in place, ``buf = μ buf + g; value -= lr buf``: the hand-written
+    loop's three statements, block by block for a large parameter (``lr``, ``momentum`` Python floats)."""
+    if value.size < _SGD_BLOCKED_MIN or not _sgd_momentum_blocked(value, grad, buf, lr, momentum, flush):
+        if flush:
+            _watch(flush)
+        buf *= momentum
+        buf += grad
+        if flush:
+            _flush_if(buf, flush)
+        value += np.multiply(buf, -lr)
 
 
 def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
