@@ -16,9 +16,9 @@ if np.lib.NumpyVersion(np.__version__) >= "2.1.0":
     # NumPy's own namespace has followed the array API (2023.12) since 2.1; array-api-compat's copy
     # of it costs ~70 ms at import (its clone touches every lazy submodule: f2py, testing, ma, ...),
     # a tenth of `deepcore train`'s start, and adds a Python wrapper to each call it changes.
-    np_compat = np
+    _NAMESPACE = np
 else:
-    import array_api_compat.numpy as np_compat
+    import array_api_compat.numpy as _NAMESPACE
 
 from . import dropout_hash, malloc_tuning, numpy_conv
 from .base import Array, Backend, _adam_scalars
@@ -28,7 +28,7 @@ class NumpyBackend(Backend):
     single_device = True
 
     def __init__(self) -> None:
-        super().__init__(np_compat, name="numpy")
+        super().__init__(_NAMESPACE, name="numpy")
         malloc_tuning.tune()  # large temporaries reused step after step, not faulted in anew
 
     # ------------------------------------------------------------------ arrays

@@ -134,10 +134,7 @@ def available_backends() -> dict[str, bool | str]:
 
 def backend_status(name: str) -> bool | str:
     """True when the registered backend ``name`` works here, else the reason; builds only that one."""
-    entry = _registry.get(name)
-    if entry is None and not _entry_points_loaded:
-        _load_entry_points()
-        entry = _registry.get(name)
+    entry = _registered(name)
     if entry is None:
         return f"no backend named {name!r} is registered"
     try:
@@ -170,14 +167,19 @@ def best_backend() -> tuple[str, str | None]:
     return "numpy", f"CuPy is installed but not usable ({status}); using NumPy"
 
 
-def _by_name(name: str) -> Backend:
-    # A namespace's name ("jax.numpy", "array_api_compat.torch") finds the backend registered for it.
-    # Plug-ins are loaded only for a name nothing registered yet: scanning every installed package's
-    # entry points costs ~25 ms, a tenth of `deepcore train`'s start on the digits.
+def _registered(name: str) -> _Entry | None:
+    """The entry registered under ``name``, or for the namespace of that name ("jax.numpy",
+    "array_api_compat.torch"). Plug-ins are loaded only for a name nothing registered yet: scanning
+    every installed package's entry points costs ~25 ms, a tenth of `deepcore train`'s start."""
     entry = _registry.get(name) or _registry.get(_by_namespace.get(name, ""))
     if entry is None and not _entry_points_loaded:
         _load_entry_points()
         entry = _registry.get(name) or _registry.get(_by_namespace.get(name, ""))
+    return entry
+
+
+def _by_name(name: str) -> Backend:
+    entry = _registered(name)
     if entry is None:
         if name in _generic:
             return _generic[name]
@@ -190,34 +192,27 @@ def _by_name(name: str) -> Backend:
 
 def _for_namespace(xp: ModuleType) -> Backend:
     ns_name = xp.__name__
-    name = _by_namespace.get(ns_name)
+    name = _by_namespace.get(ns_name)  # the namespace's own backend first, before one of its name
+    if name is None and ns_name not in _generic and not _entry_points_loaded:  # perhaps a plug-in's
+        _load_entry_points()
+        name = _by_namespace.get(ns_name)
     if name is not None:
         return _instantiate(_registry[name])
     backend = _generic.get(ns_name)
-    if backend is None and not _entry_points_loaded:  # a plug-in may register this namespace
-        _load_entry_points()
-        if ns_name in _by_namespace:
-            return _instantiate(_registry[_by_namespace[ns_name]])
     if backend is None:
         backend = _generic.setdefault(ns_name, Backend(xp, name=ns_name.removeprefix("array_api_compat.")))
     return backend
 
 
 def _for_module(module: ModuleType) -> Backend:
-    name = module.__name__
-    if not (name in _registry or name in _by_namespace):
-        _load_entry_points()
-    if name in _registry:
-        return _by_name(name)
-    if name in _by_namespace:
-        return _by_name(_by_namespace[name])
+    entry = _registered(module.__name__)
+    if entry is not None:
+        return _instantiate(entry)
     # A plain library module (``torch``) maps to its array-API wrapper when one exists.
     try:
-        compat = importlib.import_module(f"array_api_compat.{name}")
+        compat = importlib.import_module(f"array_api_compat.{module.__name__}")
     except ImportError:
         compat = module
-    if compat.__name__ in _by_namespace:
-        return _by_name(_by_namespace[compat.__name__])
     return _for_namespace(compat)
 
 
@@ -231,9 +226,8 @@ def _for_array(x: Any) -> Backend:
     backend = _by_type.get(type(x))
     if backend is not None:
         return backend
-    if type(x) is np.ndarray and "numpy" in _by_namespace:  # without importing array_api_compat.numpy
-        backend = _instantiate(_registry[_by_namespace["numpy"]])
-        _by_type[np.ndarray] = backend
+    if type(x) is np.ndarray:  # NumPy's own namespace: array_namespace would import array_api_compat.numpy
+        backend = _by_type[np.ndarray] = _for_namespace(np)
         return backend
     try:
         xp = array_api_compat.array_namespace(x)
