@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -182,11 +183,27 @@ def _cell(threads: int, sizes: str, batch: int, rounds: int, chunk_s: float,
     return out, blas
 
 
+#: Resamples of the bootstrap interval of a median ratio, and their fixed seed (the same rounds give
+#: the same interval).
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
+
+
+def _median_interval(r: list[float], level: float = 0.9) -> tuple[float, float]:
+    """The percentile bootstrap interval of the median of ``r`` at ``level``: how far the median
+    itself could move on another run of as many rounds, where the quartiles show one round's spread."""
+    rng = random.Random(BOOTSTRAP_SEED)
+    meds = sorted(statistics.median(rng.choices(r, k=len(r))) for _ in range(BOOTSTRAP_RESAMPLES))
+    tail = round((1 - level) / 2 * (BOOTSTRAP_RESAMPLES - 1))
+    return meds[tail], meds[-1 - tail]
+
+
 def _ratio(per: dict[tuple[str, str], list[float]], a: tuple[str, str], b: tuple[str, str]) -> dict[str, float]:
-    """The median over rounds of a's figure over b's in the same round, with the quartiles."""
+    """The median over rounds of a's figure over b's in the same round, with the quartiles and the
+    median's 90% bootstrap interval."""
     r = sorted(x / y for x, y in zip(per[a], per[b], strict=True))
     q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
-    return {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
+    low, high = _median_interval(r)
+    return {"median": statistics.median(r), "q1": q[0], "q3": q[2], "ci90_low": low, "ci90_high": high}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,17 +236,18 @@ def main(argv: list[str] | None = None) -> int:
                              "rounds": {f"{c[0]}:{c[1]}": v for c, v in per.items()}})
             print(f"  done: {threads} thread(s), {sizes} batch {batch}", file=sys.stderr, flush=True)
     print(f"{_cpu()}, {os.cpu_count()} cores; BLAS {blas}; {args.rounds} lockstep rounds per mode of resident "
-          f"processes, one per contender; ratio = median of per-round ratios [quartiles]")
-    print("threads  MLP                 batch  mode   deepcore   by hand    torch     | deepcore/hand         "
-          "deepcore/torch        | GEMMs numpy  GEMMs torch")
+          f"processes, one per contender; ratio = median of per-round ratios [quartiles] (the median's 90% "
+          f"bootstrap interval)")
+    print("threads  MLP                 batch  mode   deepcore   by hand    torch     | "
+          f"{'deepcore/hand':<33} {'deepcore/torch':<33} | GEMMs numpy  GEMMs torch")
 
     def show(r: dict) -> str:
-        return f"{r['median']:.3f}x [{r['q1']:.2f}-{r['q3']:.2f}]"
+        return f"{r['median']:.3f}x [{r['q1']:.2f}-{r['q3']:.2f}] ({r['ci90_low']:.3f}-{r['ci90_high']:.3f})"
 
     for r in rows:
         print(f"{r['threads']:>7}  {r['mlp']:<18} {r['batch']:>6}  {r['mode']:<5} {r['mlp_step:numpy'] * 1e3:7.3f}ms "
               f"{r['mlp_step:numpy-plain'] * 1e3:7.3f}ms {r['mlp_step:torch'] * 1e3:7.3f}ms | "
-              f"{show(r['plain_vs_numpy']):<21} {show(r['plain_vs_torch']):<21} | "
+              f"{show(r['plain_vs_numpy']):<33} {show(r['plain_vs_torch']):<33} | "
               f"{r['mlp_gemms:numpy'] * 1e3:9.3f}ms  {r['mlp_gemms:torch'] * 1e3:9.3f}ms")
     if args.json:
         args.json.write_text(json.dumps({"cpu": _cpu(), "blas": blas, "rounds": args.rounds, "chunk_s": args.chunk,

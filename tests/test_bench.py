@@ -253,3 +253,30 @@ def test_plain_loop_workers_run_at_the_thread_count_asked_for():
         assert worker.run(2) > 0
     finally:
         worker.close()
+
+
+def test_plain_loop_median_interval_matches_the_exact_bootstrap():
+    """The 90% interval of a median ratio (benchmarks/plain_loop.py) against the exact bootstrap
+    distribution of the median of 25 rounds: P(median <= x_(j)) is the chance that at least 13 of
+    25 draws are <= x_(j), a binomial tail with p = j/25. Its 5% and 95% points (x_(9) and x_(17),
+    each 0.02 of probability from the next order statistic, four standard errors of 2,000 resamples)
+    are what the resampling must find."""
+    import importlib.util
+    from math import comb
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plain_loop.py"
+    spec = importlib.util.spec_from_file_location("plain_loop_under_test", path)
+    plain_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain_loop)
+    n = 25
+    r = [0.80 + 0.01 * ((7 * k) % n) for k in range(n)]  # 25 distinct values, not in order
+    order = sorted(r)
+    cdf = [sum(comb(n, k) * (j / n) ** k * (1 - j / n) ** (n - k) for k in range(13, n + 1)) for j in range(1, n + 1)]
+    low = order[next(j for j, c in enumerate(cdf) if c >= 0.05)]
+    high = order[next(j for j, c in enumerate(cdf) if c >= 0.95)]
+    assert (low, high) == (order[8], order[16])
+    assert plain_loop._median_interval(r) == (low, high)
+    assert plain_loop._median_interval([1.02] * 7) == (1.02, 1.02)
+    ratio = plain_loop._ratio({"a": [2.0, 3.0, 4.0], "b": [1.0, 1.0, 1.0]}, "a", "b")
+    assert ratio["median"] == 3.0 and ratio["ci90_low"] <= 3.0 <= ratio["ci90_high"]
