@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..backend import Backend
 from ..backend.base import Array
 from ..backend.registry import _by_type as _BACKEND_BY_TYPE
+from .chain import chainable
 from .module import (
     Backward,
     Module,
@@ -13,6 +14,7 @@ from .module import (
 )
 
 
+@chainable
 class _Activation(Module):
     """Shared closure plumbing: subclasses give ``_f(backend, x)`` and ``_df(backend, dy, x, y)``."""
 
@@ -37,6 +39,13 @@ class _Activation(Module):
 
         backward.deepcore_input_grad_optional = True  # type: ignore[attr-defined]  # input_grad_optional
         return y, backward
+
+    def _chain_forward(self, backend: Backend, x: Array) -> Array:
+        """``f(x)`` in a chain (see :mod:`deepcore.nn.chain`)."""
+        return self._f(backend, x)
+
+    def _chain_backward(self, backend: Backend, dy: Array, x: Array, y: Array, need_dx: bool) -> Array | None:
+        return self._df(backend, dy, x, y) if need_dx else None
 
 
 class ReLU(_Activation):

@@ -6,10 +6,11 @@ from typing import Any
 
 from .. import initializers as _init
 from .._checks import check_int
-from ..backend import get_backend
+from ..backend import Backend, get_backend
 from ..backend.base import Array
 from ..backend.registry import _by_type as _BACKEND_BY_TYPE
 from ..rng import check_seed, host_generator
+from .chain import chainable
 from .module import (
     Backward,
     Module,
@@ -19,6 +20,7 @@ from .module import (
 )
 
 
+@chainable
 class Linear(Module):
     """``y = x W^T + b`` with ``W`` of shape (out_features, in_features), as in PyTorch.
 
@@ -66,19 +68,34 @@ class Linear(Module):
         x2 = x if flat else backend.xp.reshape(x, (-1, in_features))
         y = backend.linear(x2, weight.value, None if bias is None else bias.value)
         out_shape = in_shape[:-1] + (self.out_features,)
-        linear_backward = backend.linear_backward
 
         def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
             if dy.shape != out_shape:
                 check_grad_shape(self, dy, out_shape)
             dy2 = dy if flat else backend.xp.reshape(dy, (-1, self.out_features))
-            dx, dw, db = linear_backward(dy2, x2, weight.value, need_dx=need_input_grad, need_bias=bias is not None)
-            weight.accumulate_grad(dw, backend)
-            if bias is not None:
-                bias.accumulate_grad(db, backend)
+            dx = self._chain_backward(backend, dy2, x2, None, need_input_grad)
             if dx is None or flat:
                 return dx
             return backend.xp.reshape(dx, in_shape)
 
         backward.deepcore_input_grad_optional = True  # type: ignore[attr-defined]  # input_grad_optional
         return (y if flat else backend.xp.reshape(y, out_shape)), backward
+
+    def _chain_forward(self, backend: Backend, x: Array) -> Array | None:
+        """``x W^T + b`` for a 2-D ``x`` of ``in_features`` columns on the parameters' backend (see
+        :mod:`deepcore.nn.chain`); None for any other input, which ``forward`` checks."""
+        weight, bias = self.weight, self.bias
+        array_type = type(x)
+        if (x.ndim != 2 or x.shape[1] != self.in_features or type(weight.value) is not array_type
+                or (bias is not None and type(bias.value) is not array_type)):
+            return None
+        return backend.linear(x, weight.value, None if bias is None else bias.value)
+
+    def _chain_backward(self, backend: Backend, dy: Array, x: Array, y: Array | None, need_dx: bool) -> Array | None:
+        """Add ``dy^T x`` to the weight's gradient and ``sum_n dy`` to the bias's; ``dy W`` if ``need_dx``."""
+        weight, bias = self.weight, self.bias
+        dx, dw, db = backend.linear_backward(dy, x, weight.value, need_dx=need_dx, need_bias=bias is not None)
+        weight.accumulate_grad(dw, backend)
+        if bias is not None:
+            bias.accumulate_grad(db, backend)
+        return dx

@@ -29,6 +29,7 @@ from ..backend.registry import _by_type as _BACKEND_BY_TYPE
 from ..nn.module import Param
 from .checks import backend_or_none, jsonable, learning_rate, real, state_int
 from .groups import NAME_KEY, ParamGroup, parse_param_groups
+from .steady import SteadyPlan
 
 __all__ = ["GD", "SGD", "Adam", "AdamW", "Optimizer"]
 
@@ -404,6 +405,24 @@ class SGD(Optimizer):
             "nesterov": bool(nesterov),
             "weight_decay": real(h.get("weight_decay", 0.0), "weight_decay", fn, ">= 0", lambda x: x >= 0),
         }
+
+    def step(self) -> None:
+        """As :meth:`Optimizer.step`; a step like the last one (every parameter with a gradient of its
+        type, dtype and shape, nothing replaced) re-uses that step's checked plan (see ``steady.py``)."""
+        d = self.__dict__
+        plan = d.get("_steady")
+        if plan is not None and plan.step(self):
+            return
+        d["_steady"] = None
+        super().step()
+        if self._runs_in_groups():
+            d["_steady"] = SteadyPlan.after_step(self)
+
+    def _runs_in_groups(self) -> bool:
+        """Whether steps go through ``sgd_update_many`` (no subclass or instance ``_update``/``_apply``)."""
+        cls = type(self)
+        return (cls._update is SGD._update and cls._apply is SGD._apply
+                and "_update" not in self.__dict__ and "_apply" not in self.__dict__)
 
     def _apply(self, plan: list[tuple[int, Backend, Array, dict[str, Any]]]) -> None:
         """The plan's parameters in runs of one group on one backend, each run one

@@ -1,0 +1,81 @@
+"""A ``Sequential`` of chainable layers run as one loop with one backward closure.
+
+A layer class marked :func:`chainable` gives its math as two methods besides ``forward``:
+
+- ``_chain_forward(backend, x) -> y | None``: the output for an input ``x`` that is a
+  floating-point array of ``backend`` (checked once for the chain), or None when this input needs
+  the layer's own ``forward`` (another shape, a parameter elsewhere): the chain then gives way to
+  the layer-by-layer path, which raises the layer's own error.
+- ``_chain_backward(backend, dy, x, y, need_dx) -> dx | None``: add the parameters' gradients
+  and return ``dL/dx`` (None unless ``need_dx``).
+
+Its own ``forward`` closure calls the same ``_chain_backward``, so both paths share one
+implementation. What the chain saves is the per-layer machinery of the closure style (a closure
+built and called per layer, the container's call into each child): about 1.3 us a layer per step,
+10 us of a 784-256-10 MLP's step at batch 128 on a 2-core Xeon (benchmarks/README.md). A layer
+counts as chainable only while its class's ``forward`` is the marked class's own (a subclass that
+overrides ``forward`` is not) and no ``forward`` is set on the instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..backend import Backend
+from ..backend.base import Array
+from .module import _ENTRY_IMPL, Backward, Module, check_grad_shape, input_grad_optional
+
+__all__ = ["chainable", "has_parameters", "run_chain"]
+
+#: The ``forward`` implementations (as :data:`module._ENTRY_IMPL` holds them) of the classes
+#: marked chainable: a layer whose class's ``forward`` maps to one of these runs in a chain.
+_CHAIN_IMPLS: set[Callable[..., Any]] = set()
+
+M = TypeVar("M", bound=type[Module])
+
+
+def chainable(cls: M) -> M:
+    """Mark ``cls`` (a Module subclass defining ``forward``, ``_chain_forward`` and ``_chain_backward``)
+    as runnable in a chain, it and the subclasses that inherit its ``forward``."""
+    _CHAIN_IMPLS.add(_ENTRY_IMPL[cls.__dict__["forward"]])
+    return cls
+
+
+def run_chain(layers: list[Module], backend: Backend, x: Array) -> tuple[Array, Backward] | None:
+    """``(y, backward)`` of ``layers`` applied in turn to ``x`` (a floating-point array of
+    ``backend``), or None when a layer is not chainable or declines this input: nothing has
+    changed then, and the caller runs the layers one by one."""
+    if not layers:
+        return None
+    entry = _ENTRY_IMPL
+    for layer in layers:
+        if entry.get(type(layer).forward) not in _CHAIN_IMPLS or "forward" in layer.__dict__:
+            return None
+    values = [x]  # layer i reads values[i] and writes values[i + 1]
+    for layer in layers:
+        x = layer._chain_forward(backend, x)  # type: ignore[attr-defined]
+        if x is None:
+            return None
+        values.append(x)
+    out_shape = x.shape
+
+    @input_grad_optional
+    def backward(dy: Array, *, need_input_grad: bool = True) -> Array | None:
+        if dy.shape != out_shape:
+            check_grad_shape(layers[-1], dy, tuple(out_shape))
+        stop = 0
+        if not need_input_grad:
+            # The layers before the first with parameters only form input gradients: not run.
+            stop = next((i for i, layer in enumerate(layers) if has_parameters(layer)), len(layers))
+        for i in range(len(layers) - 1, stop - 1, -1):
+            dy = layers[i]._chain_backward(backend, dy, values[i], values[i + 1],  # type: ignore[attr-defined]
+                                           need_input_grad or i > stop)
+        return dy if need_input_grad else None
+
+    return x, backward
+
+
+def has_parameters(module: Module) -> bool:
+    """Whether ``module`` or any module inside it holds a parameter."""
+    return bool(module._params) or any(has_parameters(child) for child in module._children.values())
