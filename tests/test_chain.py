@@ -118,3 +118,22 @@ def test_inputs_a_layer_declines_take_the_layer_by_layer_path_and_its_errors(cou
     with pytest.raises(ValueError, match=r"Linear backward: dy must have the output's shape \(2, 2\), got \(2, 3\)"):
         back(np.ones((2, 3), np.float32))
     assert counted_chain["chained"] == 2 and counted_chain["declined"] == 2
+
+
+def test_what_is_not_an_array_meets_the_layers_as_before():
+    assert nn.Sequential()(None) is None
+    with pytest.raises(AttributeError):
+        nn.Sequential(nn.Linear(3, 2))(None)
+
+
+def test_backward_adds_to_the_parameters_the_forward_used():
+    """Parameters replaced between forward and backward: the gradient still goes to those the
+    forward used, in the chain and in Linear's own closure."""
+    x = np.ones((2, 3), np.float32)
+    for model in (nn.Sequential(nn.Linear(3, 2, seed=0), nn.ReLU()), nn.Linear(3, 2, seed=0)):
+        lin = model[0] if isinstance(model, nn.Sequential) else model
+        used = lin.weight
+        y, back = model.forward(x, train=True)
+        lin.weight = nn.Param(np.zeros((2, 3), np.float32), "weight")
+        back(np.ones_like(y))
+        assert used.grad is not None and lin.weight.grad is None

@@ -128,3 +128,67 @@ def test_a_subclass_update_rule_is_never_bypassed():
             p.grad = g
         opt.step()
     assert len(calls) == 4 * len(params)
+
+
+def _stepped(n: int = 2, **kw):
+    params = _params(6)
+    opt = optim.SGD(params, lr=0.1, momentum=0.9, **kw)
+    rng = np.random.default_rng(7)
+    for _ in range(n):
+        for p, g in zip(params, _grads(rng, params), strict=True):
+            p.grad = g
+        opt.step()
+    return params, opt, rng
+
+
+def test_an_optimizer_with_a_plan_copies_and_pickles_as_before():
+    import copy
+    import pickle
+
+    params, opt, rng = _stepped()
+    clones = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
+    grads = _grads(rng, params)
+    for o in (opt, *clones):
+        assert o.step_count == 2
+        for p, g in zip(o.params, grads, strict=True):
+            p.grad = g.copy()
+        o.step()
+    for clone in clones:
+        assert clone.__dict__.get("_steady") is not None  # built afresh by the clone's own full step
+        for p, q in zip(params, clone.params, strict=True):
+            np.testing.assert_array_equal(p.value, q.value)
+
+
+def test_an_update_rule_set_on_the_instance_after_steady_steps_is_called():
+    params, opt, rng = _stepped()
+    calls = []
+    opt._update = lambda p, backend, grad, state, group: calls.append(p)
+    for p, g in zip(params, _grads(rng, params), strict=True):
+        p.grad = g
+    before = [p.value.copy() for p in params]
+    opt.step()
+    assert calls == params
+    for p, b in zip(params, before, strict=True):
+        np.testing.assert_array_equal(p.value, b)
+
+
+def test_a_parameter_replaced_in_the_list_or_reshaped_in_place_is_seen():
+    params, opt, rng = _stepped()
+    new = Param(params[0].value.copy())
+    opt.params[0] = new
+    for p, g in zip([new, *params[1:]], _grads(rng, params), strict=True):
+        p.grad = g
+    old = params[0].value.copy()
+    opt.step()
+    np.testing.assert_array_equal(params[0].value, old)  # no longer the optimizer's
+    assert not np.array_equal(new.value, old)
+    params, opt, rng = _stepped()
+    params[0].value.shape = (4, 3)  # the same array, another shape: the full step's error, nothing written
+    for p, g in zip(params, _grads(rng, params), strict=True):
+        p.grad = g
+    params[0].grad = params[0].grad.reshape(3, 4)
+    values = [p.value.copy() for p in params]
+    with pytest.raises(ValueError, match=r"must have the parameter's shape \(4, 3\), got \(3, 4\)"):
+        opt.step()
+    for p, v in zip(params, values, strict=True):
+        np.testing.assert_array_equal(p.value, v)

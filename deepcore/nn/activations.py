@@ -40,11 +40,12 @@ class _Activation(Module):
         backward.deepcore_input_grad_optional = True  # type: ignore[attr-defined]  # input_grad_optional
         return y, backward
 
-    def _chain_forward(self, backend: Backend, x: Array) -> Array:
-        """``f(x)`` in a chain (see :mod:`deepcore.nn.chain`)."""
-        return self._f(backend, x)
+    def _chain_forward(self, backend: Backend, x: Array) -> tuple[Array, None]:
+        """``(f(x), None)`` in a chain (see :mod:`deepcore.nn.chain`): ``_f``, as ``forward``."""
+        return self._f(backend, x), None
 
-    def _chain_backward(self, backend: Backend, dy: Array, x: Array, y: Array, need_dx: bool) -> Array | None:
+    def _chain_backward(self, backend: Backend, dy: Array, x: Array, y: Array, saved: None,
+                        need_dx: bool) -> Array | None:
         return self._df(backend, dy, x, y) if need_dx else None
 
 

@@ -2,15 +2,17 @@
 
 A layer class marked :func:`chainable` gives its math as two methods besides ``forward``:
 
-- ``_chain_forward(backend, x) -> y | None``: the output for an input ``x`` that is a
-  floating-point array of ``backend`` (checked once for the chain), or None when this input needs
-  the layer's own ``forward`` (another shape, a parameter elsewhere): the chain then gives way to
-  the layer-by-layer path, which raises the layer's own error.
-- ``_chain_backward(backend, dy, x, y, need_dx) -> dx | None``: add the parameters' gradients
-  and return ``dL/dx`` (None unless ``need_dx``).
+- ``_chain_forward(backend, x) -> (y, saved) | None``: the output for an input ``x`` that is a
+  floating-point array of ``backend`` (checked once for the chain), with what its backward needs
+  besides ``x`` and ``y`` (Linear: the parameters the forward used), or None when this input
+  needs the layer's own ``forward`` (another shape, a parameter elsewhere): the chain then gives
+  way to the layer-by-layer path, which raises the layer's own error.
+- ``_chain_backward(backend, dy, x, y, saved, need_dx) -> dx | None``: add the parameters'
+  gradients and return ``dL/dx`` (None unless ``need_dx``).
 
-Its own ``forward`` closure calls the same ``_chain_backward``, so both paths share one
-implementation. What the chain saves is the per-layer machinery of the closure style (a closure
+They compute what ``forward`` and its closure compute (Linear's closure calls
+``_chain_backward`` itself; an activation's are its ``_f`` and ``_df``), so both paths give the
+same bits. What the chain saves is the per-layer machinery of the closure style (a closure
 built and called per layer, the container's call into each child): about 1.3 us a layer per step,
 10 us of a 784-256-10 MLP's step at batch 128 on a 2-core Xeon (benchmarks/README.md). A layer
 counts as chainable only while its class's ``forward`` is the marked class's own (a subclass that
@@ -53,11 +55,14 @@ def run_chain(layers: list[Module], backend: Backend, x: Array) -> tuple[Array, 
         if entry.get(type(layer).forward) not in _CHAIN_IMPLS or "forward" in layer.__dict__:
             return None
     values = [x]  # layer i reads values[i] and writes values[i + 1]
+    saved = []
     for layer in layers:
-        x = layer._chain_forward(backend, x)  # type: ignore[attr-defined]
-        if x is None:
+        out = layer._chain_forward(backend, x)  # type: ignore[attr-defined]
+        if out is None:
             return None
+        x, kept = out
         values.append(x)
+        saved.append(kept)
     out_shape = x.shape
 
     @input_grad_optional
@@ -70,7 +75,7 @@ def run_chain(layers: list[Module], backend: Backend, x: Array) -> tuple[Array, 
             stop = next((i for i, layer in enumerate(layers) if has_parameters(layer)), len(layers))
         for i in range(len(layers) - 1, stop - 1, -1):
             dy = layers[i]._chain_backward(backend, dy, values[i], values[i + 1],  # type: ignore[attr-defined]
-                                           need_input_grad or i > stop)
+                                           saved[i], need_input_grad or i > stop)
         return dy if need_input_grad else None
 
     return x, backward

@@ -81,9 +81,11 @@ class Sequential(Module):
 def _backend_or_none(x: Array) -> Backend | None:
     """The backend of ``x`` looked up in full (the first array of its type fills the registry's
     cache), or None for anything that is not one backend's array: the layers then say what is wrong."""
+    if not hasattr(x, "dtype"):
+        return None
     try:
         return backend_of(x)
-    except (BackendMismatchError, TypeError, ValueError):
+    except (BackendMismatchError, TypeError, ValueError, IndexError):
         return None
 
 

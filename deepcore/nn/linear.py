@@ -73,7 +73,7 @@ class Linear(Module):
             if dy.shape != out_shape:
                 check_grad_shape(self, dy, out_shape)
             dy2 = dy if flat else backend.xp.reshape(dy, (-1, self.out_features))
-            dx = self._chain_backward(backend, dy2, x2, None, need_input_grad)
+            dx = self._chain_backward(backend, dy2, x2, None, (weight, bias), need_input_grad)
             if dx is None or flat:
                 return dx
             return backend.xp.reshape(dx, in_shape)
@@ -81,19 +81,22 @@ class Linear(Module):
         backward.deepcore_input_grad_optional = True  # type: ignore[attr-defined]  # input_grad_optional
         return (y if flat else backend.xp.reshape(y, out_shape)), backward
 
-    def _chain_forward(self, backend: Backend, x: Array) -> Array | None:
-        """``x W^T + b`` for a 2-D ``x`` of ``in_features`` columns on the parameters' backend (see
-        :mod:`deepcore.nn.chain`); None for any other input, which ``forward`` checks."""
+    def _chain_forward(self, backend: Backend, x: Array) -> tuple[Array, Any] | None:
+        """``(x W^T + b, the parameters)`` for a 2-D ``x`` of ``in_features`` columns on the
+        parameters' backend (see :mod:`deepcore.nn.chain`); None for any other input, which
+        ``forward`` checks."""
         weight, bias = self.weight, self.bias
         array_type = type(x)
         if (x.ndim != 2 or x.shape[1] != self.in_features or type(weight.value) is not array_type
                 or (bias is not None and type(bias.value) is not array_type)):
             return None
-        return backend.linear(x, weight.value, None if bias is None else bias.value)
+        return backend.linear(x, weight.value, None if bias is None else bias.value), (weight, bias)
 
-    def _chain_backward(self, backend: Backend, dy: Array, x: Array, y: Array | None, need_dx: bool) -> Array | None:
-        """Add ``dy^T x`` to the weight's gradient and ``sum_n dy`` to the bias's; ``dy W`` if ``need_dx``."""
-        weight, bias = self.weight, self.bias
+    def _chain_backward(self, backend: Backend, dy: Array, x: Array, y: Array | None, params: Any,
+                        need_dx: bool) -> Array | None:
+        """Add ``dy^T x`` to the gradient of the forward's weight and ``sum_n dy`` to its bias's
+        (``params``, those the forward used); ``dy W`` if ``need_dx``."""
+        weight, bias = params
         dx, dw, db = backend.linear_backward(dy, x, weight.value, need_dx=need_dx, need_bias=bias is not None)
         weight.accumulate_grad(dw, backend)
         if bias is not None:

@@ -411,12 +411,16 @@ class SGD(Optimizer):
         type, dtype and shape, nothing replaced) re-uses that step's checked plan (see ``steady.py``)."""
         d = self.__dict__
         plan = d.get("_steady")
-        if plan is not None and plan.step(self):
+        if plan is not None and self._runs_in_groups() and plan.step(self):
             return
         d["_steady"] = None
         super().step()
         if self._runs_in_groups():
             d["_steady"] = SteadyPlan.after_step(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The plan holds backends (and through them modules): copies and pickles build their own.
+        return {k: v for k, v in self.__dict__.items() if k != "_steady"}
 
     def _runs_in_groups(self) -> bool:
         """Whether steps go through ``sgd_update_many`` (no subclass or instance ``_update``/``_apply``)."""

@@ -4,10 +4,11 @@ Once every parameter has a gradient and a momentum buffer, a training loop's ste
 the same parameter arrays, the same buffers, gradients of the same type, dtype and shape.
 :class:`SteadyPlan` keeps what ``Optimizer.step`` found (each parameter's array, state dict and
 buffer, its backend, the runs of one group) and, on the next step, confirms it with an identity
-test per array and the gradient's type, dtype and shape, instead of redoing the checks and
-building the runs again (about 3.5 us of a 4-parameter step's 17). Anything else (a missing
-gradient, a replaced parameter or buffer, a state dict loaded or edited, a new group, another
-dtype) declines before anything is written, and the full step runs and builds a new plan.
+test per parameter, array and state, and the gradient's type, dtype and shape, instead of
+redoing the checks and building the runs again (about 3.5 us of a 4-parameter step's 17).
+Anything else (a missing gradient, a replaced parameter, array or buffer, a state dict loaded or
+edited, a new group, another dtype, a backend registered anew, an ``_update`` or ``_apply`` set
+since) declines before anything is written, and the full step runs and builds a new plan.
 Hyperparameters are read from the groups at every step, so schedules work as before.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from ..backend.registry import _by_type as _BACKEND_BY_TYPE
 
 #: The optimizer a plan serves: an ``optimizers.SGD`` (not imported here: it imports this module).
-SGD = Any
+_SGD = Any
 
 _BUFFER = "momentum_buffer"
 
@@ -29,26 +30,27 @@ class SteadyPlan:
 
     __slots__ = ("params", "states", "entries", "runs")
 
-    def __init__(self, opt: SGD) -> None:
+    def __init__(self, opt: _SGD) -> None:
         self.params = opt.params
         self.states = opt.state
-        #: Per parameter: (Param, its value, the value's type, dtype and shape, its state dict, its buffer or None).
-        self.entries = [(p, p.value, type(p.value), p.value.dtype, p.value.shape, s, s.get(_BUFFER))
+        #: Per parameter: (Param, its value, the value's type, its state dict, its buffer or None).
+        self.entries = [(p, p.value, type(p.value), s, s.get(_BUFFER))
                         for p, s in zip(opt.params, opt.state, strict=True)]
-        #: (backend, group, first index, end index, the values, the buffers) per run of one group on one backend.
-        self.runs: list[tuple[Any, Any, int, int, list[Any], list[Any]]] = []
+        #: Per run of one group on one backend: (backend, group, the array type, first index, end index,
+        #: the values, the buffers).
+        self.runs: list[tuple[Any, Any, type, int, int, list[Any], list[Any]]] = []
         start = 0
         for i in range(1, len(self.entries) + 1):
             if i == len(self.entries) or self._run_key(opt, i) != self._run_key(opt, start):
-                self.runs.append((*self._run_key(opt, start), start, i, [e[1] for e in self.entries[start:i]],
-                                  [e[6] for e in self.entries[start:i]]))
+                self.runs.append((*self._run_key(opt, start), self.entries[start][2], start, i,
+                                  [e[1] for e in self.entries[start:i]], [e[4] for e in self.entries[start:i]]))
                 start = i
 
-    def _run_key(self, opt: SGD, i: int) -> tuple[Any, Any]:
+    def _run_key(self, opt: _SGD, i: int) -> tuple[Any, Any]:
         return _BACKEND_BY_TYPE[self.entries[i][2]], opt._group_of[i]
 
     @classmethod
-    def after_step(cls, opt: SGD) -> SteadyPlan | None:
+    def after_step(cls, opt: _SGD) -> SteadyPlan | None:
         """The plan of the step just taken, or None when it was not one the plan can repeat (a
         parameter without a gradient, or on a backend that is not a one-device library)."""
         for p in opt.params:
@@ -58,27 +60,30 @@ class SteadyPlan:
                 return None
         return cls(opt)
 
-    def step(self, opt: SGD) -> bool:
+    def step(self, opt: _SGD) -> bool:
         """Take ``opt``'s step with this plan (True), or decline with nothing written (False)."""
         if opt.params is not self.params or opt.state is not self.states or len(self.params) != len(self.entries):
             return False
-        states = self.states
+        params, states, by_type = self.params, self.states, _BACKEND_BY_TYPE
         grads = []
-        for i, (p, value, array_type, dtype, shape, state, buf) in enumerate(self.entries):
+        for i, (p, value, array_type, state, buf) in enumerate(self.entries):
             g = p.grad
-            if (p.value is not value or type(g) is not array_type or g.dtype != dtype or g.shape != shape
-                    or states[i] is not state or state.get(_BUFFER) is not buf):
+            if (params[i] is not p or p.value is not value or type(g) is not array_type or g.dtype != value.dtype
+                    or g.shape != value.shape or states[i] is not state or state.get(_BUFFER) is not buf):
                 return False
             grads.append(g)
+        for backend, _, array_type, *_ in self.runs:
+            if by_type.get(array_type) is not backend:  # a backend registered in its place since
+                return False
         step = opt.step_count + 1
         entries, changed = self.entries, False
-        for backend, group, start, end, values, bufs in self.runs:
+        for backend, group, _, start, end, values, bufs in self.runs:
             new_values, new_bufs = backend.sgd_update_many(
                 values, grads[start:end], bufs, lr=group["lr"], momentum=group["momentum"],
                 dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"],
                 step=step)
             for i, value, buf in zip(range(start, end), new_values, new_bufs, strict=True):
-                p, old_value, _, _, _, state, old_buf = entries[i]
+                p, old_value, _, state, old_buf = entries[i]
                 if value is not old_value or buf is not old_buf:
                     # Not in place (a read-only parameter, a first buffer): stored as the full step
                     # stores it; the next step builds a new plan.
