@@ -8,6 +8,7 @@ import pytest
 
 from deepcore import optim
 from deepcore.nn import Param
+from tests.helpers import needs_torch
 
 
 class _FullStepSGD(optim.SGD):
@@ -192,3 +193,26 @@ def test_a_parameter_replaced_in_the_list_or_reshaped_in_place_is_seen():
         opt.step()
     for p, v in zip(params, values, strict=True):
         np.testing.assert_array_equal(p.value, v)
+
+
+@needs_torch
+def test_runs_of_two_libraries_in_one_group_give_the_bits_of_the_full_step():
+    import torch
+
+    def train(cls):
+        rng = np.random.default_rng(8)
+        values = [rng.standard_normal(s).astype(np.float32) for s in [(3, 4), (5,), (2, 2)]]
+        params = [Param(values[0]), Param(torch.from_numpy(values[1].copy())), Param(values[2])]
+        opt = cls(params, lr=0.1, momentum=0.9, nesterov=True)
+        for _ in range(6):
+            for p in params:
+                g = rng.standard_normal(tuple(p.value.shape)).astype(np.float32)
+                p.grad = torch.from_numpy(g) if isinstance(p.value, torch.Tensor) else g
+            opt.step()
+        return [np.asarray(p.value) for p in params], opt
+
+    values, opt = train(optim.SGD)
+    ref, _ = train(_FullStepSGD)
+    assert [r[2] for r in opt._steady.runs] == [np.ndarray, torch.Tensor, np.ndarray]
+    for v, r in zip(values, ref, strict=True):
+        np.testing.assert_array_equal(v, r)

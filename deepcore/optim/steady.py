@@ -39,15 +39,14 @@ class SteadyPlan:
         #: Per run of one group on one backend: (backend, group, the array type, first index, end index,
         #: the values, the buffers).
         self.runs: list[tuple[Any, Any, type, int, int, list[Any], list[Any]]] = []
-        start = 0
-        for i in range(1, len(self.entries) + 1):
-            if i == len(self.entries) or self._run_key(opt, i) != self._run_key(opt, start):
-                self.runs.append((*self._run_key(opt, start), self.entries[start][2], start, i,
-                                  [e[1] for e in self.entries[start:i]], [e[4] for e in self.entries[start:i]]))
-                start = i
-
-    def _run_key(self, opt: _SGD, i: int) -> tuple[Any, Any]:
-        return _BACKEND_BY_TYPE[self.entries[i][2]], opt._group_of[i]
+        start, n = 0, len(self.entries)
+        for i, (_, _, array_type, _, _) in enumerate(self.entries):
+            group = opt._group_of[i]
+            if i + 1 == n or self.entries[i + 1][2] is not array_type or opt._group_of[i + 1] is not group:
+                run = self.entries[start:i + 1]
+                self.runs.append((_BACKEND_BY_TYPE[array_type], group, array_type, start, i + 1,
+                                  [e[1] for e in run], [e[4] for e in run]))
+                start = i + 1
 
     @classmethod
     def after_step(cls, opt: _SGD) -> SteadyPlan | None:
