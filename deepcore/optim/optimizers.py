@@ -411,7 +411,8 @@ class SGD(Optimizer):
         type, dtype and shape, nothing replaced) re-uses that step's checked plan (see ``steady.py``)."""
         d = self.__dict__
         plan = d.get("_steady")
-        if plan is not None and self._runs_in_groups() and plan.step(self):
+        if plan is not None and "_update" not in d and "_apply" not in d and self._class_runs_in_groups() \
+                and plan.step(self):
             return
         d["_steady"] = None
         super().step()
@@ -422,11 +423,13 @@ class SGD(Optimizer):
         # The plan holds backends (and through them modules): copies and pickles build their own.
         return {k: v for k, v in self.__dict__.items() if k != "_steady"}
 
+    def _class_runs_in_groups(self) -> bool:
+        cls = type(self)
+        return cls._update is SGD._update and cls._apply is SGD._apply
+
     def _runs_in_groups(self) -> bool:
         """Whether steps go through ``sgd_update_many`` (no subclass or instance ``_update``/``_apply``)."""
-        cls = type(self)
-        return (cls._update is SGD._update and cls._apply is SGD._apply
-                and "_update" not in self.__dict__ and "_apply" not in self.__dict__)
+        return self._class_runs_in_groups() and "_update" not in self.__dict__ and "_apply" not in self.__dict__
 
     def _apply(self, plan: list[tuple[int, Backend, Array, dict[str, Any]]]) -> None:
         """The plan's parameters in runs of one group on one backend, each run one
