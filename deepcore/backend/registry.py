@@ -273,6 +273,14 @@ def backend_for(spec: Any) -> Backend:
     )
 
 
+def backend_or_none(x: Any) -> Backend | None:
+    """The backend of the array ``x``, or None for anything else (None, a number, a list, a name)."""
+    try:
+        return _for_array(x)
+    except (TypeError, ValueError):
+        return None
+
+
 def get_backend(obj: Any = None, *more: Array) -> Backend:
     """The backend for an array (or several, which must share backend and device), a name, a module,
     or, with no argument, the current default (``use_backend`` > ``$DEEPCORE_BACKEND`` > numpy)."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from ..backend import Backend, BackendMismatchError, backend_of, get_backend
+from ..backend import get_backend
 from ..backend.base import Array
 from ..backend.registry import _by_type as _BACKEND_BY_TYPE
+from ..backend.registry import backend_or_none
 from .chain import has_parameters, run_chain
 from .module import (
     INPUT_GRAD_OPTIONAL,
@@ -45,7 +46,7 @@ class Sequential(Module):
 
     def forward(self, x: Array, train: bool = False) -> tuple[Array, Backward]:
         layers = list(self._children.values())
-        backend = _BACKEND_BY_TYPE.get(type(x)) or _backend_or_none(x)
+        backend = _BACKEND_BY_TYPE.get(type(x)) or backend_or_none(x)
         if backend is not None and backend.single_device and backend.is_floating(x):
             chained = run_chain(layers, backend, x)  # Linear and activations only: one loop, one closure
             if chained is not None:
@@ -76,17 +77,6 @@ class Sequential(Module):
             return None
 
         return x, backward
-
-
-def _backend_or_none(x: Array) -> Backend | None:
-    """The backend of ``x`` looked up in full (the first array of its type fills the registry's
-    cache), or None for anything that is not one backend's array: the layers then say what is wrong."""
-    if not hasattr(x, "dtype"):
-        return None
-    try:
-        return backend_of(x)
-    except (BackendMismatchError, TypeError, ValueError, IndexError):
-        return None
 
 
 def _first_that_must_run(layers: list[Module], backwards: list[Backward]) -> int | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import Backend, get_backend
+from ..backend.registry import backend_or_none
 
 __all__ = ["backend_or_none", "jsonable", "learning_rate", "real", "state_int"]
 
@@ -30,13 +30,6 @@ def learning_rate(value: Any, fn: str) -> float:
 
 def jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-def backend_or_none(x: Any) -> Backend | None:
-    try:
-        return get_backend(x)
-    except (TypeError, ValueError):
-        return None
 
 
 def state_int(value: Any, name: str, fn: str) -> int:

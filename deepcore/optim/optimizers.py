@@ -29,7 +29,7 @@ from ..backend.registry import _by_type as _BACKEND_BY_TYPE
 from ..nn.module import Param
 from .checks import backend_or_none, jsonable, learning_rate, real, state_int
 from .groups import NAME_KEY, ParamGroup, parse_param_groups
-from .steady import SteadyPlan
+from .steady import SteadyPlan, update_run
 
 __all__ = ["GD", "SGD", "Adam", "AdamW", "Optimizer"]
 
@@ -411,8 +411,7 @@ class SGD(Optimizer):
         type, dtype and shape, nothing replaced) re-uses that step's checked plan (see ``steady.py``)."""
         d = self.__dict__
         plan = d.get("_steady")
-        if plan is not None and "_update" not in d and "_apply" not in d and self._class_runs_in_groups() \
-                and plan.step(self):
+        if plan is not None and self._runs_in_groups() and plan.step(self):
             return
         d["_steady"] = None
         super().step()
@@ -423,13 +422,10 @@ class SGD(Optimizer):
         # The plan holds backends (and through them modules): copies and pickles build their own.
         return {k: v for k, v in self.__dict__.items() if k != "_steady"}
 
-    def _class_runs_in_groups(self) -> bool:
-        cls = type(self)
-        return cls._update is SGD._update and cls._apply is SGD._apply
-
     def _runs_in_groups(self) -> bool:
         """Whether steps go through ``sgd_update_many`` (no subclass or instance ``_update``/``_apply``)."""
-        return self._class_runs_in_groups() and "_update" not in self.__dict__ and "_apply" not in self.__dict__
+        cls, d = type(self), self.__dict__
+        return cls._update is SGD._update and cls._apply is SGD._apply and "_update" not in d and "_apply" not in d
 
     def _apply(self, plan: list[tuple[int, Backend, Array, dict[str, Any]]]) -> None:
         """The plan's parameters in runs of one group on one backend, each run one
@@ -451,9 +447,7 @@ class SGD(Optimizer):
             bufs.append(state.get("momentum_buffer"))
         step = self.step_count + 1
         for backend, group, indices, values, grads, bufs in runs:
-            new_values, new_bufs = backend.sgd_update_many(
-                values, grads, bufs, lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                nesterov=group["nesterov"], weight_decay=group["weight_decay"], step=step)
+            new_values, new_bufs = update_run(backend, group, values, grads, bufs, step)
             for i, value, buf in zip(indices, new_values, new_bufs, strict=True):
                 params[i].value = value
                 if buf is not None:

@@ -24,6 +24,15 @@ _SGD = Any
 _BUFFER = "momentum_buffer"
 
 
+def update_run(backend: Any, group: Any, values: list[Any], grads: list[Any], bufs: list[Any],
+               step: int) -> tuple[list[Any], list[Any]]:
+    """One run of ``group``'s parameters on ``backend``: ``Backend.sgd_update_many`` with the group's
+    hyperparameters as they are now."""
+    return backend.sgd_update_many(values, grads, bufs, lr=group["lr"], momentum=group["momentum"],
+                                   dampening=group["dampening"], nesterov=group["nesterov"],
+                                   weight_decay=group["weight_decay"], step=step)
+
+
 class SteadyPlan:
     """The runs (backend, group, parameter indices) of an SGD step that updated every parameter,
     with the arrays each index had after it."""
@@ -77,10 +86,7 @@ class SteadyPlan:
         step = opt.step_count + 1
         entries, changed = self.entries, False
         for backend, group, _, start, end, values, bufs in self.runs:
-            new_values, new_bufs = backend.sgd_update_many(
-                values, grads[start:end], bufs, lr=group["lr"], momentum=group["momentum"],
-                dampening=group["dampening"], nesterov=group["nesterov"], weight_decay=group["weight_decay"],
-                step=step)
+            new_values, new_bufs = update_run(backend, group, values, grads[start:end], bufs, step)
             for i, value, buf in zip(range(start, end), new_values, new_bufs, strict=True):
                 p, old_value, _, state, old_buf = entries[i]
                 if value is not old_value or buf is not old_buf:
