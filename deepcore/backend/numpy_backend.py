@@ -126,14 +126,11 @@ class NumpyBackend(Backend):
                 y32 += bias.astype(np.float32)
             return y32.astype(x.dtype)
         n = x.shape[0]
-        if x.ndim == 2 and weight.ndim == 2 and n <= (32 if _f_order(weight) else 64) and weight.shape[0] >= 4 * n:
+        if x.ndim == 2 and weight.ndim == 2 and n <= 64 and weight.shape[0] >= 4 * n and not _f_order(weight):
             # A short batch against a wide layer: OpenBLAS forms W x^T (out x N) markedly faster than
-            # x W^T (N x out) for a C-ordered W, 0.5-0.67x the time at 16-32 rows of 784 -> 256, 0.87x
-            # at 64, and not from 128 rows on; for a Fortran-ordered W (linear_weight), where x W^T
-            # reads two C-ordered operands, up to 32 rows (the forward with the weight's gradient:
-            # 0.93x the plain product's time at 32 rows, 1.04x at 64). The transposed product comes
-            # back in (N, out) C order in the pass that adds the bias, so nothing downstream sees
-            # another layout.
+            # x W^T (N x out), 0.5-0.67x the time at 16-32 rows of 784 -> 256, 0.87x at 64, and not
+            # from 128 rows on. The transposed product comes back in (N, out) C order in the pass
+            # that adds the bias, so nothing downstream sees another layout.
             yt = np.matmul(weight, x.T)
             if bias is None:
                 return np.ascontiguousarray(yt.T)
@@ -153,7 +150,7 @@ class NumpyBackend(Backend):
             db = dy.sum(axis=0, dtype=np.float32).astype(dy.dtype) if need_bias else None
             return dx, dw, db
         dx = np.matmul(dy, weight) if need_dx else None
-        # The weight's gradient in the weight's own memory order (see linear_weight), so that the
+        # The weight's gradient in the weight's own memory order (see _linear_layout), so that the
         # optimizer's update passes over three arrays of one layout.
         dw = np.matmul(x.T, dy).T if _f_order(weight) else np.matmul(dy.T, x)
         db = _column_sum(dy) if need_bias else None

@@ -281,13 +281,6 @@ def backend_or_none(x: Any) -> Backend | None:
         return None
 
 
-def state_array(x: Any) -> Any:
-    """``x`` as a ``state_dict`` hands it out (:meth:`Backend.state_array`: a C-ordered copy of a
-    Fortran-ordered NumPy weight or buffer, else ``x`` itself); anything but an array as it is."""
-    backend = backend_or_none(x) if hasattr(x, "shape") else None
-    return x if backend is None else backend.state_array(x)
-
-
 def get_backend(obj: Any = None, *more: Array) -> Backend:
     """The backend for an array (or several, which must share backend and device), a name, a module,
     or, with no argument, the current default (``use_backend`` > ``$DEEPCORE_BACKEND`` > numpy)."""

@@ -34,7 +34,6 @@ from typing import Any
 from ..backend import Backend, BackendMismatchError, backend_of, get_backend, to_backend
 from ..backend.base import Array
 from ..backend.registry import _by_type as _BACKEND_BY_TYPE
-from ..backend.registry import state_array
 
 Backward = Callable[..., Array]
 
@@ -337,7 +336,7 @@ class Module:
         weight the backend keeps in another memory order (see ``Backend.linear_weight``: NumPy's
         Linear weights are Fortran-ordered) comes as a C-ordered copy, since libraries that read an
         array's raw memory (``safetensors.numpy``) take every array to be C-ordered."""
-        return {name: state_array(value) for name, value in self._state_refs().items()}
+        return {name: _as_state(value) for name, value in self._state_refs().items()}
 
     def _state_refs(self) -> dict[str, Array]:
         """Parameters and buffers by dotted name, the arrays themselves whatever their layout."""
@@ -418,6 +417,11 @@ class ModuleSnapshot:
     params: list[tuple[Param, Array, Array | None]]
     buffers: dict[str, Array]
     extra_states: dict[str, Any]
+
+
+def _as_state(value: Any) -> Any:
+    backend = _BACKEND_BY_TYPE.get(type(value))
+    return value if backend is None else backend.state_array(value)
 
 
 def _is_same(value: Any, backend: Backend) -> bool:

@@ -26,7 +26,6 @@ import numpy as np
 from ..backend import Backend, BackendMismatchError, backend_of, get_backend, to_backend
 from ..backend.base import Array
 from ..backend.registry import _by_type as _BACKEND_BY_TYPE
-from ..backend.registry import state_array
 from ..nn.module import Param
 from .checks import backend_or_none, jsonable, learning_rate, real, state_int
 from .groups import NAME_KEY, ParamGroup, parse_param_groups
@@ -253,9 +252,7 @@ class Optimizer:
         ``state`` maps each parameter's index (a string) to its dict of arrays and ints (empty before
         its first update); ``param_groups`` one dict per group, its parameters' indices under ``"params"``
         with its hyperparameters (and ``"name"``), as ``torch.optim.Optimizer.state_dict`` holds them.
-        The arrays are the optimizer's own, not copies: convert or copy them before the next ``step()``;
-        as in ``Module.state_dict``, a buffer in Fortran order (a NumPy Linear weight's) comes as a
-        C-ordered copy."""
+        The arrays are the optimizer's own, not copies: convert or copy them before the next ``step()``."""
         groups, start = [], 0
         for group in self.param_groups:
             n = len(group["params"])
@@ -269,7 +266,7 @@ class Optimizer:
             "type": type(self).__name__,
             "hyperparams": self.hyperparams(),
             "step_count": self.step_count,
-            "state": {str(i): {k: state_array(v) for k, v in s.items()} for i, s in enumerate(self.state)},
+            "state": {str(i): dict(s) for i, s in enumerate(self.state)},
             "param_groups": groups,
         }
 
@@ -550,11 +547,9 @@ def _param_index(key: Any, n: int, fn: str) -> int:
 
 
 def _convert(x: Array, p: Param, backend: Backend) -> Array:
-    """A new array with ``x``'s values on ``p``'s backend and device, in ``p``'s dtype and memory order
-    (so that the update passes over arrays of one layout)."""
-    # A copy: a shared buffer would let this optimizer's in-place updates write into the state's owner.
-    x = backend.astype(to_backend(x, backend, device=backend.device(p.value)), p.value.dtype)
-    return backend.copy_like(x, p.value)
+    """A new array with ``x``'s values on ``p``'s backend and device, in ``p``'s dtype."""
+    # copy=True: a shared buffer would let this optimizer's in-place updates write into the state's owner.
+    return backend.astype(to_backend(x, backend, device=backend.device(p.value), copy=True), p.value.dtype)
 
 
 def _in_place_of(x: Array, value: Array, backend: Backend) -> bool:
