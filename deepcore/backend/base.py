@@ -80,23 +80,6 @@ class Backend(ConvReference):
     def copy(self, x: Array) -> Array:
         return self.xp.asarray(x, copy=True)
 
-    def copy_like(self, value: Array, like: Array) -> Array:
-        """A copy of ``value`` (this backend's, ``like``'s shape and dtype) to take ``like``'s place:
-        on its device and, where the library has a memory order, in its order (a loaded weight
-        keeps the layout :meth:`linear_weight` gave it)."""
-        return self.xp.asarray(value, copy=True, device=self.device(like))
-
-    def state_array(self, value: Array) -> Array:
-        """``value`` as ``Module.state_dict`` hands it out: itself here; a C-ordered copy of an
-        array :meth:`linear_weight` laid out otherwise, where the library has memory orders."""
-        return value
-
-    def linear_weight(self, weight: Array) -> Array:
-        """The array a Linear layer keeps as its (out, in) weight: the values of ``weight`` in the
-        memory layout this backend's :meth:`linear` and :meth:`linear_backward` read fastest
-        (here ``weight`` itself)."""
-        return weight
-
     def astype(self, x: Array, dtype: Any) -> Array:
         return x if x.dtype == dtype else self.xp.astype(x, dtype)
 

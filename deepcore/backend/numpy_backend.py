@@ -83,23 +83,6 @@ class NumpyBackend(Backend):
         self._check_device(device)
         return np.array(a, dtype=dtype, copy=True, order="C")
 
-    def copy_like(self, value: np.ndarray, like: np.ndarray) -> np.ndarray:
-        return np.array(value, copy=True, order="F" if _f_order(like) else "K")
-
-    def state_array(self, value: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(value) if _f_order(value) else value
-
-    def linear_weight(self, weight: np.ndarray) -> np.ndarray:
-        """A float32/float64 weight in Fortran order: the (in, out) transpose is then C-contiguous,
-        so the forward ``x W^T`` is a product of two C-ordered operands, which OpenBLAS forms
-        markedly faster than one against a transposed operand at 16-256 rows (0.88-0.94x the time
-        at 784 -> 256, benchmarks/README.md); the input gradient ``dy W``, the one product that
-        reads the layout the other way, is not formed for the first layer and is small for a
-        narrow last one. Gradients then come in the same order (:meth:`linear_backward`)."""
-        if weight.ndim == 2 and (weight.dtype == _FLOAT32 or weight.dtype == _FLOAT64):
-            return np.asfortranarray(weight)
-        return weight
-
     def add_into(self, acc: np.ndarray, value: np.ndarray) -> np.ndarray:
         np.add(acc, value, out=acc, casting="same_kind")
         return acc
@@ -126,7 +109,7 @@ class NumpyBackend(Backend):
                 y32 += bias.astype(np.float32)
             return y32.astype(x.dtype)
         n = x.shape[0]
-        if x.ndim == 2 and weight.ndim == 2 and n <= 64 and weight.shape[0] >= 4 * n and not _f_order(weight):
+        if x.ndim == 2 and weight.ndim == 2 and n <= 64 and weight.shape[0] >= 4 * n:
             # A short batch against a wide layer: OpenBLAS forms W x^T (out x N) markedly faster than
             # x W^T (N x out), 0.5-0.67x the time at 16-32 rows of 784 -> 256, 0.87x at 64, and not
             # from 128 rows on. The transposed product comes back in (N, out) C order in the pass
@@ -150,9 +133,7 @@ class NumpyBackend(Backend):
             db = dy.sum(axis=0, dtype=np.float32).astype(dy.dtype) if need_bias else None
             return dx, dw, db
         dx = np.matmul(dy, weight) if need_dx else None
-        # The weight's gradient in the weight's own memory order (see _linear_layout), so that the
-        # optimizer's update passes over three arrays of one layout.
-        dw = np.matmul(x.T, dy).T if _f_order(weight) else np.matmul(dy.T, x)
+        dw = np.matmul(dy.T, x)
         db = _column_sum(dy) if need_bias else None
         return dx, dw, db
 
@@ -552,33 +533,21 @@ def _steady_momentum(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: f
         value += np.multiply(buf, -lr)
 
 
-def _f_order(a: np.ndarray) -> bool:
-    """Whether ``a`` is laid out in Fortran order and not also in C order (a 2-D transpose of a C array)."""
-    flags = a.flags
-    return flags.f_contiguous and not flags.c_contiguous
-
-
-def _one_contiguous_order(*arrays: np.ndarray) -> bool:
-    """Whether the arrays are all C-contiguous or all Fortran-contiguous."""
-    return all(a.flags.c_contiguous for a in arrays) or all(a.flags.f_contiguous for a in arrays)
-
-
 def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
                           flush: _Flush = False) -> bool:
     """SGD's steady momentum step (``buf = μ buf + g; value -= lr buf``) block by block, with the
     same four operations per element as the one-pass code (the same bits): each operation over a
     whole large array would stream it from memory again, four times per step; over a block that
     stays in the cache, each array is read and written once. False (nothing written) when the
-    arrays are not of one dtype and all C- or all Fortran-contiguous, or may overlap (then the
-    order of the passes would show)."""
+    arrays are not one C-contiguous layout of one dtype, or may overlap (then the order of the
+    passes would show)."""
     dtype = value.dtype
     if not (grad.dtype == dtype and buf.dtype == dtype and grad.shape == value.shape and buf.shape == value.shape
-            and buf.flags.writeable and _one_contiguous_order(value, grad, buf)
-            and not (np.may_share_memory(buf, value) or np.may_share_memory(buf, grad)
-                     or np.may_share_memory(value, grad))):
+            and value.flags.c_contiguous and grad.flags.c_contiguous and buf.flags.c_contiguous
+            and buf.flags.writeable and not (np.may_share_memory(buf, value) or np.may_share_memory(buf, grad)
+                                             or np.may_share_memory(value, grad))):
         return False
-    # ravel(order="K") of a contiguous array is a view in memory order, C or Fortran.
-    v, g, b = value.ravel(order="K"), grad.ravel(order="K"), buf.ravel(order="K")
+    v, g, b = value.reshape(-1), grad.reshape(-1), buf.reshape(-1)
     n = v.shape[0]
     blocks = -(-n // _SGD_BLOCK)
     size = -(-n // blocks)

@@ -393,19 +393,16 @@ def _shared(x: Array, dst: Backend, device: Any) -> tuple[Array | None, str]:
 def _unshareable(x: Array) -> str | None:
     """Why ``x``'s memory must not be handed to another library as it is; None when it may.
 
-    Only writable NumPy / CuPy arrays in C or Fortran order (NumPy's Linear weights) and torch tensors
-    in C order or the transpose of it are shared: torch takes a read-only NumPy array's memory as
-    writable, and aborts the process on negative strides."""
+    Only C-contiguous, writable NumPy / CuPy arrays and contiguous torch tensors are shared: torch takes
+    a read-only NumPy array's memory as writable, and aborts the process on negative strides."""
     flags = getattr(x, "flags", None)  # NumPy, CuPy
     if flags is not None and hasattr(flags, "c_contiguous"):
         if not getattr(flags, "writeable", True):
             return "it is read-only"
-        return None if flags.c_contiguous or flags.f_contiguous else "it is not contiguous"
+        return None if flags.c_contiguous else "it is not C-contiguous"
     is_contiguous = getattr(x, "is_contiguous", None)  # torch
     if callable(is_contiguous):
-        if is_contiguous() or (x.dim() == 2 and x.t().is_contiguous()):
-            return None
-        return "it is not contiguous"
+        return None if is_contiguous() else "it is not contiguous"
     return f"deepcore cannot tell whether a {type(x).__module__}.{type(x).__qualname__}'s memory is contiguous"
 
 

@@ -90,10 +90,8 @@ def _deepcore_mlp(contender: str, weights: Sequence[np.ndarray], sizes: Sequence
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers += [nn.Linear(fan_in, fan_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
         model = nn.Sequential(*layers)
-    # The same initial values for every contender, loaded as a user loads weights (each keeps the
-    # device and layout the layer gave it).
-    names = [name for name, _ in model.named_parameters()]
-    model.load_state_dict(dict(zip(names, weights, strict=True)))
+    for p, w in zip(model.parameters(), weights, strict=True):
+        p.value = backend.from_numpy(w, device=backend.device(p.value))
     opt = optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     return model, opt, backend
 

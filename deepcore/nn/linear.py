@@ -40,8 +40,7 @@ class Linear(Module):
         dt = backend.dtype_from_name(dtype) if isinstance(dtype, str) else dtype
         rng = host_generator(check_seed(seed, "Linear"))
         shape = (self.out_features, self.in_features)
-        self.weight = Param(backend.linear_weight(backend.from_numpy(w_init(rng, shape, *shape[::-1]), dtype=dt)),
-                            "weight")
+        self.weight = Param(backend.from_numpy(w_init(rng, shape, *shape[::-1]), dtype=dt), "weight")
         self.bias = (
             Param(backend.from_numpy(b_init(rng, (self.out_features,), *shape[::-1]), dtype=dt), "bias")
             if bias else None

@@ -332,14 +332,7 @@ class Module:
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Array]:
-        """Parameters and buffers by dotted name: the arrays themselves, not copies, in C order. A
-        weight the backend keeps in another memory order (see ``Backend.linear_weight``: NumPy's
-        Linear weights are Fortran-ordered) comes as a C-ordered copy, since libraries that read an
-        array's raw memory (``safetensors.numpy``) take every array to be C-ordered."""
-        return {name: _as_state(value) for name, value in self._state_refs().items()}
-
-    def _state_refs(self) -> dict[str, Array]:
-        """Parameters and buffers by dotted name, the arrays themselves whatever their layout."""
+        """Parameters and buffers by dotted name (the arrays themselves, not copies)."""
         state = {name: p.value for name, p in self.named_parameters()}
         state.update(self.named_buffers())
         return state
@@ -352,7 +345,7 @@ class Module:
         """
         if not isinstance(state, dict):
             raise TypeError(f"load_state_dict: state must be a dict of arrays, got {type(state).__name__}")
-        current = self._state_refs()
+        current = self.state_dict()
         missing = sorted(set(current) - set(state))
         unexpected = sorted(set(state) - set(current))
         if strict and (missing or unexpected):
@@ -369,8 +362,8 @@ class Module:
                 )
             target = get_backend(old)
             value = to_backend(new, target, device=target.device(old)) if not _is_same(new, target) else new
-            # On the parameter's own device (whichever device is current), in its memory order.
-            converted[name] = target.copy_like(target.astype(value, old.dtype), old)
+            # On the parameter's own device, whichever device is current.
+            converted[name] = target.xp.asarray(target.astype(value, old.dtype), copy=True, device=target.device(old))
         params = dict(self.named_parameters())
         for name, value in converted.items():
             if name in params:
@@ -417,11 +410,6 @@ class ModuleSnapshot:
     params: list[tuple[Param, Array, Array | None]]
     buffers: dict[str, Array]
     extra_states: dict[str, Any]
-
-
-def _as_state(value: Any) -> Any:
-    backend = _BACKEND_BY_TYPE.get(type(value))
-    return value if backend is None else backend.state_array(value)
 
 
 def _is_same(value: Any, backend: Backend) -> bool:
