@@ -11,7 +11,7 @@ import numpy as np
 
 from ..backend.registry import backend_or_none
 
-__all__ = ["backend_or_none", "jsonable", "learning_rate", "real", "state_int"]
+__all__ = ["jsonable", "learning_rate", "real", "state_int"]
 
 
 def real(value: Any, name: str, fn: str, expected: str, ok: Callable[[float], bool]) -> float:

@@ -20,8 +20,9 @@ import numpy as np
 
 from ..backend import get_backend, to_backend
 from ..backend.base import Array, Backend
+from ..backend.registry import backend_or_none
 from ..nn.module import Module, Param
-from .checks import backend_or_none, real, state_int
+from .checks import real, state_int
 
 __all__ = ["EMA"]
 

@@ -26,8 +26,9 @@ import numpy as np
 from ..backend import Backend, BackendMismatchError, backend_of, get_backend, to_backend
 from ..backend.base import Array
 from ..backend.registry import _by_type as _BACKEND_BY_TYPE
+from ..backend.registry import backend_or_none
 from ..nn.module import Param
-from .checks import backend_or_none, jsonable, learning_rate, real, state_int
+from .checks import jsonable, learning_rate, real, state_int
 from .groups import NAME_KEY, ParamGroup, parse_param_groups
 from .steady import SteadyPlan, update_run
 
