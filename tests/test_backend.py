@@ -328,3 +328,42 @@ def test_model_to_module_objects(other_backend):
     model = dc.nn.Sequential(dc.nn.Linear(3, 2, seed=0))
     model.to(module)
     assert dc.get_backend(model[0].weight.value) is other_backend
+
+
+def test_relu_inplace_writes_over_its_input_where_it_may_and_relu_backward_takes_either_side():
+    nb = dc.get_backend("numpy")
+    x = np.array([-2.0, -0.0, 0.0, 3.0, np.nan, -np.inf], np.float32)
+    want = np.array([0.0, 0.0, 0.0, 3.0, np.nan, 0.0], np.float32)
+    a = x.copy()
+    out = nb.relu_inplace(a)
+    assert out is a
+    np.testing.assert_array_equal(out, want)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    out = nb.relu_inplace(frozen)  # read-only: a new array, the input untouched
+    assert out is not frozen
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(frozen, x)
+    # The mask [x > 0] from the input or from the output max(0, x): the same, NaN and -0 included.
+    dy = np.arange(1.0, 7.0, dtype=np.float32)
+    np.testing.assert_array_equal(nb.relu_backward(dy, x), [0, 0, 0, 4, 0, 0])
+    np.testing.assert_array_equal(nb.relu_backward(dy, want), nb.relu_backward(dy, x))
+
+    class Doubling(type(nb)):
+        def relu(self, x):
+            return 2 * np.maximum(x, 0)
+
+    a = x.copy()
+    np.testing.assert_array_equal(Doubling().relu_inplace(a), 2 * want)  # a subclass's relu is honoured
+    np.testing.assert_array_equal(a, x)
+
+
+def test_torch_relu_inplace_writes_over_its_input():
+    torch = pytest.importorskip("torch")
+    tb = dc.get_backend("torch")
+    x = torch.tensor([-1.0, 2.0, float("nan")])
+    out = tb.relu_inplace(x)
+    assert out is x
+    torch.testing.assert_close(out, torch.tensor([0.0, 2.0, float("nan")]), equal_nan=True)
+    dy = torch.ones(3)
+    torch.testing.assert_close(tb.relu_backward(dy, out), torch.tensor([0.0, 1.0, 1.0]))  # as PyTorch: NaN passes dy

@@ -137,3 +137,86 @@ def test_backward_adds_to_the_parameters_the_forward_used():
         lin.weight = nn.Param(np.zeros((2, 3), np.float32), "weight")
         back(np.ones_like(y))
         assert used.grad is not None and lin.weight.grad is None
+
+
+def _relu_calls(monkeypatch, backend):
+    """Count the backend's ReLU forwards, in place and not."""
+    calls = {"relu": 0, "relu_inplace": 0}
+    for name in calls:
+        real = getattr(type(backend), name)
+
+        def spy(self, x, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(self, x)
+
+        monkeypatch.setattr(type(backend), name, spy)
+    return calls
+
+
+def test_relu_writes_over_a_linear_output_and_never_over_the_input_or_an_output_still_needed(monkeypatch):
+    # ReLU after Linear writes over the Linear's output (the chain's own); ReLU first would write over
+    # the caller's x, and ReLU after Tanh over the output Tanh's backward reads (1 - y^2).
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    x_before = x.copy()
+    dy = rng.standard_normal((6, 2)).astype(np.float32)
+
+    def build():
+        return nn.Sequential(nn.ReLU(), nn.Linear(3, 5, seed=0), nn.ReLU(), nn.Linear(5, 4, seed=1), nn.Tanh(),
+                             nn.ReLU(), nn.Linear(4, 2, seed=2))
+
+    calls = _relu_calls(monkeypatch, dc_numpy())
+    y, dx, grads = _run(build(), x, dy, input_grad=True)
+    assert calls == {"relu": 2, "relu_inplace": 1}
+    np.testing.assert_array_equal(x, x_before)
+    monkeypatch.setattr(containers, "run_chain", lambda layers, backend, x: None)
+    y_ref, dx_ref, grads_ref = _run(build(), x, dy, input_grad=True)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_array_equal(g, g_ref)
+    # and against the formula worked in float64: dL/dW1 of relu(relu(x) W1^T + b1) ... by hand
+    m = build()
+    w1, b1 = (p.value.astype(np.float64) for p in (m[1].weight, m[1].bias))
+    w2, b2 = (p.value.astype(np.float64) for p in (m[3].weight, m[3].bias))
+    w3 = m[6].weight.value.astype(np.float64)
+    x0 = np.maximum(x.astype(np.float64), 0)
+    h1 = x0 @ w1.T + b1
+    r1 = np.maximum(h1, 0)
+    t = np.tanh(r1 @ w2.T + b2)
+    d_t = (dy.astype(np.float64) @ w3) * (t > 0)
+    d_r1 = (d_t * (1 - t**2)) @ w2
+    np.testing.assert_allclose(grads[0], (d_r1 * (h1 > 0)).T @ x0, rtol=1e-4, atol=1e-5)
+
+
+def test_a_relu_subclass_with_its_own_math_keeps_it_in_the_chain():
+    class ReLU6(nn.ReLU):
+        def _f(self, backend, x):
+            return np.minimum(np.maximum(x, 0), 6)
+
+        def _df(self, backend, dy, x, y):
+            return dy * ((x > 0) & (x < 6))
+
+    lin = nn.Linear(2, 3, seed=0)
+    x = np.array([[10.0, -10.0], [3.0, 1.0]], np.float32)
+    y, back = nn.Sequential(lin, ReLU6()).forward(x, train=True, input_grad=True)
+    h = x @ lin.weight.value.T + lin.bias.value
+    np.testing.assert_allclose(y, np.clip(h, 0, 6), rtol=1e-6)
+    dx = back(np.ones_like(y))
+    np.testing.assert_allclose(dx, ((h > 0) & (h < 6)) @ lin.weight.value, rtol=1e-6)
+
+
+def test_a_later_layer_declining_leaves_the_caller_with_the_layer_path_and_its_error():
+    # The chain runs Linear and ReLU (in place, on its own array), then the second Linear declines
+    # the width: the layer-by-layer path starts again from x and raises Linear's own message.
+    x = np.ones((2, 3), np.float32)
+    model = nn.Sequential(nn.Linear(3, 4, seed=0), nn.ReLU(), nn.Linear(5, 2, seed=1))
+    with pytest.raises(ValueError, match=r"Linear\(5, 2\): input x must have shape \(\.\.\., 5\), got \(2, 4\)"):
+        model(x)
+    np.testing.assert_array_equal(x, 1.0)
+
+
+def dc_numpy():
+    import deepcore as dc
+
+    return dc.get_backend("numpy")

@@ -155,7 +155,13 @@ class Backend(ConvReference):
     def relu(self, x: Array) -> Array:
         return self.xp.maximum(x, self.xp.zeros_like(x))
 
+    def relu_inplace(self, x: Array) -> Array:
+        """``relu(x)``, written over ``x`` where the library can (the caller gives ``x`` up and uses
+        the result): NumPy and torch write in place; here, a new array from :meth:`relu`."""
+        return self.relu(x)
+
     def relu_backward(self, dy: Array, x: Array) -> Array:
+        """``dy [x > 0]``; ``x`` may be the ReLU's output instead of its input (the same mask)."""
         return self.xp.where(x > 0, dy, self.xp.zeros_like(dy))
 
     def leaky_relu(self, x: Array, slope: float) -> Array:

@@ -141,6 +141,11 @@ class NumpyBackend(Backend):
     def relu(self, x: np.ndarray) -> np.ndarray:
         return np.maximum(x, _zero(x.dtype))
 
+    def relu_inplace(self, x: np.ndarray) -> np.ndarray:
+        if type(self).relu is not NumpyBackend.relu or "relu" in self.__dict__ or not x.flags.writeable:
+            return self.relu(x)  # a subclass's (or a patched) relu is honoured; a read-only x is not written
+        return np.maximum(x, _zero(x.dtype), out=x)
+
     def relu_backward(self, dy: np.ndarray, x: np.ndarray) -> np.ndarray:
         # The mask as dy's dtype, then a same-dtype product: float32 times bool is ~2x slower.
         dtype = dy.dtype if dy.dtype == x.dtype and dy.dtype.isnative else np.result_type(dy.dtype, x.dtype)

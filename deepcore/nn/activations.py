@@ -40,7 +40,10 @@ class _Activation(Module):
         backward.deepcore_input_grad_optional = True  # type: ignore[attr-defined]  # input_grad_optional
         return y, backward
 
-    def _chain_forward(self, backend: Backend, x: Array) -> tuple[Array, None]:
+    #: An activation's backward may read its output (``_df`` gets ``y``): the next layer keeps off it.
+    _chain_output_owned = False
+
+    def _chain_forward(self, backend: Backend, x: Array, owned: bool) -> tuple[Array, None]:
         """``(f(x), None)`` in a chain (see :mod:`deepcore.nn.chain`): ``_f``, as ``forward``."""
         return self._f(backend, x), None
 
@@ -50,13 +53,21 @@ class _Activation(Module):
 
 
 class ReLU(_Activation):
-    """``y = max(0, x)``; ``dy/dx = [x > 0]``."""
+    """``y = max(0, x)``; ``dy/dx = [x > 0] = [y > 0]``."""
 
     def _f(self, backend: Backend, x: Array) -> Array:
         return backend.relu(x)
 
     def _df(self, backend: Backend, dy: Array, x: Array, y: Array) -> Array:
-        return backend.relu_backward(dy, x)
+        # The mask from y, which is x's ([max(0, x) > 0] = [x > 0], NaN included): the chain may
+        # have written y over x.
+        return backend.relu_backward(dy, y)
+
+    def _chain_forward(self, backend: Backend, x: Array, owned: bool) -> tuple[Array, None]:
+        """``max(0, x)``, written over ``x`` when the chain owns it (see :mod:`deepcore.nn.chain`)."""
+        if owned and type(self)._f is ReLU._f and type(self)._df is ReLU._df:  # (a subclass's own math: its own)
+            return backend.relu_inplace(x), None
+        return self._f(backend, x), None
 
 
 class LeakyReLU(_Activation):

@@ -2,17 +2,22 @@
 
 A layer class marked :func:`chainable` gives its math as two methods besides ``forward``:
 
-- ``_chain_forward(backend, x) -> (y, saved) | None``: the output for an input ``x`` that is a
-  floating-point array of ``backend`` (checked once for the chain), with what its backward needs
+- ``_chain_forward(backend, x, owned) -> (y, saved) | None``: the output for an input ``x`` that is
+  a floating-point array of ``backend`` (checked once for the chain), with what its backward needs
   besides ``x`` and ``y`` (Linear: the parameters the forward used), or None when this input
   needs the layer's own ``forward`` (another shape, a parameter elsewhere): the chain then gives
-  way to the layer-by-layer path, which raises the layer's own error.
+  way to the layer-by-layer path, which raises the layer's own error. ``owned`` says that ``x``
+  belongs to the chain alone (the previous layer's output, which that layer's backward does not
+  read): the layer may write its output over it (ReLU does, as a hand-written loop's
+  ``np.maximum(h, 0, out=h)``), and its backward then sees the same array as ``x`` and ``y``.
 - ``_chain_backward(backend, dy, x, y, saved, need_dx) -> dx | None``: add the parameters'
   gradients and return ``dL/dx`` (None unless ``need_dx``).
 
 They compute what ``forward`` and its closure compute (Linear's closure calls
 ``_chain_backward`` itself; an activation's are its ``_f`` and ``_df``), so both paths give the
-same bits. What the chain saves is the per-layer machinery of the closure style (a closure
+same bits. A class sets ``_chain_output_owned = True`` when its ``_chain_forward`` returns a
+new array that its ``_chain_backward`` never reads (Linear): the next layer's input is then owned.
+What the chain saves is the per-layer machinery of the closure style (a closure
 built and called per layer, the container's call into each child): the forward of an 8-8-2 MLP
 takes 10.3 us instead of 13.9 (warm, ``timeit``; benchmarks/README.md has the step). A layer
 counts as chainable only while its class's ``forward`` is the marked class's own (a subclass that
@@ -54,15 +59,17 @@ def run_chain(layers: list[Module], backend: Backend, x: Array) -> tuple[Array, 
     for layer in layers:
         if entry.get(type(layer).forward) not in _CHAIN_IMPLS or "forward" in layer.__dict__:
             return None
-    values = [x]  # layer i reads values[i] and writes values[i + 1]
+    values = [x]  # layer i reads values[i] and writes values[i + 1] (perhaps over values[i]: owned)
     saved = []
+    owned = False  # the caller's input is never written
     for layer in layers:
-        out = layer._chain_forward(backend, x)  # type: ignore[attr-defined]
+        out = layer._chain_forward(backend, x, owned)  # type: ignore[attr-defined]
         if out is None:
-            return None
+            return None  # what an owned input lost was the chain's own: the layers start again from values[0]
         x, kept = out
         values.append(x)
         saved.append(kept)
+        owned = layer._chain_output_owned  # type: ignore[attr-defined]
     out_shape = x.shape
 
     @input_grad_optional

@@ -81,7 +81,11 @@ class Linear(Module):
         backward.deepcore_input_grad_optional = True  # type: ignore[attr-defined]  # input_grad_optional
         return (y if flat else backend.xp.reshape(y, out_shape)), backward
 
-    def _chain_forward(self, backend: Backend, x: Array) -> tuple[Array, Any] | None:
+    #: The chain's next layer may write over this layer's output: a new array, which the backward
+    #: (``dy W``, ``dy^T x``) never reads.
+    _chain_output_owned = True
+
+    def _chain_forward(self, backend: Backend, x: Array, owned: bool) -> tuple[Array, Any] | None:
         """``(x W^T + b, the parameters)`` for a 2-D ``x`` of ``in_features`` columns on the
         parameters' backend (see :mod:`deepcore.nn.chain`); None for any other input, which
         ``forward`` checks."""
