@@ -13,6 +13,7 @@ import pytest
 import deepcore as dc
 from deepcore import losses, nn, optim
 from deepcore.backend import numpy_backend
+from deepcore.backend.faster_form import FormChooser
 from deepcore.nn import module as module_mod
 
 torch = pytest.importorskip("torch")
@@ -35,11 +36,15 @@ def _pair(sizes, seed=0):
     return model, tmodel
 
 
+@pytest.mark.parametrize("blocked", [True, False, None], ids=["blocked", "one-pass", "as-timed"])
 @pytest.mark.parametrize("batch", [3, 32, 200])
-def test_readme_loop_with_a_blocked_momentum_update_matches_torch(batch):
-    # 400 x 300 = 120,000 weights: above the size from which the momentum step runs block by block.
+def test_readme_loop_with_a_large_momentum_update_matches_torch(monkeypatch, batch, blocked):
+    # 400 x 300 = 120,000 weights: above the size from which the momentum step may run block by
+    # block; each form forced, and as timed on the first steps (a fresh chooser: the forms alternate).
     sizes = (300, 400, 10)
     assert 300 * 400 >= numpy_backend._SGD_BLOCKED_MIN
+    chooser = FormChooser(rounds=1, fixed=blocked)
+    monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", chooser)
     model, tmodel = _pair(sizes)
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     topt = torch.optim.SGD(tmodel.parameters(), lr=0.05, momentum=0.9)
@@ -62,12 +67,70 @@ def test_readme_loop_with_a_blocked_momentum_update_matches_torch(batch):
     for state, tp in zip(opt.state, tmodel.parameters(), strict=True):
         np.testing.assert_allclose(state["momentum_buffer"], topt.state[tp]["momentum_buffer"].numpy(),
                                    rtol=1e-4, atol=1e-6)
+    # Five steady steps: each form's warm-up call and one timing, then the choice.
+    assert list(chooser.chosen()) == ([] if blocked is not None else [(400 * 300, "f")])
+
+
+def test_form_chooser_keeps_the_form_with_the_lower_median_leaving_out_each_first_call():
+    chooser = FormChooser(rounds=3)
+    assert chooser.get("k") is None
+    # The first form's first call is slow (memory touched the first time) and must not count.
+    timings = {False: [9.0, 1.0, 1.1, 0.9], True: [1.5, 1.4, 1.6, 1.3]}
+    seen = []
+    while chooser.get("k") is None:
+        form = chooser.trial("k")
+        seen.append(form)
+        chooser.record("k", form, timings[form][seen.count(form) - 1])
+    assert seen == [False, True] * 4  # alternating, the first form first
+    assert chooser.get("k") is False and chooser.chosen() == {"k": False}
+    chooser.record("k", True, 0.0)  # late timings (another thread's) change nothing
+    assert chooser.get("k") is False and chooser.get("other") is None
+    for form in (True, False) * 4:  # the second form faster for another key
+        chooser.record("other", form, 1.0 if form else 2.0)
+    assert chooser.get("other") is True
+    assert FormChooser(fixed=True).get("k") is True and FormChooser(fixed=False).get("k") is False
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        FormChooser(rounds=0)
+
+
+@pytest.mark.parametrize("slow", ["blocked", "one-pass"])
+def test_momentum_step_of_a_large_parameter_takes_the_form_that_runs_faster_here(monkeypatch, slow):
+    # One form made slower by 5 ms a call: the timed first calls must choose the other; every call,
+    # of either form, gives the one-pass formula's bits.
+    import time
+
+    chooser = FormChooser(rounds=3)
+    monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", chooser)
+    name = "_sgd_momentum_blocked" if slow == "blocked" else "_momentum_one_pass"
+    real = getattr(numpy_backend, name)
+
+    def slowed(*args):
+        time.sleep(0.005)
+        return real(*args)
+
+    monkeypatch.setattr(numpy_backend, name, slowed)
+    nb = dc.get_backend("numpy")
+    rng = np.random.default_rng(4)
+    n = numpy_backend._SGD_BLOCKED_MIN + 17
+    value, buf = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    want_v, want_b = value.copy(), buf.copy()
+    for _ in range(10):
+        grad = rng.standard_normal(n).astype(np.float32)
+        want_b *= 0.9
+        want_b += grad
+        want_v += np.multiply(want_b, -0.01)
+        nb.sgd_update(value, grad, buf, lr=0.01, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
+                      first_step=False)
+        np.testing.assert_array_equal(buf, want_b)
+        np.testing.assert_array_equal(value, want_v)
+    assert chooser.chosen() == {(n, "f"): slow == "one-pass"}
 
 
 @pytest.mark.parametrize("lr_type", [float, np.float64], ids=["float", "np.float64"])
 @pytest.mark.parametrize("n", [numpy_backend._SGD_BLOCKED_MIN, 300_001, 65536 * 3 + 7])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_blocked_momentum_step_is_bitwise_the_one_pass_formula(n, dtype, lr_type):
+def test_blocked_momentum_step_is_bitwise_the_one_pass_formula(monkeypatch, n, dtype, lr_type):
+    monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", FormChooser(fixed=True))
     nb = dc.get_backend("numpy")
     rng = np.random.default_rng(2)
     value, grad, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))

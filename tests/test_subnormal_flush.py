@@ -13,6 +13,7 @@ import pytest
 
 from deepcore import nn, optim
 from deepcore.backend import numpy_backend
+from deepcore.backend.faster_form import FormChooser
 
 TINY = {np.float16: np.finfo(np.float16).tiny, np.float32: np.finfo(np.float32).tiny,
         np.float64: np.finfo(np.float64).tiny}
@@ -46,6 +47,12 @@ def test_flush_subnormals_leaves_other_dtypes_alone():
     np.testing.assert_array_equal(ints, [0, 1, 2**23])
 
 
+def _force_form(monkeypatch, blocked: bool | None) -> None:
+    """The momentum step of a large parameter block by block (True) or in one pass (False), not as timed."""
+    if blocked is not None:
+        monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", FormChooser(fixed=blocked))
+
+
 def _dead_unit_problem(n_in: int, steps: int, opt_name: str):
     """A linear layer whose gradient row 0 is zero after the first step (that unit is dead from then
     on): ``steps`` updates of deepcore and of torch from the same weights."""
@@ -68,8 +75,11 @@ def _dead_unit_problem(n_in: int, steps: int, opt_name: str):
     return p, tp, opt, topt
 
 
-@pytest.mark.parametrize("n_in", [8, numpy_backend._SGD_BLOCKED_MIN // 4 + 5], ids=["one-pass", "blocked"])
-def test_sgd_momentum_buffer_of_a_dead_unit_is_flushed_and_the_weights_match_torch(n_in):
+@pytest.mark.parametrize(("n_in", "blocked"), [(8, None), (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, True),
+                                             (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, False)],
+                         ids=["small", "large-blocked", "large-one-pass"])
+def test_sgd_momentum_buffer_of_a_dead_unit_is_flushed_and_the_weights_match_torch(monkeypatch, n_in, blocked):
+    _force_form(monkeypatch, blocked)
     # 0.9^t from ~1e-3 reaches the subnormals near t = 790 and the smallest one by t = 950
     p, tp, opt, topt = _dead_unit_problem(n_in, 1000, "sgd")
     theirs = topt.state[tp]["momentum_buffer"].numpy()
@@ -133,8 +143,11 @@ def _flush_calls(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("n_in", [8, numpy_backend._SGD_BLOCKED_MIN // 4 + 5], ids=["one-pass", "blocked"])
-def test_sgd_skips_the_flush_while_no_update_underflows(monkeypatch, n_in):
+@pytest.mark.parametrize(("n_in", "blocked"), [(8, None), (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, True),
+                                             (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, False)],
+                         ids=["small", "large-blocked", "large-one-pass"])
+def test_sgd_skips_the_flush_while_no_update_underflows(monkeypatch, n_in, blocked):
+    _force_form(monkeypatch, blocked)
     # Early in training nothing underflows: the flush steps pass no buffer to flush_subnormals.
     calls = _flush_calls(monkeypatch)
     rng = np.random.default_rng(5)
@@ -146,8 +159,11 @@ def test_sgd_skips_the_flush_while_no_update_underflows(monkeypatch, n_in):
     assert calls == []
 
 
-@pytest.mark.parametrize("n_in", [8, numpy_backend._SGD_BLOCKED_MIN // 4 + 5], ids=["one-pass", "blocked"])
-def test_sgd_flushes_a_buffer_at_the_first_flush_step_after_it_underflows(monkeypatch, n_in):
+@pytest.mark.parametrize(("n_in", "blocked"), [(8, None), (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, True),
+                                             (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, False)],
+                         ids=["small", "large-blocked", "large-one-pass"])
+def test_sgd_flushes_a_buffer_at_the_first_flush_step_after_it_underflows(monkeypatch, n_in, blocked):
+    _force_form(monkeypatch, blocked)
     calls = _flush_calls(monkeypatch)
     every = numpy_backend._FLUSH_EVERY
     p = nn.Param(np.ones((4, n_in), np.float32), "w")
@@ -163,7 +179,7 @@ def test_sgd_flushes_a_buffer_at_the_first_flush_step_after_it_underflows(monkey
     p.grad = np.zeros((4, n_in), np.float32)
     opt.step()  # step `every`: its update underflows, the buffer (or the block holding row 0) is flushed
     blocks = -(-buf.size // numpy_backend._SGD_BLOCK)
-    assert calls == ([-(-buf.size // blocks)] if buf.size >= numpy_backend._SGD_BLOCKED_MIN else [buf.size])
+    assert calls == ([-(-buf.size // blocks)] if blocked else [buf.size])
     assert _subnormal_count(buf) == 0
     np.testing.assert_array_equal(buf[0], 0.0)
     np.testing.assert_allclose(buf[1:], 0.9 ** (every - 1), rtol=1e-5)

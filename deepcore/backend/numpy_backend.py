@@ -7,6 +7,7 @@ rest is the array-API reference in :mod:`deepcore.backend.base`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ else:
 
 from . import dropout_hash, malloc_tuning, numpy_conv
 from .base import Array, Backend, _adam_scalars
+from .faster_form import FormChooser
 
 
 class NumpyBackend(Backend):
@@ -520,22 +522,46 @@ class NumpyBackend(Backend):
 #: Elements per block of the blocked momentum update (256 KiB of float32: the block of the
 #: parameter, its gradient, its buffer and the scratch, 1 MiB, stay in a 2 MiB L2 cache).
 _SGD_BLOCK = 65536
-#: From this size on the momentum update runs block by block (below it, one pass per operation).
+#: From this size on the momentum update may run block by block (below it, one pass per operation).
 _SGD_BLOCKED_MIN = 98304
+#: Per (size, dtype) of a parameter from _SGD_BLOCKED_MIN on, whether its momentum step runs block by
+#: block: timed on the first steps, since which form is faster depends on the machine (faster_form.py).
+_MOMENTUM_FORMS = FormChooser()
 
 
 def _steady_momentum(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
                      flush: _Flush) -> None:
     """SGD's steady momentum step in place, ``buf = μ buf + g; value -= lr buf``: the hand-written
-    loop's three statements, block by block for a large parameter (``lr``, ``momentum`` Python floats)."""
-    if value.size < _SGD_BLOCKED_MIN or not _sgd_momentum_blocked(value, grad, buf, lr, momentum, flush):
-        if flush:
-            _watch(flush)
-        buf *= momentum
-        buf += grad
-        if flush:
-            _flush_if(buf, flush)
-        value += np.multiply(buf, -lr)
+    loop's three statements, block by block for a large parameter where that is faster here (``lr``,
+    ``momentum`` Python floats)."""
+    if value.size >= _SGD_BLOCKED_MIN:
+        key = (value.size, value.dtype.char)
+        blocked = _MOMENTUM_FORMS.get(key)
+        if blocked is None:
+            blocked = _MOMENTUM_FORMS.trial(key)
+            start = time.perf_counter()
+            if blocked and not _sgd_momentum_blocked(value, grad, buf, lr, momentum, flush):
+                _momentum_one_pass(value, grad, buf, lr, momentum, flush)
+                return  # not a timing of the blocked form: these arrays cannot take it
+            if not blocked:
+                _momentum_one_pass(value, grad, buf, lr, momentum, flush)
+            _MOMENTUM_FORMS.record(key, blocked, time.perf_counter() - start)
+            return
+        if blocked and _sgd_momentum_blocked(value, grad, buf, lr, momentum, flush):
+            return
+    _momentum_one_pass(value, grad, buf, lr, momentum, flush)
+
+
+def _momentum_one_pass(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
+                       flush: _Flush) -> None:
+    """``buf = μ buf + g; value -= lr buf``, one pass over the arrays per operation."""
+    if flush:
+        _watch(flush)
+    buf *= momentum
+    buf += grad
+    if flush:
+        _flush_if(buf, flush)
+    value += np.multiply(buf, -lr)
 
 
 def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
