@@ -345,7 +345,8 @@ class NumpyBackend(Backend):
         out_values, out_bufs = list(values), list(bufs)
         if momentum != 0.0 and dampening == 0.0 and not nesterov and weight_decay == 0.0:
             # The steady momentum step of every parameter in one loop: the hand-written loop's three
-            # statements each (block by block for a large parameter), none of the per-call checks.
+            # statements each (block by block for a large parameter where that was timed faster), none
+            # of the per-call checks.
             # float(): a NumPy float64 lr would add a float64 step in the one-pass form but a float32
             # one in the blocked form; as Python floats both give the same bits.
             lr, momentum = float(lr), float(momentum)
