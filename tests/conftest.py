@@ -11,9 +11,18 @@ from __future__ import annotations
 import pytest
 
 import deepcore as dc
+from deepcore.backend import numpy_backend
+from deepcore.backend.faster_form import FormChooser
 
 CPU_BACKENDS = ["numpy", "array_api_strict", "torch"]
 ALL_BACKENDS = CPU_BACKENDS + ["cupy"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_momentum_forms(monkeypatch):
+    """Every test times the NumPy SGD momentum forms afresh: which form a test's large parameters
+    take must not depend on the tests that ran before it."""
+    monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", FormChooser())
 
 
 def _param(name: str):

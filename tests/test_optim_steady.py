@@ -20,7 +20,7 @@ class _FullStepSGD(optim.SGD):
 
 def _params(seed: int) -> list[Param]:
     rng = np.random.default_rng(seed)
-    shapes = [(3, 4), (4,), (300, 400), ()]  # one past the blocked-update size, one 0-d
+    shapes = [(3, 4), (4,), (300, 400), ()]  # one past the size from which the momentum step may run blocked, one 0-d
     return [Param(rng.standard_normal(s).astype(np.float32)) for s in shapes]
 
 

@@ -1,7 +1,8 @@
-"""The plain training step's fast paths keep behaviour (issue 12): the blocked momentum update,
-the bias and row sums as products with ones, the loss's quick argument checks, containers calling
-their children's ``forward`` without the entry wrapper, and the optimizer's inline checks, each
-against PyTorch or the hand-written formula."""
+"""The plain training step's fast paths keep behaviour (issue 12): a large parameter's momentum
+update in either form (and the timing that picks one), the bias and row sums as products with
+ones, the loss's quick argument checks, containers calling their children's ``forward`` without
+the entry wrapper, and the optimizer's inline checks, each against PyTorch or the hand-written
+formula."""
 
 from __future__ import annotations
 
@@ -68,29 +69,42 @@ def test_readme_loop_with_a_large_momentum_update_matches_torch(monkeypatch, bat
         np.testing.assert_allclose(state["momentum_buffer"], topt.state[tp]["momentum_buffer"].numpy(),
                                    rtol=1e-4, atol=1e-6)
     # Five steady steps: each form's warm-up call and one timing, then the choice.
-    assert list(chooser.chosen()) == ([] if blocked is not None else [(400 * 300, "f")])
+    assert list(chooser.chosen()) == ([] if blocked is not None else [(400 * 300, np.dtype(np.float32))])
 
 
 def test_form_chooser_keeps_the_form_with_the_lower_median_leaving_out_each_first_call():
-    chooser = FormChooser(rounds=3)
+    chooser = FormChooser(rounds=1)
     assert chooser.get("k") is None
-    # The first form's first call is slow (memory touched the first time) and must not count.
-    timings = {False: [9.0, 1.0, 1.1, 0.9], True: [1.5, 1.4, 1.6, 1.3]}
+    # Counted, the first form's slow first call (memory touched the first time) would flip the choice.
+    timings = {False: [9.0, 1.0], True: [1.5, 1.4]}
     seen = []
     while chooser.get("k") is None:
         form = chooser.trial("k")
         seen.append(form)
         chooser.record("k", form, timings[form][seen.count(form) - 1])
-    assert seen == [False, True] * 4  # alternating, the first form first
-    assert chooser.get("k") is False and chooser.chosen() == {"k": False}
+    assert seen == [False, True] * 2  # alternating, the first form first
+    assert chooser.get("k") is False and chooser.trial("k") is False and chooser.chosen() == {"k": False}
     chooser.record("k", True, 0.0)  # late timings (another thread's) change nothing
     assert chooser.get("k") is False and chooser.get("other") is None
-    for form in (True, False) * 4:  # the second form faster for another key
+    for form in (True, False) * 2:  # the second form faster for another key
         chooser.record("other", form, 1.0 if form else 2.0)
     assert chooser.get("other") is True
     assert FormChooser(fixed=True).get("k") is True and FormChooser(fixed=False).get("k") is False
     with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
         FormChooser(rounds=0)
+
+
+def test_form_chooser_times_at_most_max_keys_at_once():
+    chooser = FormChooser(rounds=1, max_keys=2)
+    for key in ("a", "b", "c"):
+        chooser.record(key, chooser.trial(key), 1.0)
+    # "c" came when two keys were being timed: its calls run the first form, nothing kept for it.
+    assert chooser.trial("c") is False and chooser._times.keys() == {"a", "b"}
+    for form in (True, False, True):
+        chooser.record("a", form, 1.0 if form else 2.0)
+    assert chooser.get("a") is True and chooser._times.keys() == {"b"}
+    chooser.record("c", chooser.trial("c"), 1.0)  # room again: "c" is timed now
+    assert chooser._times.keys() == {"b", "c"}
 
 
 @pytest.mark.parametrize("slow", ["blocked", "one-pass"])
@@ -104,17 +118,20 @@ def test_momentum_step_of_a_large_parameter_takes_the_form_that_runs_faster_here
     name = "_sgd_momentum_blocked" if slow == "blocked" else "_momentum_one_pass"
     real = getattr(numpy_backend, name)
 
-    def slowed(*args):
-        time.sleep(0.005)
-        return real(*args)
-
-    monkeypatch.setattr(numpy_backend, name, slowed)
     nb = dc.get_backend("numpy")
     rng = np.random.default_rng(4)
     n = numpy_backend._SGD_BLOCKED_MIN + 17
     value, buf = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
     want_v, want_b = value.copy(), buf.copy()
-    for _ in range(10):
+    calls = []
+
+    def slowed(*args):
+        calls.append(1)
+        time.sleep(0.005)
+        return real(*args)
+
+    monkeypatch.setattr(numpy_backend, name, slowed)
+    for step in range(14):
         grad = rng.standard_normal(n).astype(np.float32)
         want_b *= 0.9
         want_b += grad
@@ -123,7 +140,10 @@ def test_momentum_step_of_a_large_parameter_takes_the_form_that_runs_faster_here
                       first_step=False)
         np.testing.assert_array_equal(buf, want_b)
         np.testing.assert_array_equal(value, want_v)
-    assert chooser.chosen() == {(n, "f"): slow == "one-pass"}
+        if step == 7:  # each form's warm-up call and three timings: chosen
+            assert chooser.chosen() == {(n, np.dtype(np.float32)): slow == "one-pass"}
+            assert len(calls) == 4
+    assert len(calls) == 4  # the slow form never ran again
 
 
 @pytest.mark.parametrize("lr_type", [float, np.float64], ids=["float", "np.float64"])
@@ -145,7 +165,11 @@ def test_blocked_momentum_step_is_bitwise_the_one_pass_formula(monkeypatch, n, d
     np.testing.assert_array_equal(v, want_v)
 
 
-def test_blocked_momentum_step_refuses_overlapping_or_strided_arrays():
+@pytest.mark.parametrize("blocked", [True, None], ids=["blocked", "as-timed"])
+def test_blocked_momentum_step_refuses_overlapping_or_strided_arrays(monkeypatch, blocked):
+    # Forced blocked, the step falls back to one pass; timed, such arrays are never timed.
+    chooser = FormChooser(rounds=1, fixed=blocked)
+    monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", chooser)
     nb = dc.get_backend("numpy")
     rng = np.random.default_rng(3)
     n = numpy_backend._SGD_BLOCKED_MIN
@@ -154,12 +178,14 @@ def test_blocked_momentum_step_refuses_overlapping_or_strided_arrays():
     # a strided parameter (a view with step 2) and its buffer: one pass per operation, same rule
     value = base[::2]
     buf = rng.standard_normal(n).astype(np.float32)
-    want_v, want_b = value.copy(), buf * np.float32(0.9) + grad
-    want_v += np.multiply(want_b, -0.1)
-    nb.sgd_update(value, grad, buf, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
-                  first_step=False)
-    np.testing.assert_array_equal(buf, want_b)
-    np.testing.assert_array_equal(value, want_v)
+    for _ in range(5):
+        want_v, want_b = value.copy(), buf * np.float32(0.9) + grad
+        want_v += np.multiply(want_b, -0.1)
+        nb.sgd_update(value, grad, buf, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0,
+                      first_step=False)
+        np.testing.assert_array_equal(buf, want_b)
+        np.testing.assert_array_equal(value, want_v)
+    assert chooser.chosen() == {} and not chooser._times  # no timing taken of a form that could not run
     assert not numpy_backend._sgd_momentum_blocked(value, grad, buf, 0.1, 0.9)
     whole = rng.standard_normal(n).astype(np.float32)
     assert not numpy_backend._sgd_momentum_blocked(whole, whole, whole.copy(), 0.1, 0.9)
@@ -382,9 +408,10 @@ _SGD_CONFIGS = [dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0
 @pytest.mark.parametrize("config", _SGD_CONFIGS, ids=["steady", "nesterov+wd", "dampening", "no-momentum"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_sgd_update_many_is_bitwise_the_per_parameter_update(config, dtype):
-    # One group's parameters in one call, as SGD.step makes it: a blocked-size matrix, a vector, a 0-d
-    # scalar, a read-only parameter and a parameter on its first step (no buffer yet), for 20 steps that
-    # cross a flush step; the reference is sgd_update called per parameter.
+    # One group's parameters in one call, as SGD.step makes it: a matrix of the size from which the
+    # momentum step may run blocked, a vector, a 0-d scalar, a read-only parameter and a parameter
+    # on its first step (no buffer yet), for 20 steps that cross a flush step; the reference is
+    # sgd_update called per parameter.
     nb = dc.get_backend("numpy")
     rng = np.random.default_rng(7)
     shapes = [(numpy_backend._SGD_BLOCKED_MIN // 100 + 1, 100), (13,), (), (5, 3), (4,)]

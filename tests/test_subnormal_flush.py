@@ -177,9 +177,8 @@ def test_sgd_flushes_a_buffer_at_the_first_flush_step_after_it_underflows(monkey
     buf = opt.state[0]["momentum_buffer"]
     assert _subnormal_count(buf) == n_in and calls == []
     p.grad = np.zeros((4, n_in), np.float32)
-    opt.step()  # step `every`: its update underflows, the buffer (or the block holding row 0) is flushed
-    blocks = -(-buf.size // numpy_backend._SGD_BLOCK)
-    assert calls == ([-(-buf.size // blocks)] if blocked else [buf.size])
+    opt.step()  # step `every`: its update underflows, the buffer is flushed (in one pass in either form)
+    assert calls == [buf.size]
     assert _subnormal_count(buf) == 0
     np.testing.assert_array_equal(buf[0], 0.0)
     np.testing.assert_allclose(buf[1:], 0.9 ** (every - 1), rtol=1e-5)
@@ -201,3 +200,32 @@ def test_sgd_flushes_an_exact_power_of_two_decay_on_the_periodic_full_flush():
     buf[:] = np.float32(2.0**-127)
     opt.step()  # step `always`: every buffer flushed
     assert opt.step_count == always and _subnormal_count(buf) == 0
+
+
+@pytest.mark.parametrize("step", [numpy_backend._FLUSH_EVERY, numpy_backend._FLUSH_ALWAYS_EVERY, 3])
+def test_both_momentum_forms_flush_the_same_entries(monkeypatch, step):
+    # Two blocks' worth: in block 0 an update underflows (inexact); in block 1 a subnormal is made
+    # exactly (a subnormal gradient added to 0: no underflow raised). The forced blocked form and the
+    # one-pass form give the same bits on a flush step that watches for underflow, on a flush step of
+    # every buffer, and on a step with no flush.
+    n = 2 * numpy_backend._SGD_BLOCK
+    nb = numpy_backend.NumpyBackend()
+    results = []
+    for blocked in (True, False):
+        monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", FormChooser(fixed=blocked))
+        value = np.ones(n, np.float32)
+        buf = np.full(n, 0.5, np.float32)
+        grad = np.zeros(n, np.float32)
+        buf[10] = 1.2e-38  # x 0.9: an inexact subnormal, which raises the underflow
+        buf[n - 10] = 0.0
+        grad[n - 10] = 1e-45  # 0 + the smallest subnormal: exact
+        (v,), (b,) = nb.sgd_update_many([value], [grad], [buf], lr=0.1, momentum=0.9, dampening=0.0,
+                                        nesterov=False, weight_decay=0.0, step=step)
+        results.append((v.copy(), b.copy()))
+    (v_blocked, b_blocked), (v_one, b_one) = results
+    np.testing.assert_array_equal(b_blocked, b_one)
+    np.testing.assert_array_equal(v_blocked, v_one)
+    if step == numpy_backend._FLUSH_EVERY:  # an underflow was seen: the whole buffer flushed
+        assert b_one[10] == 0.0 and b_one[n - 10] == 0.0
+    elif step == 3:  # no flush step: both subnormals kept
+        assert _subnormal_count(b_one) == 2

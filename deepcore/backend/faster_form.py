@@ -24,17 +24,17 @@ class FormChooser:
 
     :meth:`get` answers for the hot path (None while the key is still being timed); the caller
     then asks :meth:`trial` which form to run, times it and hands the seconds to :meth:`record`.
-    ``fixed`` (True or False) skips the timing: every key gets that form (tests, benchmarks)."""
+    ``fixed`` (True or False) skips the timing: every key gets that form (tests). At most
+    ``max_keys`` keys are timed at once; the calls of any other key run the first form untimed."""
 
-    __slots__ = ("rounds", "fixed", "_chosen", "_times")
+    __slots__ = ("rounds", "fixed", "max_keys", "_chosen", "_times")
 
-    def __init__(self, rounds: int = 5, fixed: bool | None = None) -> None:
+    def __init__(self, rounds: int = 5, fixed: bool | None = None, max_keys: int = 64) -> None:
         if rounds < 1:
             raise ValueError(f"FormChooser: rounds must be >= 1, got {rounds}")
-        self.rounds = rounds
-        self.fixed = fixed
+        self.rounds, self.fixed, self.max_keys = rounds, fixed, max_keys
         self._chosen: dict[Hashable, bool] = {}
-        #: Per key still being timed: the seconds of each form's calls, the first (warm-up) included.
+        #: Per key being timed: the seconds of each form's calls, the first (warm-up) included.
         self._times: dict[Hashable, tuple[list[float], list[float]]] = {}
 
     def get(self, key: Hashable) -> bool | None:
@@ -43,14 +43,17 @@ class FormChooser:
 
     def trial(self, key: Hashable) -> bool:
         """The form to run and time next for ``key``: the one with fewer timings (the first on a tie)."""
-        first, second = self._times.setdefault(key, ([], []))
-        return len(second) < len(first)
+        chosen = self._chosen.get(key)
+        if chosen is not None:
+            return chosen  # chosen since the caller's get (another thread's timings)
+        times = self._slot(key)
+        return times is not None and len(times[1]) < len(times[0])
 
     def record(self, key: Hashable, form: bool, seconds: float) -> None:
         """Note that ``form`` took ``seconds`` for ``key``; choose once both forms have their rounds."""
-        if key in self._chosen:
-            return  # chosen already (another thread's timings completed the rounds first)
-        times = self._times.setdefault(key, ([], []))
+        times = None if key in self._chosen else self._slot(key)
+        if times is None:
+            return  # chosen already, or a key beyond max_keys
         times[form].append(seconds)
         first, second = times
         if min(len(first), len(second)) > self.rounds:
@@ -61,3 +64,10 @@ class FormChooser:
     def chosen(self) -> dict[Hashable, bool]:
         """The choices made so far (a copy), for reports."""
         return dict(self._chosen)
+
+    def _slot(self, key: Hashable) -> tuple[list[float], list[float]] | None:
+        """``key``'s timings so far (a new, empty entry for a new key), or None beyond ``max_keys``."""
+        times = self._times.get(key)
+        if times is None and len(self._times) < self.max_keys:
+            times = self._times.setdefault(key, ([], []))
+        return times

@@ -533,24 +533,32 @@ _MOMENTUM_FORMS = FormChooser()
 def _steady_momentum(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
                      flush: _Flush) -> None:
     """SGD's steady momentum step in place, ``buf = μ buf + g; value -= lr buf``: the hand-written
-    loop's three statements, block by block for a large parameter where that is faster here (``lr``,
-    ``momentum`` Python floats)."""
-    if value.size >= _SGD_BLOCKED_MIN:
-        key = (value.size, value.dtype.char)
+    loop's three statements, block by block for a large parameter where that was timed faster here
+    (``lr``, ``momentum`` Python floats)."""
+    # A step that flushes where the update underflowed runs in one pass: block by block it would
+    # flush only the blocks that underflowed, and a subnormal made exactly (which raises no
+    # underflow) in another block would survive, other bits than the one-pass form's.
+    if value.size >= _SGD_BLOCKED_MIN and type(flush) is not _Underflow:
+        key = (value.size, value.dtype)
         blocked = _MOMENTUM_FORMS.get(key)
-        if blocked is None:
-            blocked = _MOMENTUM_FORMS.trial(key)
-            start = time.perf_counter()
-            if blocked and not _sgd_momentum_blocked(value, grad, buf, lr, momentum, flush):
-                _momentum_one_pass(value, grad, buf, lr, momentum, flush)
-                return  # not a timing of the blocked form: these arrays cannot take it
-            if not blocked:
-                _momentum_one_pass(value, grad, buf, lr, momentum, flush)
-            _MOMENTUM_FORMS.record(key, blocked, time.perf_counter() - start)
+        if blocked is None and not flush and _blockable(value, grad, buf):
+            _timed_momentum(key, value, grad, buf, lr, momentum)
             return
-        if blocked and _sgd_momentum_blocked(value, grad, buf, lr, momentum, flush):
+        if blocked and _sgd_momentum_blocked(value, grad, buf, lr, momentum, bool(flush)):
             return
     _momentum_one_pass(value, grad, buf, lr, momentum, flush)
+
+
+def _timed_momentum(key: tuple[int, np.dtype], value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float,
+                    momentum: float) -> None:
+    """The momentum step (no flush) in the form that ``_MOMENTUM_FORMS`` times next for ``key``, timed."""
+    blocked = _MOMENTUM_FORMS.trial(key)
+    start = time.perf_counter()
+    if blocked:
+        _sgd_momentum_blocked(value, grad, buf, lr, momentum)
+    else:
+        _momentum_one_pass(value, grad, buf, lr, momentum, False)
+    _MOMENTUM_FORMS.record(key, blocked, time.perf_counter() - start)
 
 
 def _momentum_one_pass(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
@@ -565,37 +573,41 @@ def _momentum_one_pass(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr:
     value += np.multiply(buf, -lr)
 
 
-def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
-                          flush: _Flush = False) -> bool:
-    """SGD's steady momentum step (``buf = μ buf + g; value -= lr buf``) block by block, with the
-    same four operations per element as the one-pass code (the same bits): each operation over a
-    whole large array would stream it from memory again, four times per step; over a block that
-    stays in the cache, each array is read and written once. False (nothing written) when the
-    arrays are not one C-contiguous layout of one dtype, or may overlap (then the order of the
-    passes would show)."""
+def _blockable(value: np.ndarray, grad: np.ndarray, buf: np.ndarray) -> bool:
+    """Whether the blocked momentum step can take these arrays: one C-contiguous layout of one dtype,
+    a writeable buffer, no two of them overlapping (the order of the passes would show)."""
     dtype = value.dtype
-    if not (grad.dtype == dtype and buf.dtype == dtype and grad.shape == value.shape and buf.shape == value.shape
+    return (grad.dtype == dtype and buf.dtype == dtype and grad.shape == value.shape and buf.shape == value.shape
             and value.flags.c_contiguous and grad.flags.c_contiguous and buf.flags.c_contiguous
             and buf.flags.writeable and not (np.may_share_memory(buf, value) or np.may_share_memory(buf, grad)
-                                             or np.may_share_memory(value, grad))):
+                                             or np.may_share_memory(value, grad)))
+
+
+def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
+                          flush: bool = False) -> bool:
+    """SGD's steady momentum step (``buf = μ buf + g; value -= lr buf``) block by block, with the
+    same four operations per element as the one-pass code (the same bits; with ``flush``, each
+    block's buffer flushed of subnormals after its update, as the one-pass code flushes the whole):
+    each operation over a whole large array would stream it from memory again, four times per step;
+    over a block that stays in the cache, each array is read and written once. False (nothing
+    written) when :func:`_blockable` says no."""
+    if not _blockable(value, grad, buf):
         return False
     v, g, b = value.reshape(-1), grad.reshape(-1), buf.reshape(-1)
     n = v.shape[0]
     blocks = -(-n // _SGD_BLOCK)
     size = -(-n // blocks)
-    scratch = np.empty(size, dtype)
+    scratch = np.empty(size, value.dtype)
     multiply, add = np.multiply, np.add
     neg_lr = -lr
     for i in range(0, n, size):
         j = i + size
         bb, vb = b[i:j], v[i:j]
         sb = scratch if j <= n else scratch[:n - i]
-        if flush:
-            _watch(flush)
         multiply(bb, momentum, out=bb)
         add(bb, g[i:j], out=bb)
         if flush:
-            _flush_if(bb, flush)
+            flush_subnormals(bb)
         multiply(bb, neg_lr, out=sb)
         add(vb, sb, out=vb)
     return True
