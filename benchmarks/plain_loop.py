@@ -21,7 +21,9 @@ Contenders: ``numpy`` (deepcore's loop as the README writes it: forward, loss, `
 (PyTorch eager), and the matrix products of the step alone in NumPy and torch (``gemms``), the
 floor that each library's BLAS sets. Only deepcore's process keeps its allocator tuning
 (deepcore/backend/malloc_tuning.py); the others run with glibc's defaults, as a user's own
-NumPy or PyTorch loop would. Only the torch contenders' processes import torch. Each process
+NumPy or PyTorch loop would. deepcore's worker reports which form of the SGD momentum step its
+warm-up timed faster for each large parameter (deepcore/backend/faster_form.py); the table's last
+line names them. Only the torch contenders' processes import torch. Each process
 pins its pools after NumPy (and torch) are loaded, since threadpoolctl reaches only the libraries
 already loaded, and stops with an error unless every pool runs at the thread count asked for.
 """
@@ -65,8 +67,11 @@ if wrong:
     sys.exit(f"{contender}: asked for {threads} thread(s), running with " + "; ".join(wrong))
 blas = [p for p in pools if p["user_api"] == "blas"]
 blas = f"{blas[0]['internal_api']} {blas[0]['version']} {blas[0].get('architecture')}" if blas else None
-print(json.dumps({"ready": True, "blas": blas, "threads": {p["internal_api"]: p["num_threads"] for p in pools}}),
-      flush=True)
+from deepcore.backend import numpy_backend  # which momentum form the warm-up's timing chose, per large parameter
+forms = {f"{size} {dtype}": "blocked" if blocked else "one-pass"
+         for (size, dtype), blocked in numpy_backend._MOMENTUM_FORMS.chosen().items()}
+print(json.dumps({"ready": True, "blas": blas, "threads": {p["internal_api"]: p["num_threads"] for p in pools},
+                  "momentum_forms": forms}), flush=True)
 for line in sys.stdin:  # "reset": start training again; "N": run N steps, answer the seconds they took
     if line.strip() == "reset":
         del wl
@@ -162,8 +167,10 @@ def _cell(threads: int, sizes: str, batch: int, rounds: int, chunk_s: float,
     out: dict[str, dict] = {}
     try:
         blas = None
-        for w in workers:  # started together, so they build and warm up at once; timed only from here
-            blas = w.ready()["blas"] or blas
+        ready = [w.ready() for w in workers]  # started together, so they build and warm up at once
+        for answer in ready:
+            blas = answer["blas"] or blas
+        out["momentum_forms"] = ready[0]["momentum_forms"]  # deepcore's worker (CONTENDERS[0])
         steps = max(3, round(chunk_s / workers[0].run(warmup)))
         for mode in ("fresh", "long"):
             n = min(steps, FRESH_MAX_STEPS) if mode == "fresh" else steps
@@ -225,11 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         for spec in args.sizes.split(","):
             sizes, batch = spec.split(":")
             cell, blas = _cell(threads, sizes, int(batch), args.rounds, args.chunk, args.gap)
+            forms = cell.pop("momentum_forms")
             for mode, result in cell.items():
                 per = result["per"]
                 step, plain, torch = CONTENDERS[0], CONTENDERS[1], CONTENDERS[2]
                 rows.append({"threads": threads, "mlp": sizes, "batch": int(batch), "mode": mode,
-                             "steps_per_turn": result["steps"],
+                             "steps_per_turn": result["steps"], "deepcore_momentum_forms": forms,
                              **{f"{c[0]}:{c[1]}": statistics.median(v) for c, v in per.items()},
                              "plain_vs_numpy": _ratio(per, step, plain), "plain_vs_torch": _ratio(per, step, torch),
                              "gemms_numpy_vs_torch": _ratio(per, CONTENDERS[3], CONTENDERS[4]),
@@ -249,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['mlp_step:numpy-plain'] * 1e3:7.3f}ms {r['mlp_step:torch'] * 1e3:7.3f}ms | "
               f"{show(r['plain_vs_numpy']):<33} {show(r['plain_vs_torch']):<33} | "
               f"{r['mlp_gemms:numpy'] * 1e3:9.3f}ms  {r['mlp_gemms:torch'] * 1e3:9.3f}ms")
+    forms = sorted({f"{size}: {form}" for r in rows for size, form in r["deepcore_momentum_forms"].items()})
+    print("deepcore's momentum step of a large parameter, as its warm-up timed it (size dtype: form): "
+          + ("; ".join(forms) or "no parameter that large"))
     if args.json:
         args.json.write_text(json.dumps({"cpu": _cpu(), "blas": blas, "rounds": args.rounds, "chunk_s": args.chunk,
                                          "gap_s": args.gap, "rows": rows}, indent=2) + "\n")

@@ -250,7 +250,15 @@ def test_plain_loop_workers_run_at_the_thread_count_asked_for():
     try:
         ready = worker.ready()
         assert ready["threads"] and all(n == 1 for n in ready["threads"].values()), ready
+        assert ready["momentum_forms"] == {}  # no parameter large enough to time the forms on
         assert worker.run(2) > 0
+    finally:
+        worker.close()
+    # 400 x 300 weights: the warm-up's 13 steady steps time both momentum forms; the worker says which won.
+    worker = plain_loop._Worker(1, "mlp_step", "numpy", "300-400-2", 4, 14)
+    try:
+        assert list(worker.ready()["momentum_forms"].items()) in ([("120000 float32", "blocked")],
+                                                                  [("120000 float32", "one-pass")])
     finally:
         worker.close()
 
