@@ -131,7 +131,8 @@ def test_momentum_step_of_a_large_parameter_takes_the_form_that_runs_faster_here
         return real(*args)
 
     monkeypatch.setattr(numpy_backend, name, slowed)
-    for step in range(14):
+    chosen_at = None
+    for step in range(30):
         grad = rng.standard_normal(n).astype(np.float32)
         want_b *= 0.9
         want_b += grad
@@ -140,10 +141,12 @@ def test_momentum_step_of_a_large_parameter_takes_the_form_that_runs_faster_here
                       first_step=False)
         np.testing.assert_array_equal(buf, want_b)
         np.testing.assert_array_equal(value, want_v)
-        if step == 7:  # each form's warm-up call and three timings: chosen
-            assert chooser.chosen() == {(n, np.dtype(np.float32)): slow == "one-pass"}
-            assert len(calls) == 4
-    assert len(calls) == 4  # the slow form never ran again
+        if chosen_at is None and chooser.chosen():
+            chosen_at, calls_then = step, len(calls)
+    # Each form's warm-up call and three timings (a lone call's flush step, one in 16, is not timed).
+    assert chosen_at in (7, 8)
+    assert chooser.chosen() == {(n, np.dtype(np.float32)): slow == "one-pass"}
+    assert len(calls) == calls_then  # the slow form never ran again
 
 
 @pytest.mark.parametrize("lr_type", [float, np.float64], ids=["float", "np.float64"])
