@@ -75,9 +75,9 @@ def _dead_unit_problem(n_in: int, steps: int, opt_name: str):
     return p, tp, opt, topt
 
 
-@pytest.mark.parametrize(("n_in", "blocked"), [(8, None), (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, True),
-                                             (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, False)],
-                         ids=["small", "large-blocked", "large-one-pass"])
+# (1000 steps: the one-pass form at the large size is the small case's code, left to the cheaper tests below)
+@pytest.mark.parametrize(("n_in", "blocked"), [(8, None), (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, True)],
+                         ids=["small", "large-blocked"])
 def test_sgd_momentum_buffer_of_a_dead_unit_is_flushed_and_the_weights_match_torch(monkeypatch, n_in, blocked):
     _force_form(monkeypatch, blocked)
     # 0.9^t from ~1e-3 reaches the subnormals near t = 790 and the smallest one by t = 950
