@@ -117,7 +117,6 @@ def test_momentum_step_of_a_large_parameter_takes_the_form_that_runs_faster_here
     monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", chooser)
     name = "_sgd_momentum_blocked" if slow == "blocked" else "_momentum_one_pass"
     real = getattr(numpy_backend, name)
-
     nb = dc.get_backend("numpy")
     rng = np.random.default_rng(4)
     n = numpy_backend._SGD_BLOCKED_MIN + 17
