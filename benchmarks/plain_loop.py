@@ -17,15 +17,18 @@ contender got further into training, where repeating one batch breeds subnormal 
 momentum buffer that slow its update: here every contender is at the same step in every round.
 
 Contenders: ``numpy`` (deepcore's loop as the README writes it: forward, loss, ``backward(g)``,
-``opt.step()``, ``opt.zero_grad()``), ``numpy-plain`` (the step by hand in NumPy), ``torch``
+``opt.step()``, ``opt.zero_grad()``, with numba's fused momentum step where numba is installed:
+deepcore/backend/cpu_jit.py), ``numpy-nojit`` (the same loop with ``DEEPCORE_JIT=0``, as a
+NumPy-only install runs it), ``numpy-plain`` (the step by hand in NumPy), ``torch``
 (PyTorch eager), and the matrix products of the step alone in NumPy and torch (``gemms``), the
 floor that each library's BLAS sets. Only deepcore's process keeps its allocator tuning
 (deepcore/backend/malloc_tuning.py); the others run with glibc's defaults, as a user's own
-NumPy or PyTorch loop would. deepcore's worker reports which form of the SGD momentum step its
-warm-up timed faster for each large parameter (deepcore/backend/faster_form.py); the table's last
-line names them. Only the torch contenders' processes import torch. Each process
-pins its pools after NumPy (and torch) are loaded, since threadpoolctl reaches only the libraries
-already loaded, and stops with an error unless every pool runs at the thread count asked for.
+NumPy or PyTorch loop would. deepcore's workers report whether the momentum step ran fused
+and, without it, which NumPy form the warm-up timed faster for each large parameter
+(deepcore/backend/faster_form.py); the table's last lines name them. Only the torch contenders'
+processes import torch. Each process pins its pools after NumPy (and torch, or numba) are loaded, since
+threadpoolctl reaches only the libraries already loaded, and stops with an error unless every
+pool runs at the thread count asked for.
 """
 
 from __future__ import annotations
@@ -45,15 +48,19 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = r"""
 import json, sys, time
 threads, case, contender, batch, sizes = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+workload = "numpy" if contender == "numpy-nojit" else contender  # DEEPCORE_JIT=0 set by the parent
 import numpy  # loaded before the pools are pinned: threadpoolctl pins only the libraries loaded
 if contender.startswith("torch"):
     import torch
     torch.set_num_threads(threads)
+if contender == "numpy":  # numba, where installed, imports SciPy, whose own OpenBLAS pool must be pinned too
+    from deepcore.backend import cpu_jit
+    cpu_jit.sgd_momentum()
 from threadpoolctl import threadpool_info, threadpool_limits
 threadpool_limits(threads)
 from deepcore.bench import make_workload
 def fresh(warmup):  # the workload from its initial state (the same seeds), warmed up
-    wl = make_workload(case, contender, batch=batch, sizes=tuple(int(s) for s in sizes.split("-")))
+    wl = make_workload(case, workload, batch=batch, sizes=tuple(int(s) for s in sizes.split("-")))
     for _ in range(warmup):
         wl.fn()
     return wl
@@ -67,11 +74,13 @@ if wrong:
     sys.exit(f"{contender}: asked for {threads} thread(s), running with " + "; ".join(wrong))
 blas = [p for p in pools if p["user_api"] == "blas"]
 blas = f"{blas[0]['internal_api']} {blas[0]['version']} {blas[0].get('architecture')}" if blas else None
-from deepcore.backend import numpy_backend  # which momentum form the warm-up's timing chose, per large parameter
+from deepcore.backend import cpu_jit, numpy_backend  # the momentum step's forms, per large parameter
 forms = {f"{size} {dtype}": "blocked" if blocked else "one-pass"
          for (size, dtype), blocked in numpy_backend._MOMENTUM_FORMS.chosen().items()}
+jit = cpu_jit.status()
+jit = "fused (numba)" if jit["loaded"] else (jit["reason"] or "not needed")
 print(json.dumps({"ready": True, "blas": blas, "threads": {p["internal_api"]: p["num_threads"] for p in pools},
-                  "momentum_forms": forms}), flush=True)
+                  "momentum_forms": forms, "jit": jit}), flush=True)
 for line in sys.stdin:  # "reset": start training again; "N": run N steps, answer the seconds they took
     if line.strip() == "reset":
         del wl
@@ -86,7 +95,7 @@ for line in sys.stdin:  # "reset": start training again; "N": run N steps, answe
 """
 
 CONTENDERS = (("mlp_step", "numpy"), ("mlp_step", "numpy-plain"), ("mlp_step", "torch"),
-              ("mlp_gemms", "numpy"), ("mlp_gemms", "torch"))
+              ("mlp_gemms", "numpy"), ("mlp_gemms", "torch"), ("mlp_step", "numpy-nojit"))
 SIZES = ("784-256-10:32", "784-256-10:128", "784-256-10:512", "784-256-10:2048", "3072-1024-1024-10:256")
 
 
@@ -105,7 +114,10 @@ class _Worker:
         env = {k: v for k, v in os.environ.items()
                if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") and not k.endswith("_NUM_THREADS")}
         env["PYTHONPATH"] = str(ROOT)
-        if (case, contender) != ("mlp_step", "numpy"):
+        env.pop("DEEPCORE_JIT", None)
+        if contender == "numpy-nojit":
+            env["DEEPCORE_JIT"] = "0"
+        elif (case, contender) != ("mlp_step", "numpy"):
             # The baselines run as their users run them: glibc's allocator as it comes (deepcore's NumPy
             # backend, which every worker imports, would otherwise tune it for them too).
             env["DEEPCORE_MALLOC_TUNING"] = "0"
@@ -143,9 +155,9 @@ class _Worker:
 
 
 #: The turns of a round, reversed every other round (so a steady drift of the machine's speed
-#: cancels over two rounds): deepcore's loop between the two steps it is compared with, each GEMM
-#: floor next to its library's step.
-TURN_ORDER = (3, 1, 0, 2, 4)
+#: cancels over two rounds): deepcore's loops between the two steps they are compared with, each
+#: GEMM floor next to its library's step.
+TURN_ORDER = (3, 1, 0, 5, 2, 4)
 #: A fresh turn's most steps: from the initial weights a dead unit's momentum takes ~700 steps of
 #: 0.9x decay to reach the subnormals, so a fresh turn measures the step without them.
 FRESH_MAX_STEPS = 300
@@ -170,7 +182,8 @@ def _cell(threads: int, sizes: str, batch: int, rounds: int, chunk_s: float,
         ready = [w.ready() for w in workers]  # started together, so they build and warm up at once
         for answer in ready:
             blas = answer["blas"] or blas
-        out["momentum_forms"] = ready[0]["momentum_forms"]  # deepcore's worker (CONTENDERS[0])
+        # deepcore's workers (CONTENDERS[0], and [5] without numba)
+        out["momentum_forms"] = {"numpy": ready[0]["jit"], "numpy-nojit": ready[5]["momentum_forms"]}
         steps = max(3, round(chunk_s / workers[0].run(warmup)))
         for mode in ("fresh", "long"):
             n = min(steps, FRESH_MAX_STEPS) if mode == "fresh" else steps
@@ -235,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             forms = cell.pop("momentum_forms")
             for mode, result in cell.items():
                 per = result["per"]
-                step, plain, torch = CONTENDERS[0], CONTENDERS[1], CONTENDERS[2]
+                step, plain, torch, nojit = CONTENDERS[0], CONTENDERS[1], CONTENDERS[2], CONTENDERS[5]
                 rows.append({"threads": threads, "mlp": sizes, "batch": int(batch), "mode": mode,
                              "steps_per_turn": result["steps"], "deepcore_momentum_forms": forms,
                              **{f"{c[0]}:{c[1]}": statistics.median(v) for c, v in per.items()},
                              "plain_vs_numpy": _ratio(per, step, plain), "plain_vs_torch": _ratio(per, step, torch),
+                             "nojit_vs_numpy": _ratio(per, nojit, plain), "nojit_vs_torch": _ratio(per, nojit, torch),
                              "gemms_numpy_vs_torch": _ratio(per, CONTENDERS[3], CONTENDERS[4]),
                              "rounds": {f"{c[0]}:{c[1]}": v for c, v in per.items()}})
             print(f"  done: {threads} thread(s), {sizes} batch {batch}", file=sys.stderr, flush=True)
@@ -247,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
           f"processes, one per contender; ratio = median of per-round ratios [quartiles] (the median's 90% "
           f"bootstrap interval)")
     print("threads  MLP                 batch  mode   deepcore   by hand    torch     | "
-          f"{'deepcore/hand':<33} {'deepcore/torch':<33} | GEMMs numpy  GEMMs torch")
+          f"{'deepcore/hand':<33} {'deepcore/torch':<33} | GEMMs numpy  GEMMs torch | "
+          f"{'NumPy-only deepcore/hand':<33} {'NumPy-only deepcore/torch':<33}")
 
     def show(r: dict) -> str:
         return f"{r['median']:.3f}x [{r['q1']:.2f}-{r['q3']:.2f}] ({r['ci90_low']:.3f}-{r['ci90_high']:.3f})"
@@ -256,9 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['threads']:>7}  {r['mlp']:<18} {r['batch']:>6}  {r['mode']:<5} {r['mlp_step:numpy'] * 1e3:7.3f}ms "
               f"{r['mlp_step:numpy-plain'] * 1e3:7.3f}ms {r['mlp_step:torch'] * 1e3:7.3f}ms | "
               f"{show(r['plain_vs_numpy']):<33} {show(r['plain_vs_torch']):<33} | "
-              f"{r['mlp_gemms:numpy'] * 1e3:9.3f}ms  {r['mlp_gemms:torch'] * 1e3:9.3f}ms")
-    forms = sorted({f"{size}: {form}" for r in rows for size, form in r["deepcore_momentum_forms"].items()})
-    print("deepcore's momentum step of a large parameter, as its warm-up timed it (size dtype: form): "
+              f"{r['mlp_gemms:numpy'] * 1e3:9.3f}ms  {r['mlp_gemms:torch'] * 1e3:9.3f}ms | "
+              f"{show(r['nojit_vs_numpy']):<33} {show(r['nojit_vs_torch']):<33}")
+    jit = sorted({r["deepcore_momentum_forms"]["numpy"] for r in rows})
+    print("deepcore's momentum step of a large parameter: " + "; ".join(jit))
+    forms = sorted({f"{size}: {form}" for r in rows
+                    for size, form in r["deepcore_momentum_forms"]["numpy-nojit"].items()})
+    print("NumPy-only deepcore's, as its warm-up timed it (size dtype: form): "
           + ("; ".join(forms) or "no parameter that large"))
     if args.json:
         args.json.write_text(json.dumps({"cpu": _cpu(), "blas": blas, "rounds": args.rounds, "chunk_s": args.chunk,

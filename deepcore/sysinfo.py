@@ -73,6 +73,7 @@ OPTIONAL_INTEGRATIONS: dict[str, tuple[str, ...]] = {
     "cupy": ("cupy", "cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy-rocm-6-0", "cupy-rocm-5-0"),
     "mpi4py": ("mpi4py",),
     "dask": ("dask",),
+    "numba": ("numba",),
 }
 
 

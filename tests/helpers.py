@@ -49,3 +49,23 @@ except ImportError:
     HAVE_TORCH = False
 
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="PyTorch is not installed (pip install torch)")
+
+
+def force_momentum_form(monkeypatch, form: str, *, rounds: int = 5):
+    """Run the NumPy SGD steady momentum step of large parameters in ``form``: ``"fused"``
+    (cpu_jit's numba loop; the test skips where numba is missing), ``"blocked"`` or ``"one-pass"``
+    (that NumPy form, the fused loop off), ``"as-timed"`` (the NumPy forms, timed by a fresh
+    chooser of ``rounds`` rounds). Returns the NumPy forms' chooser."""
+    from deepcore.backend import cpu_jit, numpy_backend
+    from deepcore.backend.faster_form import FormChooser
+
+    if form == "fused":
+        if cpu_jit.sgd_momentum() is None:
+            pytest.skip(f"the fused momentum loop is unavailable: {cpu_jit.status()['reason']}")
+        chooser = FormChooser(rounds=rounds)
+    else:
+        monkeypatch.setattr(numpy_backend, "_FUSED_MIN", sys.maxsize)
+        fixed = {"blocked": True, "one-pass": False, "as-timed": None}[form]
+        chooser = FormChooser(rounds=rounds, fixed=fixed)
+    monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", chooser)
+    return chooser

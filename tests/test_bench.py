@@ -246,19 +246,34 @@ def test_plain_loop_workers_run_at_the_thread_count_asked_for():
     spec = importlib.util.spec_from_file_location("plain_loop_under_test", path)
     plain_loop = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plain_loop)
+    from deepcore.backend import cpu_jit
+
+    fused = cpu_jit.sgd_momentum() is not None
     worker = plain_loop._Worker(1, "mlp_step", "numpy", "8-4-2", 4, 1)
     try:
         ready = worker.ready()
         assert ready["threads"] and all(n == 1 for n in ready["threads"].values()), ready
         assert ready["momentum_forms"] == {}  # no parameter large enough to time the forms on
+        # deepcore's worker loads numba's kernels up front, before its pools are pinned
+        assert ready["jit"] == ("fused (numba)" if fused else cpu_jit.status()["reason"])
         assert worker.run(2) > 0
     finally:
         worker.close()
-    # 400 x 300 weights: the warm-up's 13 steady steps time both momentum forms; the worker says which won.
+    # 400 x 300 weights: the warm-up's 13 steady steps time both NumPy momentum forms in the worker
+    # without numba, which says which won; with numba the step runs fused and nothing is timed.
+    worker = plain_loop._Worker(1, "mlp_step", "numpy-nojit", "300-400-2", 4, 14)
+    try:
+        ready = worker.ready()
+        assert list(ready["momentum_forms"].items()) in ([("120000 float32", "blocked")],
+                                                         [("120000 float32", "one-pass")])
+        assert ready["jit"] == "disabled by DEEPCORE_JIT=0"
+    finally:
+        worker.close()
     worker = plain_loop._Worker(1, "mlp_step", "numpy", "300-400-2", 4, 14)
     try:
-        assert list(worker.ready()["momentum_forms"].items()) in ([("120000 float32", "blocked")],
-                                                                  [("120000 float32", "one-pass")])
+        ready = worker.ready()
+        assert ready["momentum_forms"] == {} if fused else len(ready["momentum_forms"]) == 1
+        assert ready["jit"] == ("fused (numba)" if fused else cpu_jit.status()["reason"])
     finally:
         worker.close()
 

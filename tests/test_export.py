@@ -351,7 +351,7 @@ def test_info_lists_optional_integrations(capsys):
 
     assert main(["info", "--json"]) == 0
     integrations = json.loads(capsys.readouterr().out)["integrations"]
-    assert set(integrations) == {"onnx", "onnxruntime", "torch", "jax", "cupy", "mpi4py", "dask"}
+    assert set(integrations) == {"onnx", "onnxruntime", "torch", "jax", "cupy", "mpi4py", "dask", "numba"}
     assert integrations["onnx"] == onnx.__version__ and integrations["onnxruntime"] == ort.__version__
     assert main(["info"]) == 0
     assert f"onnx {onnx.__version__}" in capsys.readouterr().out

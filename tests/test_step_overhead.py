@@ -17,6 +17,8 @@ from deepcore.backend import numpy_backend
 from deepcore.backend.faster_form import FormChooser
 from deepcore.nn import module as module_mod
 
+from .helpers import force_momentum_form
+
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
@@ -37,15 +39,15 @@ def _pair(sizes, seed=0):
     return model, tmodel
 
 
-@pytest.mark.parametrize("blocked", [True, False, None], ids=["blocked", "one-pass", "as-timed"])
+@pytest.mark.parametrize("form", ["fused", "blocked", "one-pass", "as-timed"])
 @pytest.mark.parametrize("batch", [3, 32, 200])
-def test_readme_loop_with_a_large_momentum_update_matches_torch(monkeypatch, batch, blocked):
-    # 400 x 300 = 120,000 weights: above the size from which the momentum step may run block by
-    # block; each form forced, and as timed on the first steps (a fresh chooser: the forms alternate).
+def test_readme_loop_with_a_large_momentum_update_matches_torch(monkeypatch, batch, form):
+    # 400 x 300 = 120,000 weights: above the size from which the momentum step may run fused, or
+    # block by block; each form forced, and the NumPy forms as timed on the first steps (a fresh
+    # chooser: the forms alternate).
     sizes = (300, 400, 10)
-    assert 300 * 400 >= numpy_backend._SGD_BLOCKED_MIN
-    chooser = FormChooser(rounds=1, fixed=blocked)
-    monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", chooser)
+    assert 300 * 400 >= max(numpy_backend._SGD_BLOCKED_MIN, numpy_backend._FUSED_MIN)
+    chooser = force_momentum_form(monkeypatch, form, rounds=1)
     model, tmodel = _pair(sizes)
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     topt = torch.optim.SGD(tmodel.parameters(), lr=0.05, momentum=0.9)
@@ -68,8 +70,8 @@ def test_readme_loop_with_a_large_momentum_update_matches_torch(monkeypatch, bat
     for state, tp in zip(opt.state, tmodel.parameters(), strict=True):
         np.testing.assert_allclose(state["momentum_buffer"], topt.state[tp]["momentum_buffer"].numpy(),
                                    rtol=1e-4, atol=1e-6)
-    # Five steady steps: each form's warm-up call and one timing, then the choice.
-    assert list(chooser.chosen()) == ([] if blocked is not None else [(400 * 300, np.dtype(np.float32))])
+    # Five steady steps: each form's warm-up call and one timing, then the choice (none when fused).
+    assert list(chooser.chosen()) == ([(400 * 300, np.dtype(np.float32))] if form == "as-timed" else [])
 
 
 def test_form_chooser_keeps_the_form_with_the_lower_median_leaving_out_each_first_call():
@@ -113,8 +115,7 @@ def test_momentum_step_of_a_large_parameter_takes_the_form_that_runs_faster_here
     # of either form, gives the one-pass formula's bits.
     import time
 
-    chooser = FormChooser(rounds=3)
-    monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", chooser)
+    chooser = force_momentum_form(monkeypatch, "as-timed", rounds=3)
     name = "_sgd_momentum_blocked" if slow == "blocked" else "_momentum_one_pass"
     real = getattr(numpy_backend, name)
     nb = dc.get_backend("numpy")
@@ -151,8 +152,9 @@ def test_momentum_step_of_a_large_parameter_takes_the_form_that_runs_faster_here
 @pytest.mark.parametrize("lr_type", [float, np.float64], ids=["float", "np.float64"])
 @pytest.mark.parametrize("n", [numpy_backend._SGD_BLOCKED_MIN, 300_001, 65536 * 3 + 7])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_blocked_momentum_step_is_bitwise_the_one_pass_formula(monkeypatch, n, dtype, lr_type):
-    monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", FormChooser(fixed=True))
+@pytest.mark.parametrize("form", ["fused", "blocked"])
+def test_large_momentum_step_is_bitwise_the_one_pass_formula(monkeypatch, n, dtype, lr_type, form):
+    force_momentum_form(monkeypatch, form)
     nb = dc.get_backend("numpy")
     rng = np.random.default_rng(2)
     value, grad, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
@@ -167,11 +169,10 @@ def test_blocked_momentum_step_is_bitwise_the_one_pass_formula(monkeypatch, n, d
     np.testing.assert_array_equal(v, want_v)
 
 
-@pytest.mark.parametrize("blocked", [True, None], ids=["blocked", "as-timed"])
-def test_blocked_momentum_step_refuses_overlapping_or_strided_arrays(monkeypatch, blocked):
-    # Forced blocked, the step falls back to one pass; timed, such arrays are never timed.
-    chooser = FormChooser(rounds=1, fixed=blocked)
-    monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", chooser)
+@pytest.mark.parametrize("form", ["fused", "blocked", "as-timed"])
+def test_large_momentum_step_refuses_overlapping_or_strided_arrays(monkeypatch, form):
+    # Forced fused or blocked, the step falls back to one pass; timed, such arrays are never timed.
+    chooser = force_momentum_form(monkeypatch, form, rounds=1)
     nb = dc.get_backend("numpy")
     rng = np.random.default_rng(3)
     n = numpy_backend._SGD_BLOCKED_MIN

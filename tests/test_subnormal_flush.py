@@ -12,11 +12,16 @@ import numpy as np
 import pytest
 
 from deepcore import nn, optim
-from deepcore.backend import numpy_backend
-from deepcore.backend.faster_form import FormChooser
+from deepcore.backend import cpu_jit, numpy_backend
+
+from .helpers import force_momentum_form
 
 TINY = {np.float16: np.finfo(np.float16).tiny, np.float32: np.finfo(np.float32).tiny,
         np.float64: np.finfo(np.float64).tiny}
+
+
+#: Inputs per row of a 4-row weight large enough for the fused and blocked momentum forms.
+_LARGE = max(numpy_backend._SGD_BLOCKED_MIN, numpy_backend._FUSED_MIN) // 4 + 5
 
 
 def _subnormal_count(a: np.ndarray) -> int:
@@ -47,10 +52,10 @@ def test_flush_subnormals_leaves_other_dtypes_alone():
     np.testing.assert_array_equal(ints, [0, 1, 2**23])
 
 
-def _force_form(monkeypatch, blocked: bool | None) -> None:
-    """The momentum step of a large parameter block by block (True) or in one pass (False), not as timed."""
-    if blocked is not None:
-        monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", FormChooser(fixed=blocked))
+def _force_form(monkeypatch, form: str | None) -> None:
+    """The momentum step of a large parameter in ``form`` (see helpers.force_momentum_form); None: as it comes."""
+    if form is not None:
+        force_momentum_form(monkeypatch, form)
 
 
 def _dead_unit_problem(n_in: int, steps: int, opt_name: str):
@@ -75,11 +80,11 @@ def _dead_unit_problem(n_in: int, steps: int, opt_name: str):
     return p, tp, opt, topt
 
 
-# (1000 steps: the one-pass form at the large size is the small case's code, left to the cheaper tests below)
-@pytest.mark.parametrize(("n_in", "blocked"), [(8, None), (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, True)],
-                         ids=["small", "large-blocked"])
-def test_sgd_momentum_buffer_of_a_dead_unit_is_flushed_and_the_weights_match_torch(monkeypatch, n_in, blocked):
-    _force_form(monkeypatch, blocked)
+# (1000 steps: the one-pass form at the large size is the small case's code, and the fused loop's flush is
+# test_cpu_jit's 260 steps; both left to the cheaper tests)
+@pytest.mark.parametrize(("n_in", "form"), [(8, None), (_LARGE, "blocked")], ids=["small", "large-blocked"])
+def test_sgd_momentum_buffer_of_a_dead_unit_is_flushed_and_the_weights_match_torch(monkeypatch, n_in, form):
+    _force_form(monkeypatch, form)
     # 0.9^t from ~1e-3 reaches the subnormals near t = 790 and the smallest one by t = 950
     p, tp, opt, topt = _dead_unit_problem(n_in, 1000, "sgd")
     theirs = topt.state[tp]["momentum_buffer"].numpy()
@@ -143,11 +148,11 @@ def _flush_calls(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize(("n_in", "blocked"), [(8, None), (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, True),
-                                             (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, False)],
-                         ids=["small", "large-blocked", "large-one-pass"])
-def test_sgd_skips_the_flush_while_no_update_underflows(monkeypatch, n_in, blocked):
-    _force_form(monkeypatch, blocked)
+@pytest.mark.parametrize(("n_in", "form"), [(8, None), (_LARGE, "blocked"), (_LARGE, "one-pass"),
+                                          (_LARGE, "fused")],
+                         ids=["small", "large-blocked", "large-one-pass", "large-fused"])
+def test_sgd_skips_the_flush_while_no_update_underflows(monkeypatch, n_in, form):
+    _force_form(monkeypatch, form)
     # Early in training nothing underflows: the flush steps pass no buffer to flush_subnormals.
     calls = _flush_calls(monkeypatch)
     rng = np.random.default_rng(5)
@@ -159,11 +164,11 @@ def test_sgd_skips_the_flush_while_no_update_underflows(monkeypatch, n_in, block
     assert calls == []
 
 
-@pytest.mark.parametrize(("n_in", "blocked"), [(8, None), (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, True),
-                                             (numpy_backend._SGD_BLOCKED_MIN // 4 + 5, False)],
-                         ids=["small", "large-blocked", "large-one-pass"])
-def test_sgd_flushes_a_buffer_at_the_first_flush_step_after_it_underflows(monkeypatch, n_in, blocked):
-    _force_form(monkeypatch, blocked)
+@pytest.mark.parametrize(("n_in", "form"), [(8, None), (_LARGE, "blocked"), (_LARGE, "one-pass"),
+                                          (_LARGE, "fused")],
+                         ids=["small", "large-blocked", "large-one-pass", "large-fused"])
+def test_sgd_flushes_a_buffer_at_the_first_flush_step_after_it_underflows(monkeypatch, n_in, form):
+    _force_form(monkeypatch, form)
     calls = _flush_calls(monkeypatch)
     every = numpy_backend._FLUSH_EVERY
     p = nn.Param(np.ones((4, n_in), np.float32), "w")
@@ -203,29 +208,37 @@ def test_sgd_flushes_an_exact_power_of_two_decay_on_the_periodic_full_flush():
 
 
 @pytest.mark.parametrize("step", [numpy_backend._FLUSH_EVERY, numpy_backend._FLUSH_ALWAYS_EVERY, 3])
-def test_both_momentum_forms_flush_the_same_entries(monkeypatch, step):
+def test_every_momentum_form_flushes_the_same_entries(monkeypatch, step):
     # Two blocks' worth: in block 0 an update underflows (inexact); in block 1 a subnormal is made
-    # exactly (a subnormal gradient added to 0: no underflow raised). The forced blocked form and the
-    # one-pass form give the same bits on a flush step that watches for underflow, on a flush step of
-    # every buffer, and on a step with no flush.
+    # exactly (a subnormal gradient added to 0: no underflow raised). The forced blocked form, the
+    # fused loop and the one-pass form give the same bits on a flush step that watches for underflow,
+    # on a flush step of every buffer, and on a step with no flush.
     n = 2 * numpy_backend._SGD_BLOCK
     nb = numpy_backend.NumpyBackend()
-    results = []
-    for blocked in (True, False):
-        monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", FormChooser(fixed=blocked))
-        value = np.ones(n, np.float32)
-        buf = np.full(n, 0.5, np.float32)
-        grad = np.zeros(n, np.float32)
-        buf[10] = 1.2e-38  # x 0.9: an inexact subnormal, which raises the underflow
-        buf[n - 10] = 0.0
-        grad[n - 10] = 1e-45  # 0 + the smallest subnormal: exact
-        (v,), (b,) = nb.sgd_update_many([value], [grad], [buf], lr=0.1, momentum=0.9, dampening=0.0,
-                                        nesterov=False, weight_decay=0.0, step=step)
-        results.append((v.copy(), b.copy()))
-    (v_blocked, b_blocked), (v_one, b_one) = results
-    np.testing.assert_array_equal(b_blocked, b_one)
-    np.testing.assert_array_equal(v_blocked, v_one)
+    results = {}
+    for form in ("one-pass", "blocked") + (("fused",) if cpu_jit.sgd_momentum() else ()):
+        with pytest.MonkeyPatch.context() as mp:
+            force_momentum_form(mp, form)
+            results[form] = _flush_probe(nb, n, step)
+    v_one, b_one = results["one-pass"]
+    for form, (v, b) in results.items():
+        np.testing.assert_array_equal(b, b_one, err_msg=form)
+        np.testing.assert_array_equal(v, v_one, err_msg=form)
     if step == numpy_backend._FLUSH_EVERY:  # an underflow was seen: the whole buffer flushed
         assert b_one[10] == 0.0 and b_one[n - 10] == 0.0
     elif step == 3:  # no flush step: both subnormals kept
         assert _subnormal_count(b_one) == 2
+
+
+def _flush_probe(nb, n: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """Parameter and buffer after one sgd_update_many step, at optimizer step ``step``, of the
+    buffer the test above describes."""
+    value = np.ones(n, np.float32)
+    buf = np.full(n, 0.5, np.float32)
+    grad = np.zeros(n, np.float32)
+    buf[10] = 1.2e-38  # x 0.9: an inexact subnormal, which raises the underflow
+    buf[n - 10] = 0.0
+    grad[n - 10] = 1e-45  # 0 + the smallest subnormal: exact
+    (v,), (b,) = nb.sgd_update_many([value], [grad], [buf], lr=0.1, momentum=0.9, dampening=0.0,
+                                    nesterov=False, weight_decay=0.0, step=step)
+    return v.copy(), b.copy()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..backend import available_backends, malloc_tuning
+from ..backend import available_backends, cpu_jit, malloc_tuning
 from ..sysinfo import describe_blas, optional_integrations
 
 
@@ -32,6 +32,7 @@ def collect_info() -> dict[str, Any]:
         "malloc_tuning": malloc_tuning.tune(),
         "integrations": optional_integrations(),
     }
+    info["cpu_jit"] = cpu_jit_line(info["integrations"].get("numba"))
     if info["backends"].get("cupy") is True:
         info["cuda"] = cuda_info(__import__("cupy"))
     for lib in ("cupy", "torch", "array_api_strict", "array_api_compat"):
@@ -54,11 +55,24 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"{lib} {info[lib]}")
     print("optional: " + ", ".join(f"{lib} {v}" if v else f"{lib} (not installed)"
                                    for lib, v in info["integrations"].items()))
+    print(f"cpu jit: {info['cpu_jit']}")
     print("backends:")
     for name, status in info["backends"].items():
         print(f"  {name:18s} {'available' if status is True else 'unavailable: ' + str(status)}")
     print_cuda_info(info.get("cuda"))
     return 0
+
+
+def cpu_jit_line(numba_version: str | None) -> str:
+    """Whether the NumPy backend's fused loops (backend/cpu_jit.py) run here: with numba installed,
+    found by loading them (about a second), as the first large parameter's step would."""
+    from ..backend.numpy_backend import _FUSED_MIN
+
+    if numba_version is None and not cpu_jit.status()["reason"]:
+        return "off: numba not installed (pip install 'deepcore[jit]' fuses SGD's momentum and Adam's steps)"
+    if cpu_jit.sgd_momentum() is None:
+        return f"off: {cpu_jit.status()['reason']}"
+    return f"numba {numba_version}: SGD's momentum and Adam's steps fused for parameters of >= {_FUSED_MIN} weights"
 
 
 def _cuda_version(code: int) -> str:

@@ -1,0 +1,289 @@
+"""cpu_jit's fused SGD momentum loop (numba, optional): the same bits as NumPy's one-pass form on
+every value and dtype it takes, the NumPy forms wherever it cannot take the arrays or is missing,
+and numba imported only when a large parameter's step needs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from deepcore import nn, optim
+from deepcore.backend import cpu_jit, numpy_backend
+
+from .helpers import force_momentum_form
+
+
+def _kernel():
+    kernel = cpu_jit.sgd_momentum()
+    if kernel is None:
+        pytest.skip(f"the fused momentum loop is unavailable: {cpu_jit.status()['reason']}")
+    return kernel
+
+
+def _awkward(rng, n: int, dtype) -> np.ndarray:
+    """Normal values with every kind of special one mixed in: ±0, subnormals, the smallest normal,
+    huge values (whose products overflow), ±inf and NaN."""
+    info = np.finfo(dtype)
+    a = rng.standard_normal(n).astype(dtype)
+    special = np.array([0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal, info.tiny, -info.tiny,
+                        info.tiny * 1.05, info.tiny / 3, info.max, -info.max, np.inf, -np.inf, np.nan], dtype=dtype)
+    a[rng.integers(0, n, 3 * special.size)] = np.tile(special, 3)
+    return a
+
+
+def _one_pass(value, grad, buf, lr, momentum, flush):
+    """NumPy's one-pass form as the hand-written loop states it (flush: the subnormals zeroed)."""
+    with np.errstate(all="ignore"):
+        buf *= momentum
+        buf += grad
+        if flush:
+            numpy_backend.flush_subnormals(buf)
+        value += np.multiply(buf, -lr)
+
+
+@pytest.mark.parametrize("flush", [False, True], ids=["no-flush", "flush"])
+@pytest.mark.parametrize("n", [1, 7, 4099, 200_704])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_loop_gives_the_one_pass_forms_bits(n, dtype, flush):
+    kernel = _kernel()
+    rng = np.random.default_rng(n)
+    value, grad, buf = (_awkward(rng, n, dtype) for _ in range(3))
+    want_v, want_b = value.copy(), buf.copy()
+    tiny = dtype(np.finfo(dtype).tiny)
+    for lr, momentum in ((0.01, 0.9), (0.3, 0.5), (1e-5, 0.99)):
+        kernel(value, grad, buf, dtype(momentum), dtype(-lr), tiny, flush)
+        _one_pass(want_v, grad, want_b, lr, momentum, flush)
+        # Same bits (NaN payloads aside: NaN == NaN here), the signs of zeros included.
+        np.testing.assert_array_equal(buf, want_b)
+        np.testing.assert_array_equal(value, want_v)
+        assert np.array_equal(np.signbit(buf), np.signbit(want_b)) and np.array_equal(np.signbit(value),
+                                                                                     np.signbit(want_v))
+    if flush:
+        assert not np.any((buf != 0) & (np.abs(buf) < tiny))
+
+
+def _spy(monkeypatch, name: str = "sgd_momentum") -> list[int]:
+    """Count the calls of the fused loop ``name`` (the real loop still runs)."""
+    _kernel()
+    from deepcore.backend import cpu_jit_kernels
+
+    real = getattr(cpu_jit_kernels, name)
+    calls: list[int] = []
+
+    def counted(value, *args):
+        calls.append(value.size)
+        return real(value, *args)
+
+    monkeypatch.setattr(cpu_jit_kernels, name, counted)
+    return calls
+
+
+def test_sgd_runs_large_parameters_fused_except_on_steps_that_watch_for_underflow(monkeypatch):
+    # 260 steps of one 300 x 400 weight and a small bias: the weight's steady steps run fused, but for
+    # the steps that flush only where the update underflowed (every 16th, NumPy's flags see it) and
+    # the first (the buffer is made); the bias never (too small). Every bit as the NumPy forms give.
+    calls = _spy(monkeypatch)
+    rng = np.random.default_rng(0)
+    grads = [(rng.standard_normal((300, 400)).astype(np.float32) * 1e-3, rng.standard_normal(300).astype(np.float32))
+             for _ in range(260)]
+    grads[100][0][0] = 0.0
+
+    def train(form: str) -> list[np.ndarray]:
+        with pytest.MonkeyPatch.context() as mp:
+            if form != "fused":
+                force_momentum_form(mp, form)
+            w, b = nn.Param(np.ones((300, 400), np.float32), "w"), nn.Param(np.zeros(300, np.float32), "b")
+            opt = optim.SGD([w, b], lr=0.05, momentum=0.9)
+            for gw, gb in grads:
+                w.grad, b.grad = gw.copy(), gb.copy()
+                opt.step()
+            return [w.value, b.value, opt.state[0]["momentum_buffer"], opt.state[1]["momentum_buffer"]]
+
+    fused = train("fused")
+    every, always = numpy_backend._FLUSH_EVERY, numpy_backend._FLUSH_ALWAYS_EVERY
+    watched = [s for s in range(2, 261) if s % every == 0 and s % always]
+    assert len(calls) == 259 - len(watched) == 244 and set(calls) == {300 * 400}
+    for form in ("one-pass", "blocked"):
+        for a, b in zip(fused, train(form), strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=form)
+
+
+@pytest.mark.parametrize("case", ["strided-grad", "read-only-grad", "unaligned", "float16", "big-endian",
+                                  "overlapping"])
+def test_arrays_the_fused_loop_cannot_take_run_in_numpy(monkeypatch, case):
+    calls = _spy(monkeypatch)
+    nb = numpy_backend.NumpyBackend()
+    rng = np.random.default_rng(1)
+    n = numpy_backend._FUSED_MIN + 3
+    dtype = {"float16": np.float16, "big-endian": np.dtype(">f4")}.get(case, np.float32)
+    value, buf = (rng.standard_normal(n).astype(dtype) for _ in range(2))
+    grad = rng.standard_normal(n).astype(dtype)
+    if case == "strided-grad":
+        grad = rng.standard_normal(2 * n).astype(np.float32)[::2]
+    elif case == "read-only-grad":
+        grad.flags.writeable = False
+    elif case == "unaligned":
+        raw = np.zeros(4 * n + 1, np.uint8)[1:].view(np.float32)
+        raw[:] = value
+        value = raw
+        assert not value.flags.aligned
+    elif case == "overlapping":
+        grad = value
+    want_v, want_b, g = value.copy(), buf.copy(), grad.copy()
+    with np.errstate(all="ignore"):
+        v, b = nb.sgd_update(value, grad, buf, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False,
+                             weight_decay=0.0, first_step=False)
+        _one_pass(want_v, g, want_b, 0.1, 0.9, False)
+    assert calls == []
+    np.testing.assert_array_equal(b, want_b)
+    np.testing.assert_array_equal(v, want_v)
+
+
+def _adam_both(value, grad, m, v, calls, **hyper):
+    """``adam_update`` as it runs (fused where it can) and in NumPy (the loop off), on copies."""
+    nb = numpy_backend.NumpyBackend()
+    fused = [a.copy() for a in (value, m, v)]
+    numpy_ = [a.copy() for a in (value, m, v)]
+    with np.errstate(all="ignore"):
+        nb.adam_update(fused[0], grad, fused[1], fused[2], **hyper)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(numpy_backend, "_FUSED_MIN", sys.maxsize)
+            nb.adam_update(numpy_[0], grad, numpy_[1], numpy_[2], **hyper)
+    return fused, numpy_
+
+
+@pytest.mark.parametrize(("weight_decay", "decoupled"), [(0.0, False), (0.01, False), (0.01, True)],
+                         ids=["plain", "l2", "adamw"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_adam_gives_numpys_bits(monkeypatch, dtype, weight_decay, decoupled):
+    # Awkward values everywhere (v's negatives and NaNs give NaN roots), eps 0 with v = 0 (division by
+    # zero), the steps that flush m (every 16th) and those that do not.
+    calls = _spy(monkeypatch, "adam")
+    rng = np.random.default_rng(7)
+    n = numpy_backend._FUSED_MIN + 11
+    value, grad, m, v = (_awkward(rng, n, dtype) for _ in range(4))
+    v[:50] = 0.0
+    m[50:60] = grad[50:60] = np.finfo(dtype).tiny / 4  # first moments that stay subnormal (g - m = 0)
+    for step, eps in ((1, 1e-8), (15, 0.0), (16, 1e-8), (32, 0.0), (1000, 1e-3)):
+        fused, numpy_ = _adam_both(value, grad, m, v, calls, step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=eps,
+                                   weight_decay=weight_decay, decoupled=decoupled)
+        for a, b in zip(fused, numpy_, strict=True):
+            np.testing.assert_array_equal(a, b)
+            assert np.array_equal(np.signbit(a), np.signbit(b))
+    assert len(calls) == 5
+
+
+@pytest.mark.parametrize("case", ["numpy-scalar", "small", "strided"])
+def test_adam_runs_in_numpy_where_the_loop_would_round_otherwise_or_cannot_take_the_arrays(monkeypatch, case):
+    calls = _spy(monkeypatch, "adam")
+    rng = np.random.default_rng(8)
+    n = 100 if case == "small" else numpy_backend._FUSED_MIN
+    value, grad, m, v = (rng.standard_normal(n).astype(np.float32) for _ in range(4))
+    v = np.abs(v)
+    if case == "strided":
+        grad = rng.standard_normal(2 * n).astype(np.float32)[::2]
+    lr = np.float64(1e-3) if case == "numpy-scalar" else 1e-3  # NumPy computes a float64 scalar's step in float64
+    fused, numpy_ = _adam_both(value, grad, m, v, calls, step=3, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8,
+                               weight_decay=0.0, decoupled=False)
+    assert calls == []
+    for a, b in zip(fused, numpy_, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_adam_optimizer_steps_large_parameters_fused(monkeypatch):
+    calls = _spy(monkeypatch, "adam")
+    w, b = nn.Param(np.ones((300, 400), np.float32), "w"), nn.Param(np.zeros(300, np.float32), "b")
+    opt = optim.AdamW([w, b], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        w.grad, b.grad = np.full((300, 400), 0.5, np.float32), np.full(300, 0.5, np.float32)
+        opt.step()
+    assert calls == [300 * 400] * 3
+    # A constant gradient: m_t / sqrt(v_t) with both bias-corrected is 1, so each step moves by lr
+    # (eps aside) after the decoupled decay: w_t = w_{t-1} (1 - lr wd) - lr.
+    want = 1.0
+    for _ in range(3):
+        want = want * (1 - 1e-2 * 0.1) - 1e-2
+    np.testing.assert_allclose(w.value, want, rtol=1e-5)
+
+
+def test_without_the_kernels_the_reason_is_kept_and_numpy_runs(monkeypatch):
+    import deepcore.backend as backend_pkg
+
+    monkeypatch.setattr(cpu_jit, "_kernels", None)
+    monkeypatch.setattr(cpu_jit, "_tried", False)
+    monkeypatch.setattr(cpu_jit, "_reason", "")
+    monkeypatch.setitem(sys.modules, "deepcore.backend.cpu_jit_kernels", None)  # as if numba were missing
+    monkeypatch.delattr(backend_pkg, "cpu_jit_kernels", raising=False)
+    assert cpu_jit.sgd_momentum() is None and cpu_jit.adam() is None
+    status = cpu_jit.status()
+    assert status["tried"] and not status["loaded"] and status["reason"].startswith("numba unavailable: ")
+    w = nn.Param(np.ones((300, 400), np.float32), "w")
+    opt = optim.SGD([w], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        w.grad = np.full((300, 400), 0.5, np.float32)
+        opt.step()
+    # buf: 0.5, 0.95, 1.355; w: 1 - 0.1 * (0.5 + 0.95 + 1.355)
+    np.testing.assert_allclose(w.value, 1 - 0.1 * (0.5 + 0.95 + 1.355), rtol=1e-6)
+
+    monkeypatch.setenv("DEEPCORE_JIT", "0")
+    cpu_jit.reset()
+    assert cpu_jit.sgd_momentum() is None and cpu_jit.status()["reason"] == "disabled by DEEPCORE_JIT=0"
+
+
+def _fresh(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "DEEPCORE_JIT"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         check=True)
+    return out.stdout.strip()
+
+
+def test_numba_is_imported_only_for_a_large_parameters_step():
+    if cpu_jit.sgd_momentum() is None:
+        pytest.skip(f"numba unavailable: {cpu_jit.status()['reason']}")
+    code = """
+import sys
+import numpy as np
+import deepcore as dc
+from deepcore import nn, optim, losses
+seen = ["numba" in sys.modules]
+model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # the digits MLP's size
+opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+x, y = np.ones((8, 64), np.float32), np.arange(8) % 10
+for _ in range(3):
+    logits, back = model.forward(x, train=True)
+    back(losses.softmax_cross_entropy(logits, y)[1])
+    opt.step()
+    opt.zero_grad()
+seen.append("numba" in sys.modules)
+w = nn.Param(np.ones(100_000, np.float32), "w")
+opt = optim.SGD([w], lr=0.1, momentum=0.9)
+for _ in range(2):
+    w.grad = np.ones(100_000, np.float32); opt.step()
+seen.append("numba" in sys.modules)
+print(seen)
+"""
+    assert _fresh(code) == "[False, False, True]"
+
+
+def test_deepcore_info_says_whether_the_momentum_step_runs_fused(monkeypatch, capsys):
+    from deepcore.cli.info import cpu_jit_line
+    from deepcore.sysinfo import optional_integrations
+
+    version = optional_integrations()["numba"]
+    want = (f"numba {version}: SGD's momentum and Adam's steps fused for parameters of >= "
+            f"{numpy_backend._FUSED_MIN} weights"
+            if cpu_jit.sgd_momentum() is not None else f"off: {cpu_jit.status()['reason']}")
+    assert cpu_jit_line(version) == want
+    assert cpu_jit_line(None).startswith("off: numba not installed (pip install 'deepcore[jit]'")
+    monkeypatch.setenv("DEEPCORE_JIT", "off")
+    monkeypatch.setattr(cpu_jit, "_kernels", None)
+    monkeypatch.setattr(cpu_jit, "_tried", False)
+    monkeypatch.setattr(cpu_jit, "_reason", "")
+    from deepcore.cli import main
+
+    assert main(["info"]) == 0
+    assert "cpu jit: off: disabled by DEEPCORE_JIT=off" in capsys.readouterr().out.splitlines()
