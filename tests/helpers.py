@@ -69,3 +69,23 @@ def force_momentum_form(monkeypatch, form: str, *, rounds: int = 5):
         chooser = FormChooser(rounds=rounds, fixed=fixed)
     monkeypatch.setattr(numpy_backend, "_MOMENTUM_FORMS", chooser)
     return chooser
+
+
+def count_fused_calls(monkeypatch, name: str = "sgd_momentum") -> list[int]:
+    """The sizes of the parameters cpu_jit's fused loop ``name`` is called on from now on (the real
+    loop still runs); the test skips where the loops are unavailable."""
+    from deepcore.backend import cpu_jit
+
+    if cpu_jit.sgd_momentum() is None:
+        pytest.skip(f"the fused loops are unavailable: {cpu_jit.status()['reason']}")
+    from deepcore.backend import cpu_jit_kernels
+
+    real = getattr(cpu_jit_kernels, name)
+    calls: list[int] = []
+
+    def counted(value, *args):
+        calls.append(value.size)
+        return real(value, *args)
+
+    monkeypatch.setattr(cpu_jit_kernels, name, counted)
+    return calls

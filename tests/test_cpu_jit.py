@@ -1,6 +1,6 @@
-"""cpu_jit's fused SGD momentum loop (numba, optional): the same bits as NumPy's one-pass form on
-every value and dtype it takes, the NumPy forms wherever it cannot take the arrays or is missing,
-and numba imported only when a large parameter's step needs it."""
+"""cpu_jit's fused loops (numba, optional), SGD momentum and Adam: the same bits as the NumPy forms
+on every value and dtype they take, the NumPy forms wherever they cannot take the arrays or numba
+is missing, and numba imported only when a large parameter's step needs it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from deepcore import nn, optim
 from deepcore.backend import cpu_jit, numpy_backend
 
-from .helpers import force_momentum_form
+from .helpers import count_fused_calls, force_momentum_form
 
 
 def _kernel():
@@ -33,6 +33,12 @@ def _awkward(rng, n: int, dtype) -> np.ndarray:
                         info.tiny * 1.05, info.tiny / 3, info.max, -info.max, np.inf, -np.inf, np.nan], dtype=dtype)
     a[rng.integers(0, n, 3 * special.size)] = np.tile(special, 3)
     return a
+
+
+def _same_signs(a: np.ndarray, b: np.ndarray) -> None:
+    """The signs agree wherever the values are numbers (``assert_array_equal`` takes -0.0 == 0.0)."""
+    numbers = ~np.isnan(a)
+    np.testing.assert_array_equal(np.signbit(a[numbers]), np.signbit(b[numbers]))
 
 
 def _one_pass(value, grad, buf, lr, momentum, flush):
@@ -57,40 +63,26 @@ def test_fused_loop_gives_the_one_pass_forms_bits(n, dtype, flush):
     for lr, momentum in ((0.01, 0.9), (0.3, 0.5), (1e-5, 0.99)):
         kernel(value, grad, buf, dtype(momentum), dtype(-lr), tiny, flush)
         _one_pass(want_v, grad, want_b, lr, momentum, flush)
-        # Same bits (NaN payloads aside: NaN == NaN here), the signs of zeros included.
+        # Same bits (NaN == NaN here, whatever its sign and payload), the signs of zeros included.
         np.testing.assert_array_equal(buf, want_b)
         np.testing.assert_array_equal(value, want_v)
-        assert np.array_equal(np.signbit(buf), np.signbit(want_b)) and np.array_equal(np.signbit(value),
-                                                                                     np.signbit(want_v))
+        _same_signs(buf, want_b)
+        _same_signs(value, want_v)
     if flush:
         assert not np.any((buf != 0) & (np.abs(buf) < tiny))
-
-
-def _spy(monkeypatch, name: str = "sgd_momentum") -> list[int]:
-    """Count the calls of the fused loop ``name`` (the real loop still runs)."""
-    _kernel()
-    from deepcore.backend import cpu_jit_kernels
-
-    real = getattr(cpu_jit_kernels, name)
-    calls: list[int] = []
-
-    def counted(value, *args):
-        calls.append(value.size)
-        return real(value, *args)
-
-    monkeypatch.setattr(cpu_jit_kernels, name, counted)
-    return calls
 
 
 def test_sgd_runs_large_parameters_fused_except_on_steps_that_watch_for_underflow(monkeypatch):
     # 260 steps of one 300 x 400 weight and a small bias: the weight's steady steps run fused, but for
     # the steps that flush only where the update underflowed (every 16th, NumPy's flags see it) and
     # the first (the buffer is made); the bias never (too small). Every bit as the NumPy forms give.
-    calls = _spy(monkeypatch)
+    calls = count_fused_calls(monkeypatch)
     rng = np.random.default_rng(0)
     grads = [(rng.standard_normal((300, 400)).astype(np.float32) * 1e-3, rng.standard_normal(300).astype(np.float32))
              for _ in range(260)]
-    grads[100][0][0] = 0.0
+    every, always = numpy_backend._FLUSH_EVERY, numpy_backend._FLUSH_ALWAYS_EVERY
+    for gw, _ in grads[always - 1:]:
+        gw[0, :8] = 0.0  # from the flush-every-buffer step on, row 0's first 8 weights get no gradient
 
     def train(form: str) -> list[np.ndarray]:
         with pytest.MonkeyPatch.context() as mp:
@@ -98,13 +90,15 @@ def test_sgd_runs_large_parameters_fused_except_on_steps_that_watch_for_underflo
                 force_momentum_form(mp, form)
             w, b = nn.Param(np.ones((300, 400), np.float32), "w"), nn.Param(np.zeros(300, np.float32), "b")
             opt = optim.SGD([w, b], lr=0.05, momentum=0.9)
-            for gw, gb in grads:
+            for s, (gw, gb) in enumerate(grads, 1):
+                if s == always:  # subnormal buffer entries that step's update keeps subnormal (x 0.9, + 0)
+                    opt.state[0]["momentum_buffer"][0, :8] = np.finfo(np.float32).tiny / 2
                 w.grad, b.grad = gw.copy(), gb.copy()
                 opt.step()
             return [w.value, b.value, opt.state[0]["momentum_buffer"], opt.state[1]["momentum_buffer"]]
 
     fused = train("fused")
-    every, always = numpy_backend._FLUSH_EVERY, numpy_backend._FLUSH_ALWAYS_EVERY
+    np.testing.assert_array_equal(fused[2][0, :8], 0.0)  # flushed by the fused loop on step 256, then 0.9 x 0
     watched = [s for s in range(2, 261) if s % every == 0 and s % always]
     assert len(calls) == 259 - len(watched) == 244 and set(calls) == {300 * 400}
     for form in ("one-pass", "blocked"):
@@ -115,7 +109,7 @@ def test_sgd_runs_large_parameters_fused_except_on_steps_that_watch_for_underflo
 @pytest.mark.parametrize("case", ["strided-grad", "read-only-grad", "unaligned", "float16", "big-endian",
                                   "overlapping"])
 def test_arrays_the_fused_loop_cannot_take_run_in_numpy(monkeypatch, case):
-    calls = _spy(monkeypatch)
+    calls = count_fused_calls(monkeypatch)
     nb = numpy_backend.NumpyBackend()
     rng = np.random.default_rng(1)
     n = numpy_backend._FUSED_MIN + 3
@@ -162,7 +156,7 @@ def _adam_both(value, grad, m, v, calls, **hyper):
 def test_fused_adam_gives_numpys_bits(monkeypatch, dtype, weight_decay, decoupled):
     # Awkward values everywhere (v's negatives and NaNs give NaN roots), eps 0 with v = 0 (division by
     # zero), the steps that flush m (every 16th) and those that do not.
-    calls = _spy(monkeypatch, "adam")
+    calls = count_fused_calls(monkeypatch, "adam")
     rng = np.random.default_rng(7)
     n = numpy_backend._FUSED_MIN + 11
     value, grad, m, v = (_awkward(rng, n, dtype) for _ in range(4))
@@ -173,13 +167,13 @@ def test_fused_adam_gives_numpys_bits(monkeypatch, dtype, weight_decay, decouple
                                    weight_decay=weight_decay, decoupled=decoupled)
         for a, b in zip(fused, numpy_, strict=True):
             np.testing.assert_array_equal(a, b)
-            assert np.array_equal(np.signbit(a), np.signbit(b))
+            _same_signs(a, b)
     assert len(calls) == 5
 
 
 @pytest.mark.parametrize("case", ["numpy-scalar", "small", "strided"])
 def test_adam_runs_in_numpy_where_the_loop_would_round_otherwise_or_cannot_take_the_arrays(monkeypatch, case):
-    calls = _spy(monkeypatch, "adam")
+    calls = count_fused_calls(monkeypatch, "adam")
     rng = np.random.default_rng(8)
     n = 100 if case == "small" else numpy_backend._FUSED_MIN
     value, grad, m, v = (rng.standard_normal(n).astype(np.float32) for _ in range(4))
@@ -195,7 +189,7 @@ def test_adam_runs_in_numpy_where_the_loop_would_round_otherwise_or_cannot_take_
 
 
 def test_adam_optimizer_steps_large_parameters_fused(monkeypatch):
-    calls = _spy(monkeypatch, "adam")
+    calls = count_fused_calls(monkeypatch, "adam")
     w, b = nn.Param(np.ones((300, 400), np.float32), "w"), nn.Param(np.zeros(300, np.float32), "b")
     opt = optim.AdamW([w, b], lr=1e-2, weight_decay=0.1)
     for _ in range(3):

@@ -408,7 +408,9 @@ def test_the_benchmark_cases_write_the_json_the_table_reads(tmp_path):
     pytest.importorskip("pytest_benchmark")
     (tmp_path / "fake_gpu_plugin.py").write_text(_PLUGIN, encoding="utf-8")
     out = tmp_path / "bench.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]), DEEPCORE_BENCH_BUDGET="0.05")
+    # Not an xdist worker's environment: pytest-benchmark disables itself under one (-n 2).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]), DEEPCORE_BENCH_BUDGET="0.05")
     r = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_gpu_kernels.py", "-m", "gpu",
                         "--benchmark-only", f"--benchmark-json={out}", "-p", "fake_gpu_plugin", "-p",
                         "no:cacheprovider", "-q", "-k", "copy or 128x10"], cwd=ROOT, env=env, capture_output=True,

@@ -3,9 +3,10 @@
 NumPy runs SGD's momentum step ``buf = μ buf + g; value -= lr buf`` as four passes over memory
 (``buf *= μ``, ``buf += g``, ``t = -lr buf``, ``value += t``) and Adam's step as about twelve; a
 parameter larger than the cache streams from memory on each. One compiled loop reads and writes
-each array once, with NumPy's own rounded operations per element (the same bits): SGD momentum
-0.39-0.43x NumPy's time from 100k to 3.1M float32 weights on the EPYC of benchmarks/README.md,
-Adam 0.39x at 200k.
+each array once, with NumPy's own rounded operations per element (the same bits). Through the
+backend's calls, on the EPYC of benchmarks/README.md (``benchmarks/fused_updates.py``): SGD momentum
+0.78x NumPy's time at 65,536 float32 weights, 0.58x at 200,704, 0.37x at 3.1M; Adam 0.41x, 0.32x
+and 0.21x.
 
 numba is never imported by ``import deepcore``: the first call of :func:`sgd_momentum` or
 :func:`adam` imports it and loads the kernels (about 0.3 s to import numba and 0.5 s to load the
@@ -14,12 +15,15 @@ NumPy backend makes only for a parameter of at least ``numpy_backend._FUSED_MIN`
 the kernels cannot be had (numba not installed or refusing this NumPy, ``DEEPCORE_JIT=0``, a
 compile that failed) both return None, the NumPy forms run, and :func:`status` keeps the reason
 (``deepcore info`` prints it). numba imports SciPy where it is installed (a version check), and
-with it SciPy's own OpenBLAS, idle but with its own thread pool.
+with it SciPy's own OpenBLAS, idle but with its own thread pool. Unlike NumPy's operations the
+loops report no floating-point errors: ``np.errstate`` / ``np.seterr`` settings (raise or warn on
+overflow, invalid) do not reach a fused step, which returns inf or NaN as PyTorch's does.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +32,7 @@ _kernels: Any = None
 #: Why the kernels are unavailable ("" while untried or loaded).
 _reason = ""
 _tried = False
+_lock = threading.Lock()
 
 
 def _disabled() -> str:
@@ -37,23 +42,31 @@ def _disabled() -> str:
 
 def _load() -> Any:
     """The kernels' module, loaded on the first call (numba imported, the kernels compiled or read
-    from numba's cache), or None with the reason kept."""
+    from numba's cache), or None with the reason kept. ``DEEPCORE_JIT`` is read then, once."""
     global _kernels, _reason, _tried
     if _tried:
         return _kernels
-    _tried = True
-    _reason = _disabled()
-    if _reason:
-        return None
-    try:
-        from . import cpu_jit_kernels
-    except ImportError as e:  # numba missing, or an installed numba that refuses this NumPy
-        _reason = f"numba unavailable: {e}"
-    except Exception as e:  # noqa: BLE001  # numba present but the compile failed: the NumPy forms still work
-        _reason = f"numba failed to compile the kernels: {type(e).__name__}: {e}"
-    else:
-        _kernels = cpu_jit_kernels
+    with _lock:  # another thread's first call waits for this load rather than run without it
+        if _tried:
+            return _kernels
+        reason = _disabled()
+        if not reason:
+            try:
+                from . import cpu_jit_kernels
+            except ImportError as e:  # numba missing, or an installed numba that refuses this NumPy
+                reason = f"numba unavailable: {e}"
+            except Exception as e:  # noqa: BLE001  # numba present but the compile failed: NumPy still works
+                reason = f"numba failed to compile the kernels: {type(e).__name__}: {e}"
+            else:
+                _kernels = cpu_jit_kernels
+        # Only an outcome is recorded: interrupted (KeyboardInterrupt), the next call tries again.
+        _reason, _tried = reason, True
     return _kernels
+
+
+def ruled_out() -> bool:
+    """True once a load was tried and gave no kernels: callers then skip even their cheap checks."""
+    return _tried and _kernels is None
 
 
 def sgd_momentum() -> Callable[..., None] | None:
@@ -71,12 +84,14 @@ def adam() -> Callable[..., None] | None:
 
 
 def status() -> dict[str, Any]:
-    """What the loader has found so far, without trying: ``{"tried", "loaded", "reason"}``
-    (``reason`` empty while untried or loaded)."""
-    return {"tried": _tried, "loaded": _kernels is not None, "reason": _reason or _disabled()}
+    """What the loader has found, without trying: ``{"tried", "loaded", "reason"}``; before the first
+    try ``reason`` says whether ``DEEPCORE_JIT`` will turn the kernels off, after it why they are off
+    ("" when loaded)."""
+    return {"tried": _tried, "loaded": _kernels is not None, "reason": _reason if _tried else _disabled()}
 
 
 def reset() -> None:
     """Forget the outcome so the next call tries again (after installing numba, or in tests)."""
     global _kernels, _reason, _tried
-    _kernels, _reason, _tried = None, "", False
+    with _lock:
+        _kernels, _reason, _tried = None, "", False

@@ -12,10 +12,24 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+
+def _compiled(signatures: list[str], **options: object):  # type: ignore[no-untyped-def]
+    """``numba.njit`` for ``signatures`` (compiled now), cached on disk where numba finds a writable
+    place (beside this file, else the user's cache directory), uncached where it finds none."""
+    def compile_(fn):  # type: ignore[no-untyped-def]
+        try:
+            return numba.njit(signatures, cache=True, nogil=True, boundscheck=False, **options)(fn)
+        except RuntimeError as e:  # "cannot cache function ...: no locator available"
+            if "cannot cache" not in str(e):
+                raise
+            return numba.njit(signatures, cache=False, nogil=True, boundscheck=False, **options)(fn)
+    return compile_
+
+
 _SGD_SIGNATURES = [f"void({t}[::1], {t}[::1], {t}[::1], {t}, {t}, {t}, boolean)" for t in ("float32", "float64")]
 
 
-@numba.njit(_SGD_SIGNATURES, cache=True, nogil=True, boundscheck=False)
+@_compiled(_SGD_SIGNATURES)
 def sgd_momentum(value, grad, buf, momentum, neg_lr, tiny, flush):  # type: ignore[no-untyped-def]
     """``buf = μ buf + g; value += (-lr) buf`` in one pass (``momentum`` = μ, ``neg_lr`` = -lr, of
     the arrays' dtype); with ``flush``, a buffer entry below ``tiny`` (the smallest normal) in
@@ -35,7 +49,7 @@ _ADAM_SIGNATURES = [f"void({t}[::1], {t}[::1], {t}[::1], {t}[::1], {t}, {t}, {t}
                     f"boolean)" for t in ("float32", "float64")]
 
 
-@numba.njit(_ADAM_SIGNATURES, cache=True, nogil=True, boundscheck=False, error_model="numpy")
+@_compiled(_ADAM_SIGNATURES, error_model="numpy")
 def adam(value, grad, m, v, one_minus_beta1, one_minus_beta2, beta2, bc2_sqrt, eps, neg_step_size, decay, tiny,
          decay_mode, flush):  # type: ignore[no-untyped-def]
     """Adam's step in one pass, as ``NumpyBackend.adam_update`` spells it:

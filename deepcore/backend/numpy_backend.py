@@ -430,8 +430,8 @@ class NumpyBackend(Backend):
         if value.size >= _FUSED_MIN and all(type(x) in (float, int) for x in (lr, beta1, beta2, eps, weight_decay)):
             # (Python numbers only: a NumPy float64 scalar would make NumPy compute those steps in
             # float64, where the loop rounds each scalar to the arrays' dtype.)
-            kernel = cpu_jit.adam()
-            if kernel is not None and _fusable(value, grad, m, v):
+            kernel = None if cpu_jit.ruled_out() or not _fusable(value, grad, m, v) else cpu_jit.adam()
+            if kernel is not None:
                 _fused_adam(kernel, value, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, flush)
                 return value, m, v
         if weight_decay != 0.0:
@@ -539,8 +539,9 @@ _MOMENTUM_FORMS = FormChooser()
 
 
 #: From this size on SGD's steady momentum step and Adam's step run as cpu_jit's one-pass loops
-#: where numba is installed (the first such parameter imports it): 0.39-0.43x the NumPy forms' time
-#: from 100k weights on; below, a model's few small parameters would not repay numba's import.
+#: where numba is installed (the first such parameter imports it): from 0.78x (SGD) and 0.41x
+#: (Adam) the NumPy forms' time at this size to 0.37x and 0.21x at 3.1M weights
+#: (benchmarks/fused_updates.py); a model of only smaller parameters would not repay numba's import.
 _FUSED_MIN = 65536
 #: The dtypes the fused loop takes, with the smallest normal number of each (its flush bound).
 _FUSED_TINY = {np.dtype(np.float32): np.float32(np.finfo(np.float32).tiny),
@@ -557,9 +558,10 @@ def _steady_momentum(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: f
     # seen through NumPy's floating-point flags, and block by block it would flush only the blocks
     # that underflowed (a subnormal made exactly, which raises no underflow, in another block would
     # survive: other bits than the one-pass form's).
-    if value.size >= _FUSED_MIN and type(flush) is not _Underflow:
-        kernel = cpu_jit.sgd_momentum()
-        if kernel is not None and _fusable(value, grad, buf):
+    if value.size >= _FUSED_MIN and type(flush) is not _Underflow and not cpu_jit.ruled_out() and _fusable(
+            value, grad, buf):
+        kernel = cpu_jit.sgd_momentum()  # numba imported at the first call, only for arrays it can take
+        if kernel is not None:
             tiny = _FUSED_TINY[value.dtype]
             kind = tiny.dtype.type  # μ and -lr rounded to the arrays' dtype, as NumPy rounds a Python float
             kernel(value.reshape(-1), grad.reshape(-1), buf.reshape(-1), kind(momentum), kind(-lr), tiny, bool(flush))
@@ -625,16 +627,18 @@ def _fused_adam(kernel: Any, value: np.ndarray, grad: np.ndarray, m: np.ndarray,
 
 
 def _fusable(*arrays: np.ndarray) -> bool:
-    """Whether the fused loops can take these arrays: one dtype the loops compile for, one shape,
-    each C-contiguous, aligned and writeable (numba's array type; the loops write only the parameter
-    and its state), no two overlapping (the order of the writes would show)."""
+    """Whether the fused loops can take these arrays: plain ndarrays (numba types no subclass, a
+    matrix's reshape stays 2-D) of one dtype the loops compile for and one shape, each C-contiguous and writeable
+    (numba's array type: the loops write only the parameter and its state) and aligned (numba types
+    every array as aligned), no two overlapping (the order of the writes would show)."""
     first = arrays[0]
     dtype, shape = first.dtype, first.shape
     if dtype not in _FUSED_TINY:
         return False
     for a in arrays:
         flags = a.flags
-        if a.dtype != dtype or a.shape != shape or not (flags.c_contiguous and flags.aligned and flags.writeable):
+        if (type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape
+                or not (flags.c_contiguous and flags.aligned and flags.writeable)):
             return False
     return not any(np.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
 

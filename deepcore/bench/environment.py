@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ..sysinfo import blas_info, cpu_count, cpu_model
+from ..backend import cpu_jit
+from ..sysinfo import blas_info, cpu_count, cpu_model, optional_integrations
 from .contenders import torch_if_imported
 from .threads import thread_info
 
@@ -27,6 +28,7 @@ def environment() -> dict[str, Any]:
         "blas": blas_info(),
         "threads": thread_info(),
         "openblas_env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ},
+        "cpu_jit": _cpu_jit(),
     }
     torch = torch_if_imported()
     if torch is None:
@@ -46,6 +48,18 @@ def environment() -> dict[str, Any]:
     return env
 
 
+def _cpu_jit() -> str:
+    """Whether the NumPy backend's large optimizer steps run as numba loops (backend/cpu_jit.py):
+    numba's version, or why not; read without importing numba."""
+    status = cpu_jit.status()
+    if status["loaded"]:
+        return f"numba {optional_integrations()['numba']}"
+    if status["reason"]:
+        return f"off ({status['reason']})"
+    version = optional_integrations()["numba"]
+    return f"numba {version}" if version else "off (numba not installed)"
+
+
 def describe_environment(env: dict[str, Any]) -> str:
     """:func:`environment` as one line, for the top of a table."""
     t = env.get("threads", {})
@@ -57,6 +71,8 @@ def describe_environment(env: dict[str, Any]) -> str:
         parts.append(f"torch {env['torch']} ({t.get('torch_threads')} threads)")
     if "cupy" in env:
         parts.append(f"cupy {env['cupy']} on {env.get('cuda_device')}")
+    if env.get("cpu_jit"):
+        parts.append(f"fused CPU loops: {env['cpu_jit']}")
     if env.get("openblas_env"):
         parts.append("env " + " ".join(f"{k}={v}" for k, v in env["openblas_env"].items()))
     return "; ".join(parts)

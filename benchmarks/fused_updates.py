@@ -1,0 +1,110 @@
+"""The NumPy backend's optimizer steps of one large parameter: NumPy's forms against cpu_jit's fused
+numba loops (``pip install -e ".[jit]"``), the same bits either way.
+
+    python benchmarks/fused_updates.py                    # SGD momentum and Adam, 65536 to 3.1M weights
+    python benchmarks/fused_updates.py --sizes 200704 --rounds 40
+
+Every form runs through ``NumpyBackend`` as an optimizer calls it (``sgd_update_many`` on a steady
+step, ``adam_update``), on its own arrays of float32 normal values, in one process and one thread
+(element-wise loops: no thread pools to interfere); the forms take turns, in an order reversed
+every other round, each turn ``--calls`` calls; a form's figure is the median of its per-call
+times, each ratio the median of the per-round ratios to NumPy's one-pass form. The NumPy forms are
+selected by the backend's own switches: the fused loop off (``_FUSED_MIN``), and the momentum
+step's form forced (``faster_form.FormChooser(fixed=...)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from deepcore.backend import cpu_jit, numpy_backend
+from deepcore.backend.faster_form import FormChooser
+from deepcore.sysinfo import cpu_model
+
+SIZES = (65536, 200_704, 1_048_576, 3_145_728)
+
+
+def _sgd(n: int, nb: numpy_backend.NumpyBackend):
+    rng = np.random.default_rng(0)
+    value, buf = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
+    grad = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
+    step = iter(range(1, 1 << 62))
+
+    def call() -> None:
+        s = next(step)
+        if s % numpy_backend._FLUSH_EVERY == 0:
+            s += 1  # steady steps only: the flush steps are one in 16 of every form's
+        nb.sgd_update_many([value], [grad], [buf], lr=0.01, momentum=0.9, dampening=0.0, nesterov=False,
+                           weight_decay=0.0, step=s)
+
+    return call
+
+
+def _adam(n: int, nb: numpy_backend.NumpyBackend):
+    rng = np.random.default_rng(0)
+    value, grad, m = (rng.standard_normal(n, dtype=np.float32) for _ in range(3))
+    v = np.abs(rng.standard_normal(n, dtype=np.float32))
+    step = iter(range(1, 1 << 62))
+
+    def call() -> None:
+        nb.adam_update(value, grad, m, v, step=next(step), lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                       weight_decay=0.0, decoupled=False)
+
+    return call
+
+
+#: (update, form) -> (the fused loop on, the momentum form forced: True blocked, False one pass)
+FORMS = {("sgd", "numpy one-pass"): (False, False), ("sgd", "numpy blocked"): (False, True),
+         ("sgd", "fused"): (True, None), ("adam", "numpy"): (False, None), ("adam", "fused"): (True, None)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated weights per parameter")
+    ap.add_argument("--rounds", type=int, default=30, help="alternated rounds (default 30)")
+    ap.add_argument("--calls", type=int, default=10, help="calls per form per round (default 10)")
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.calls < 1:
+        ap.error(f"--rounds and --calls must be >= 1, got {args.rounds} and {args.calls}")
+    if cpu_jit.sgd_momentum() is None:
+        sys.exit(f"fused_updates.py: the fused loops are unavailable: {cpu_jit.status()['reason']}")
+    threadpool_limits(1)
+    nb = numpy_backend.NumpyBackend()
+    fused_min = numpy_backend._FUSED_MIN
+    print(f"{cpu_model()}; numpy {np.__version__}; one thread; {args.rounds} alternated rounds of {args.calls} "
+          "calls; ratio = median of per-round ratios to the NumPy form [quartiles]")
+    print(f"{'update':<6} {'weights':>9}  {'form':<15} {'per call':>10}  ratio")
+    for n in (int(s) for s in args.sizes.split(",")):
+        for update in ("sgd", "adam"):
+            forms = [f for u, f in FORMS if u == update]
+            calls = {f: (_sgd if update == "sgd" else _adam)(n, nb) for f in forms}
+            times: dict[str, list[float]] = {f: [] for f in forms}
+            for r in range(args.rounds + 1):  # round 0 warms every form up, untimed
+                for form in forms if r % 2 else forms[::-1]:
+                    fused, blocked = FORMS[(update, form)]
+                    numpy_backend._FUSED_MIN = fused_min if fused else sys.maxsize
+                    numpy_backend._MOMENTUM_FORMS = FormChooser(fixed=blocked) if blocked is not None else \
+                        numpy_backend._MOMENTUM_FORMS
+                    t0 = time.perf_counter()
+                    for _ in range(args.calls):
+                        calls[form]()
+                    if r:
+                        times[form].append((time.perf_counter() - t0) / args.calls)
+            numpy_backend._FUSED_MIN = fused_min
+            base = times[forms[0]]
+            for form in forms:
+                ratios = sorted(a / b for a, b in zip(times[form], base, strict=True))
+                q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+                print(f"{update:<6} {n:>9}  {form:<15} {statistics.median(times[form]) * 1e6:8.1f}us  "
+                      f"{statistics.median(ratios):.3f}x [{q[0]:.2f}-{q[2]:.2f}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
