@@ -74,35 +74,37 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--rounds and --calls must be >= 1, got {args.rounds} and {args.calls}")
     if cpu_jit.sgd_momentum() is None:
         sys.exit(f"fused_updates.py: the fused loops are unavailable: {cpu_jit.status()['reason']}")
-    threadpool_limits(1)
     nb = numpy_backend.NumpyBackend()
-    fused_min = numpy_backend._FUSED_MIN
+    fused_min, chooser = numpy_backend._FUSED_MIN, numpy_backend._MOMENTUM_FORMS
     print(f"{cpu_model()}; numpy {np.__version__}; one thread; {args.rounds} alternated rounds of {args.calls} "
           "calls; ratio = median of per-round ratios to the NumPy form [quartiles]")
     print(f"{'update':<6} {'weights':>9}  {'form':<15} {'per call':>10}  ratio")
-    for n in (int(s) for s in args.sizes.split(",")):
-        for update in ("sgd", "adam"):
-            forms = [f for u, f in FORMS if u == update]
-            calls = {f: (_sgd if update == "sgd" else _adam)(n, nb) for f in forms}
-            times: dict[str, list[float]] = {f: [] for f in forms}
-            for r in range(args.rounds + 1):  # round 0 warms every form up, untimed
-                for form in forms if r % 2 else forms[::-1]:
-                    fused, blocked = FORMS[(update, form)]
-                    numpy_backend._FUSED_MIN = fused_min if fused else sys.maxsize
-                    numpy_backend._MOMENTUM_FORMS = FormChooser(fixed=blocked) if blocked is not None else \
-                        numpy_backend._MOMENTUM_FORMS
-                    t0 = time.perf_counter()
-                    for _ in range(args.calls):
-                        calls[form]()
-                    if r:
-                        times[form].append((time.perf_counter() - t0) / args.calls)
-            numpy_backend._FUSED_MIN = fused_min
-            base = times[forms[0]]
-            for form in forms:
-                ratios = sorted(a / b for a, b in zip(times[form], base, strict=True))
-                q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-                print(f"{update:<6} {n:>9}  {form:<15} {statistics.median(times[form]) * 1e6:8.1f}us  "
-                      f"{statistics.median(ratios):.3f}x [{q[0]:.2f}-{q[2]:.2f}]")
+    limits = threadpool_limits(1)  # undone below: a test calls main() in its own process
+    try:
+        for n in (int(s) for s in args.sizes.split(",")):
+            for update in ("sgd", "adam"):
+                forms = [f for u, f in FORMS if u == update]
+                calls = {f: (_sgd if update == "sgd" else _adam)(n, nb) for f in forms}
+                times: dict[str, list[float]] = {f: [] for f in forms}
+                for r in range(args.rounds + 1):  # round 0 warms every form up, untimed
+                    for form in forms if r % 2 else forms[::-1]:
+                        fused, blocked = FORMS[(update, form)]
+                        numpy_backend._FUSED_MIN = fused_min if fused else sys.maxsize
+                        numpy_backend._MOMENTUM_FORMS = FormChooser(fixed=blocked) if blocked is not None else chooser
+                        t0 = time.perf_counter()
+                        for _ in range(args.calls):
+                            calls[form]()
+                        if r:
+                            times[form].append((time.perf_counter() - t0) / args.calls)
+                base = times[forms[0]]
+                for form in forms:
+                    ratios = sorted(a / b for a, b in zip(times[form], base, strict=True))
+                    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+                    print(f"{update:<6} {n:>9}  {form:<15} {statistics.median(times[form]) * 1e6:8.1f}us  "
+                          f"{statistics.median(ratios):.3f}x [{q[0]:.2f}-{q[2]:.2f}]")
+    finally:  # the backend's switches and the thread pools as they were
+        numpy_backend._FUSED_MIN, numpy_backend._MOMENTUM_FORMS = fused_min, chooser
+        limits.restore_original_limits()
     return 0
 
 

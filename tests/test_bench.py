@@ -312,3 +312,29 @@ def test_plain_loop_median_interval_matches_the_exact_bootstrap():
     assert plain_loop._median_interval([1.02] * 7) == (1.02, 1.02)
     ratio = plain_loop._ratio({"a": [2.0, 3.0, 4.0], "b": [1.0, 1.0, 1.0]}, "a", "b")
     assert ratio["median"] == 3.0 and ratio["ci90_low"] <= 3.0 <= ratio["ci90_high"]
+
+
+def test_fused_updates_benchmark_times_every_form(capsys):
+    """benchmarks/fused_updates.py: one row per form and size, each ratio against the NumPy form."""
+    import importlib.util
+    from pathlib import Path
+
+    from deepcore.backend import cpu_jit, numpy_backend
+
+    if cpu_jit.sgd_momentum() is None:
+        pytest.skip(f"the fused loops are unavailable: {cpu_jit.status()['reason']}")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_updates.py"
+    spec = importlib.util.spec_from_file_location("fused_updates_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fused_min, forms = numpy_backend._FUSED_MIN, numpy_backend._MOMENTUM_FORMS
+    assert mod.main(["--sizes", str(fused_min), "--rounds", "2", "--calls", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], int(r[1]), " ".join(r[2:-3])) for r in rows] == [
+        ("sgd", fused_min, "numpy one-pass"), ("sgd", fused_min, "numpy blocked"), ("sgd", fused_min, "fused"),
+        ("adam", fused_min, "numpy"), ("adam", fused_min, "fused")]
+    assert rows[0][-2] == rows[3][-2] == "1.000x"  # the NumPy forms against themselves
+    # the backend's switches are as they were
+    assert numpy_backend._FUSED_MIN == fused_min and numpy_backend._MOMENTUM_FORMS is forms
+    with pytest.raises(SystemExit):
+        mod.main(["--rounds", "0"])

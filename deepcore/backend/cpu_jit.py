@@ -9,12 +9,13 @@ backend's calls, on the EPYC of benchmarks/README.md (``benchmarks/fused_updates
 and 0.21x.
 
 numba is never imported by ``import deepcore``: the first call of :func:`sgd_momentum` or
-:func:`adam` imports it and loads the kernels (about 0.3 s to import numba and 0.5 s to load the
-kernels from numba's on-disk cache; the first compile on a machine about 2 s more), which the
-NumPy backend makes only for a parameter of at least ``numpy_backend._FUSED_MIN`` weights. Where
-the kernels cannot be had (numba not installed or refusing this NumPy, ``DEEPCORE_JIT=0``, a
-compile that failed) both return None, the NumPy forms run, and :func:`status` keeps the reason
-(``deepcore info`` prints it). numba imports SciPy where it is installed (a version check), and
+:func:`adam` imports it and loads the kernels (0.7-0.9 s in a fresh process on that EPYC, 0.3 s
+of it importing numba; 1.8 s the first time on a machine, when they are compiled into numba's
+on-disk cache), which the NumPy backend makes only for a parameter of at least
+``numpy_backend._FUSED_MIN`` weights whose arrays the loops can take. Where the kernels cannot
+be had (numba not installed or refusing this NumPy, ``DEEPCORE_JIT=0``, a compile that failed)
+both return None, the NumPy forms run, and :func:`status` keeps the reason (``deepcore info``
+prints it). numba imports SciPy where it is installed (a version check), and
 with it SciPy's own OpenBLAS, idle but with its own thread pool. Unlike NumPy's operations the
 loops report no floating-point errors: ``np.errstate`` / ``np.seterr`` settings (raise or warn on
 overflow, invalid) do not reach a fused step, which returns inf or NaN as PyTorch's does.
