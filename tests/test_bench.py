@@ -128,15 +128,24 @@ def test_threads_and_environment():
         assert info["blas_threads"] == 1
     env = bench.environment()
     assert env["numpy"] == np.__version__ and env["cores"] >= 1 and "blas" in env
+    assert f"fused CPU loops: {env['cpu_jit']}" in bench.describe_environment(env)
+
+
+def test_environment_says_whether_the_fused_loops_run(monkeypatch):
     from deepcore.backend import cpu_jit
     from deepcore.sysinfo import optional_integrations
 
+    def untried() -> None:
+        for name, value in (("_kernels", None), ("_tried", False), ("_reason", "")):
+            monkeypatch.setattr(cpu_jit, name, value)
+
     numba = optional_integrations()["numba"]
-    if cpu_jit.status()["reason"]:
-        assert env["cpu_jit"] == f"off ({cpu_jit.status()['reason']})"
-    else:
-        assert env["cpu_jit"] == (f"numba {numba}" if numba else "off (numba not installed)")
-    assert f"fused CPU loops: {env['cpu_jit']}" in bench.describe_environment(env)
+    monkeypatch.delenv("DEEPCORE_JIT", raising=False)
+    untried()
+    assert bench.environment()["cpu_jit"] == (f"numba {numba}" if numba else "off (numba not installed)")
+    monkeypatch.setenv("DEEPCORE_JIT", "0")
+    untried()
+    assert bench.environment()["cpu_jit"] == "off (disabled by DEEPCORE_JIT=0)"
     with pytest.raises(ValueError, match="positive"):
         bench.set_threads(0)
     bench.restore_threads()
@@ -255,9 +264,8 @@ def test_plain_loop_workers_run_at_the_thread_count_asked_for():
     spec = importlib.util.spec_from_file_location("plain_loop_under_test", path)
     plain_loop = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plain_loop)
-    import importlib.util
-
-    # The "numpy" worker runs without DEEPCORE_JIT, whatever this process has: fused where numba is installed.
+    # The "numpy" worker runs without DEEPCORE_JIT, whatever this process has: fused where numba loads
+    # (an installed numba that refuses this NumPy or fails to compile: the worker says why).
     fused = importlib.util.find_spec("numba") is not None
     worker = plain_loop._Worker(1, "mlp_step", "numpy", "8-4-2", 4, 1)
     try:
@@ -266,6 +274,7 @@ def test_plain_loop_workers_run_at_the_thread_count_asked_for():
         assert ready["momentum_forms"] == {}  # no parameter large enough to time the forms on
         # deepcore's worker loads numba's kernels up front, before its pools are pinned
         assert ready["jit"] == "fused (numba)" if fused else ready["jit"].startswith("numba unavailable")
+        fused = ready["jit"] == "fused (numba)"
         assert worker.run(2) > 0
     finally:
         worker.close()

@@ -4,6 +4,7 @@ is missing, and numba imported only when a large parameter's step needs it."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_sgd_runs_large_parameters_fused_except_on_steps_that_watch_for_underflo
 
 
 @pytest.mark.parametrize("case", ["strided-grad", "read-only-grad", "unaligned", "float16", "big-endian",
-                                  "overlapping"])
+                                  "overlapping", "subclass"])
 def test_arrays_the_fused_loop_cannot_take_run_in_numpy(monkeypatch, case):
     calls = count_fused_calls(monkeypatch)
     nb = numpy_backend.NumpyBackend()
@@ -127,6 +128,8 @@ def test_arrays_the_fused_loop_cannot_take_run_in_numpy(monkeypatch, case):
         assert not value.flags.aligned
     elif case == "overlapping":
         grad = value
+    elif case == "subclass":  # numba types no ndarray subclass
+        value = value.view(type("Sub", (np.ndarray,), {}))
     want_v, want_b, g = value.copy(), buf.copy(), grad.copy()
     with np.errstate(all="ignore"):
         v, b = nb.sgd_update(value, grad, buf, lr=0.1, momentum=0.9, dampening=0.0, nesterov=False,
@@ -225,7 +228,29 @@ def test_without_the_kernels_the_reason_is_kept_and_numpy_runs(monkeypatch):
 
     monkeypatch.setenv("DEEPCORE_JIT", "0")
     cpu_jit.reset()
+    assert cpu_jit.status() == {"tried": False, "loaded": False, "reason": "disabled by DEEPCORE_JIT=0"}
+    assert not cpu_jit.ruled_out()
     assert cpu_jit.sgd_momentum() is None and cpu_jit.status()["reason"] == "disabled by DEEPCORE_JIT=0"
+    assert cpu_jit.ruled_out()
+
+
+def test_an_interrupted_load_is_tried_again(monkeypatch):
+    monkeypatch.setattr(cpu_jit, "_kernels", None)
+    monkeypatch.setattr(cpu_jit, "_tried", False)
+    monkeypatch.setattr(cpu_jit, "_reason", "")
+
+    def interrupted() -> str:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(cpu_jit, "_disabled", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cpu_jit.sgd_momentum()
+    assert cpu_jit.status()["tried"] is False  # no outcome recorded: the next call loads
+    monkeypatch.delenv("DEEPCORE_JIT", raising=False)
+    if importlib.util.find_spec("numba") is not None:
+        assert cpu_jit.sgd_momentum() is not None and cpu_jit.status() == {"tried": True, "loaded": True,
+                                                                             "reason": ""}
 
 
 def _fresh(code: str) -> str:
@@ -253,6 +278,11 @@ for _ in range(3):
     opt.step()
     opt.zero_grad()
 seen.append("numba" in sys.modules)
+h = nn.Param(np.ones(100_000, np.float16), "h")  # large, but no dtype the loops take
+opt = optim.SGD([h], lr=0.1, momentum=0.9)
+for _ in range(2):
+    h.grad = np.ones(100_000, np.float16); opt.step()
+seen.append("numba" in sys.modules)
 w = nn.Param(np.ones(100_000, np.float32), "w")
 opt = optim.SGD([w], lr=0.1, momentum=0.9)
 for _ in range(2):
@@ -260,24 +290,25 @@ for _ in range(2):
 seen.append("numba" in sys.modules)
 print(seen)
 """
-    assert _fresh(code) == "[False, False, True]"
+    assert _fresh(code) == "[False, False, False, True]"
 
 
 def test_deepcore_info_says_whether_the_momentum_step_runs_fused(monkeypatch, capsys):
+    from deepcore.cli import main
     from deepcore.cli.info import cpu_jit_line
     from deepcore.sysinfo import optional_integrations
 
+    monkeypatch.delenv("DEEPCORE_JIT", raising=False)
+    for name, value in (("_kernels", None), ("_tried", False), ("_reason", "")):
+        monkeypatch.setattr(cpu_jit, name, value)
+    assert cpu_jit_line(None).startswith("off: numba not installed (pip install 'deepcore[jit]'")
     version = optional_integrations()["numba"]
     want = (f"numba {version}: SGD's momentum and Adam's steps fused for parameters of >= "
-            f"{numpy_backend._FUSED_MIN} weights"
-            if cpu_jit.sgd_momentum() is not None else f"off: {cpu_jit.status()['reason']}")
+            f"{numpy_backend._FUSED_MIN} weights" if cpu_jit.sgd_momentum() is not None
+            else f"off: {cpu_jit.status()['reason']}")
     assert cpu_jit_line(version) == want
-    assert cpu_jit_line(None).startswith("off: numba not installed (pip install 'deepcore[jit]'")
     monkeypatch.setenv("DEEPCORE_JIT", "off")
-    monkeypatch.setattr(cpu_jit, "_kernels", None)
-    monkeypatch.setattr(cpu_jit, "_tried", False)
-    monkeypatch.setattr(cpu_jit, "_reason", "")
-    from deepcore.cli import main
-
+    for name, value in (("_kernels", None), ("_tried", False), ("_reason", "")):
+        monkeypatch.setattr(cpu_jit, name, value)
     assert main(["info"]) == 0
     assert "cpu jit: off: disabled by DEEPCORE_JIT=off" in capsys.readouterr().out.splitlines()

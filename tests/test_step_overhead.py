@@ -48,7 +48,7 @@ def test_readme_loop_with_a_large_momentum_update_matches_torch(monkeypatch, bat
     sizes = (300, 400, 10)
     assert 300 * 400 >= max(numpy_backend._SGD_BLOCKED_MIN, numpy_backend._FUSED_MIN)
     chooser = force_momentum_form(monkeypatch, form, rounds=1)
-    calls = count_fused_calls(monkeypatch) if form == "fused" else [400 * 300] * 5
+    calls = count_fused_calls(monkeypatch) if form == "fused" else None
     model, tmodel = _pair(sizes)
     opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     topt = torch.optim.SGD(tmodel.parameters(), lr=0.05, momentum=0.9)
@@ -73,7 +73,7 @@ def test_readme_loop_with_a_large_momentum_update_matches_torch(monkeypatch, bat
                                    rtol=1e-4, atol=1e-6)
     # Five steady steps: each form's warm-up call and one timing, then the choice (none when fused).
     assert list(chooser.chosen()) == ([(400 * 300, np.dtype(np.float32))] if form == "as-timed" else [])
-    assert calls == [400 * 300] * 5  # fused: the weight's five steady steps
+    assert calls is None or calls == [400 * 300] * 5  # fused: the weight's five steady steps
 
 
 def test_form_chooser_keeps_the_form_with_the_lower_median_leaving_out_each_first_call():
@@ -157,7 +157,7 @@ def test_momentum_step_of_a_large_parameter_takes_the_form_that_runs_faster_here
 @pytest.mark.parametrize("form", ["fused", "blocked"])
 def test_large_momentum_step_is_bitwise_the_one_pass_formula(monkeypatch, n, dtype, lr_type, form):
     force_momentum_form(monkeypatch, form)
-    calls = count_fused_calls(monkeypatch) if form == "fused" else [n]
+    calls = count_fused_calls(monkeypatch) if form == "fused" else None
     nb = dc.get_backend("numpy")
     rng = np.random.default_rng(2)
     value, grad, buf = (rng.standard_normal(n).astype(dtype) for _ in range(3))
@@ -168,7 +168,7 @@ def test_large_momentum_step_is_bitwise_the_one_pass_formula(monkeypatch, n, dty
     v, b = nb.sgd_update(value, grad, buf, lr=lr_type(0.01), momentum=lr_type(0.9), dampening=0.0, nesterov=False,
                          weight_decay=0.0, first_step=False)
     assert v is value and b is buf  # in place, identities kept
-    assert calls == [n]  # the fused form did run
+    assert calls is None or calls == [n]  # the fused form did run
     np.testing.assert_array_equal(b, want_b)
     np.testing.assert_array_equal(v, want_v)
 
@@ -177,7 +177,7 @@ def test_large_momentum_step_is_bitwise_the_one_pass_formula(monkeypatch, n, dty
 def test_large_momentum_step_refuses_overlapping_or_strided_arrays(monkeypatch, form):
     # Forced fused or blocked, the step falls back to one pass; timed, such arrays are never timed.
     chooser = force_momentum_form(monkeypatch, form, rounds=1)
-    calls = count_fused_calls(monkeypatch) if form == "fused" else []
+    calls = count_fused_calls(monkeypatch) if form == "fused" else None
     nb = dc.get_backend("numpy")
     rng = np.random.default_rng(3)
     n = numpy_backend._SGD_BLOCKED_MIN
@@ -194,7 +194,7 @@ def test_large_momentum_step_refuses_overlapping_or_strided_arrays(monkeypatch, 
         np.testing.assert_array_equal(buf, want_b)
         np.testing.assert_array_equal(value, want_v)
     assert chooser.chosen() == {} and not chooser._times  # no timing taken of a form that could not run
-    assert calls == []  # nor a fused call
+    assert calls is None or calls == []  # nor a fused call
     assert not numpy_backend._sgd_momentum_blocked(value, grad, buf, 0.1, 0.9)
     whole = rng.standard_normal(n).astype(np.float32)
     assert not numpy_backend._sgd_momentum_blocked(whole, whole, whole.copy(), 0.1, 0.9)

@@ -5,8 +5,8 @@ NumPy runs SGD's momentum step ``buf = μ buf + g; value -= lr buf`` as four pas
 parameter larger than the cache streams from memory on each. One compiled loop reads and writes
 each array once, with NumPy's own rounded operations per element (the same bits). Through the
 backend's calls, on the EPYC of benchmarks/README.md (``benchmarks/fused_updates.py``): SGD momentum
-0.78x NumPy's time at 65,536 float32 weights, 0.58x at 200,704, 0.37x at 3.1M; Adam 0.41x, 0.32x
-and 0.21x.
+0.78x NumPy's one-pass time at 65,536 float32 weights, 0.58x at 200,704, 0.37x at 3.1M (0.52x the
+blocked form's, which the NumPy backend timed faster there); Adam 0.41x, 0.32x and 0.21x.
 
 numba is never imported by ``import deepcore``: the first call of :func:`sgd_momentum` or
 :func:`adam` imports it and loads the kernels (0.7-0.9 s in a fresh process on that EPYC, 0.3 s

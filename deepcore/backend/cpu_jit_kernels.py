@@ -15,7 +15,8 @@ import numpy as np
 
 def _compiled(signatures: list[str], **options: object):  # type: ignore[no-untyped-def]
     """``numba.njit`` for ``signatures`` (compiled now), cached on disk where numba finds a writable
-    place (beside this file, else the user's cache directory), uncached where it finds none."""
+    place (``NUMBA_CACHE_DIR``, beside this file, the user's cache directory), uncached where it finds
+    none."""
     def compile_(fn):  # type: ignore[no-untyped-def]
         try:
             return numba.njit(signatures, cache=True, nogil=True, boundscheck=False, **options)(fn)
