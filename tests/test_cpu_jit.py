@@ -210,6 +210,7 @@ def test_adam_optimizer_steps_large_parameters_fused(monkeypatch):
 def test_without_the_kernels_the_reason_is_kept_and_numpy_runs(monkeypatch):
     import deepcore.backend as backend_pkg
 
+    monkeypatch.delenv("DEEPCORE_JIT", raising=False)
     monkeypatch.setattr(cpu_jit, "_kernels", None)
     monkeypatch.setattr(cpu_jit, "_tried", False)
     monkeypatch.setattr(cpu_jit, "_reason", "")
