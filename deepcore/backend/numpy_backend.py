@@ -628,9 +628,9 @@ def _fused_adam(kernel: Any, value: np.ndarray, grad: np.ndarray, m: np.ndarray,
 
 def _fusable(*arrays: np.ndarray) -> bool:
     """Whether the fused loops can take these arrays: plain ndarrays (numba types no subclass, a
-    matrix's reshape stays 2-D) of one dtype the loops compile for and one shape, each C-contiguous and writeable
-    (numba's array type: the loops write only the parameter and its state) and aligned (numba types
-    every array as aligned), no two overlapping (the order of the writes would show)."""
+    matrix's reshape stays 2-D) of one dtype the loops compile for and one shape, each C-contiguous
+    and writeable (numba's array type; the loops write only the parameter and its state) and aligned
+    (numba types every array as aligned), no two overlapping (the order of the writes would show)."""
     first = arrays[0]
     dtype, shape = first.dtype, first.shape
     if dtype not in _FUSED_TINY:
