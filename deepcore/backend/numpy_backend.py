@@ -601,14 +601,20 @@ def _momentum_one_pass(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr:
     value += np.multiply(buf, -lr)
 
 
+def _one_layout(*arrays: np.ndarray) -> bool:
+    """One dtype and one shape, each C-contiguous, no two overlapping (the order of a form's passes
+    or writes would show): what both the blocked form and the fused loops need."""
+    first = arrays[0]
+    dtype, shape = first.dtype, first.shape
+    for a in arrays:
+        if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
+            return False
+    return not any(np.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
+
+
 def _blockable(value: np.ndarray, grad: np.ndarray, buf: np.ndarray) -> bool:
-    """Whether the blocked momentum step can take these arrays: one C-contiguous layout of one dtype,
-    a writeable buffer, no two of them overlapping (the order of the passes would show)."""
-    dtype = value.dtype
-    return (grad.dtype == dtype and buf.dtype == dtype and grad.shape == value.shape and buf.shape == value.shape
-            and value.flags.c_contiguous and grad.flags.c_contiguous and buf.flags.c_contiguous
-            and buf.flags.writeable and not (np.may_share_memory(buf, value) or np.may_share_memory(buf, grad)
-                                             or np.may_share_memory(value, grad)))
+    """Whether the blocked momentum step can take these arrays: :func:`_one_layout`, a writeable buffer."""
+    return buf.flags.writeable and _one_layout(value, grad, buf)
 
 
 def _fused_adam(kernel: Any, value: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarray, step: int,
@@ -627,20 +633,13 @@ def _fused_adam(kernel: Any, value: np.ndarray, grad: np.ndarray, m: np.ndarray,
 
 
 def _fusable(*arrays: np.ndarray) -> bool:
-    """Whether the fused loops can take these arrays: plain ndarrays (numba types no subclass, a
-    matrix's reshape stays 2-D) of one dtype the loops compile for and one shape, each C-contiguous
-    and writeable (numba's array type; the loops write only the parameter and its state) and aligned
-    (numba types every array as aligned), no two overlapping (the order of the writes would show)."""
-    first = arrays[0]
-    dtype, shape = first.dtype, first.shape
-    if dtype not in _FUSED_TINY:
-        return False
-    for a in arrays:
-        flags = a.flags
-        if (type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape
-                or not (flags.c_contiguous and flags.aligned and flags.writeable)):
-            return False
-    return not any(np.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
+    """Whether the fused loops can take these arrays: :func:`_one_layout` in a dtype the loops
+    compile for, each a plain ndarray (numba types no subclass, a matrix's reshape stays 2-D),
+    writeable (numba's array type; the loops write only the parameter and its state) and aligned
+    (numba types every array as aligned)."""
+    return (arrays[0].dtype in _FUSED_TINY
+            and all(type(a) is np.ndarray and a.flags.aligned and a.flags.writeable for a in arrays)
+            and _one_layout(*arrays))
 
 
 def _sgd_momentum_blocked(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
