@@ -1,6 +1,7 @@
-"""cpu_jit's fused loops (numba, optional), SGD momentum and Adam: the same bits as the NumPy forms
-on every value and dtype they take, the NumPy forms wherever they cannot take the arrays or numba
-is missing, and numba imported only when a large parameter's step needs it."""
+"""cpu_jit's fused loops (numba, optional), SGD's (plain momentum; weight decay, dampening, Nesterov),
+Adam's, RMSprop's and Adagrad's: the same bits as the NumPy forms on every value and dtype they
+take, the NumPy forms wherever they cannot take the arrays or numba is missing, and numba imported
+only when a large parameter's step needs it."""
 
 from __future__ import annotations
 
@@ -140,6 +141,109 @@ def test_arrays_the_fused_loop_cannot_take_run_in_numpy(monkeypatch, case):
     np.testing.assert_array_equal(v, want_v)
 
 
+def _sgd_both(value, grad, buf, **hyper):
+    """``sgd_update_many`` of one parameter as it runs (fused where it can) and in NumPy (the loops
+    off), on copies: ``(value, buf)`` of each."""
+    nb = numpy_backend.NumpyBackend()
+    fused = [value.copy(), None if buf is None else buf.copy()]
+    numpy_ = [value.copy(), None if buf is None else buf.copy()]
+    with np.errstate(all="ignore"):
+        fused = [a[0] for a in nb.sgd_update_many([fused[0]], [grad], [fused[1]], **hyper)]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(numpy_backend, "_FUSED_MIN", sys.maxsize)
+            numpy_ = [a[0] for a in nb.sgd_update_many([numpy_[0]], [grad], [numpy_[1]], **hyper)]
+    return fused, numpy_
+
+
+@pytest.mark.parametrize(("weight_decay", "dampening", "nesterov"),
+                         [(5e-4, 0.0, False), (5e-4, 0.0, True), (0.0, 0.0, True), (0.0, 0.1, False),
+                          (5e-4, 0.25, False)], ids=["decay", "nesterov-decay", "nesterov", "dampening",
+                                                     "dampening-decay"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_sgd_gives_numpys_bits(monkeypatch, dtype, weight_decay, dampening, nesterov):
+    # Awkward values everywhere; steady steps that flush nothing (3), flush every buffer (256), and
+    # flush only where the update underflowed (16: NumPy's flags see that, so NumPy runs it).
+    calls = count_fused_calls(monkeypatch, "sgd")
+    rng = np.random.default_rng(11)
+    n = numpy_backend._FUSED_MIN + 5
+    value, grad, buf = (_awkward(rng, n, dtype) for _ in range(3))
+    buf[:40] = np.finfo(dtype).tiny / 4  # subnormal entries that the update keeps subnormal
+    grad[:40] = 0.0
+    value[:20] = 0.0  # (with decay: wd * 0 + 0 adds nothing)
+    for step, lr, momentum in ((3, 0.01, 0.9), (16, 0.1, 0.5), (256, 1e-3, 0.99), (257, 0.5, 0.9)):
+        fused, numpy_ = _sgd_both(value, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
+                                  nesterov=nesterov, weight_decay=weight_decay, step=step)
+        for a, b in zip(fused, numpy_, strict=True):
+            np.testing.assert_array_equal(a, b)
+            _same_signs(a, b)
+        if step == 256:
+            assert not np.any((fused[1] != 0) & (np.abs(fused[1]) < np.finfo(dtype).tiny))
+        value, buf = fused
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2], ids=["plain", "decay"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_sgd_without_momentum_gives_numpys_bits(monkeypatch, dtype, weight_decay):
+    calls = count_fused_calls(monkeypatch, "sgd_plain")
+    rng = np.random.default_rng(12)
+    n = numpy_backend._FUSED_MIN
+    value, grad = _awkward(rng, n, dtype), _awkward(rng, n, dtype)
+    for step in (1, 16, 256):  # no buffer: no flush on any step
+        fused, numpy_ = _sgd_both(value, grad, None, lr=0.1, momentum=0.0, dampening=0.0, nesterov=False,
+                                  weight_decay=weight_decay, step=step)
+        np.testing.assert_array_equal(fused[0], numpy_[0])
+        _same_signs(fused[0], numpy_[0])
+        assert fused[1] is None and numpy_[1] is None
+        value = fused[0]
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("case", ["numpy-scalar", "small", "strided", "first-step"])
+def test_sgd_runs_in_numpy_where_the_general_loop_would_round_otherwise_or_cannot_take_the_arrays(monkeypatch, case):
+    calls = count_fused_calls(monkeypatch, "sgd")
+    plain_calls = count_fused_calls(monkeypatch, "sgd_plain")
+    rng = np.random.default_rng(13)
+    n = 100 if case == "small" else numpy_backend._FUSED_MIN
+    value, grad, buf = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    if case == "strided":
+        grad = rng.standard_normal(2 * n).astype(np.float32)[::2]
+    hyper = {"lr": 0.01, "momentum": 0.9, "dampening": 0.0, "nesterov": True, "weight_decay": 1e-3, "step": 3}
+    if case == "numpy-scalar":  # NumPy applies a float64 scalar in float64
+        hyper["weight_decay"] = np.float64(1e-3)
+    if case == "first-step":
+        buf = None
+    fused, numpy_ = _sgd_both(value, grad, buf, **hyper)
+    assert calls == [] and plain_calls == []
+    for a, b in zip(fused, numpy_, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_sgd_optimizer_with_nesterov_and_decay_steps_large_parameters_fused(monkeypatch):
+    # The common recipe (Nesterov momentum 0.9, weight decay 5e-4) for 40 steps: the weight's steady
+    # steps fused except the watched ones (16, 32: NumPy), the first (the buffer is made) and the
+    # bias (small); every bit as with the loops off.
+    calls = count_fused_calls(monkeypatch, "sgd")
+    rng = np.random.default_rng(14)
+    grads = [(rng.standard_normal((300, 400)).astype(np.float32), rng.standard_normal(300).astype(np.float32))
+             for _ in range(40)]
+
+    def train() -> list[np.ndarray]:
+        w, b = nn.Param(np.ones((300, 400), np.float32), "w"), nn.Param(np.zeros(300, np.float32), "b")
+        opt = optim.SGD([w, b], lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        for gw, gb in grads:
+            w.grad, b.grad = gw.copy(), gb.copy()
+            opt.step()
+        return [w.value, b.value, opt.state[0]["momentum_buffer"]]
+
+    fused = train()
+    assert len(calls) == 37 and set(calls) == {300 * 400}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(numpy_backend, "_FUSED_MIN", sys.maxsize)
+        for a, b in zip(fused, train(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def _adam_both(value, grad, m, v, calls, **hyper):
     """``adam_update`` as it runs (fused where it can) and in NumPy (the loop off), on copies."""
     nb = numpy_backend.NumpyBackend()
@@ -207,6 +311,150 @@ def test_adam_optimizer_steps_large_parameters_fused(monkeypatch):
     np.testing.assert_allclose(w.value, want, rtol=1e-5)
 
 
+def _both(method: str, arrays: list, grad, **hyper):
+    """``method`` of the NumPy backend as it runs (fused where it can) and in NumPy (the loops off),
+    each on copies of ``arrays`` (None stays None), with ``grad`` after the first: both copies."""
+    nb = numpy_backend.NumpyBackend()
+    runs = []
+    for fused in (True, False):
+        copies = [None if a is None else a.copy() for a in arrays]
+        with np.errstate(all="ignore"), pytest.MonkeyPatch.context() as mp:
+            if not fused:
+                mp.setattr(numpy_backend, "_FUSED_MIN", sys.maxsize)
+            getattr(nb, method)(copies[0], grad, *copies[1:], **hyper)
+        runs.append(copies)
+    return runs
+
+
+@pytest.mark.parametrize(("centered", "momentum", "weight_decay", "alpha"),
+                         [(False, 0.0, 0.0, 0.99), (True, 0.0, 0.0, 0.99), (False, 0.9, 1e-2, 0.99),
+                          (True, 0.5, 1e-2, 0.3)],
+                         ids=["plain", "centered", "momentum-decay", "centered-momentum-decay-lerp"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_rmsprop_gives_numpys_bits(monkeypatch, dtype, centered, momentum, weight_decay, alpha):
+    # alpha 0.3: the centered average's lerp weight 1 - alpha >= 0.5, torch.lerp's other spelling.
+    calls = count_fused_calls(monkeypatch, "rmsprop")
+    rng = np.random.default_rng(15)
+    n = numpy_backend._FUSED_MIN + 9
+    value, grad, square_avg, grad_avg, buf = (_awkward(rng, n, dtype) for _ in range(5))
+    square_avg[:30] = 0.0  # with eps 0 below: division by zero
+    grad_avg = grad_avg if centered else None
+    buf = buf if momentum else None
+    for eps in (1e-8, 0.0):
+        fused, numpy_ = _both("rmsprop_update", [value, square_avg, grad_avg, buf], grad, lr=1e-2, alpha=alpha,
+                              eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered)
+        for a, b in zip(fused, numpy_, strict=True):
+            if a is None:
+                assert b is None
+                continue
+            np.testing.assert_array_equal(a, b)
+            _same_signs(a, b)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2], ids=["plain", "decay"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_adagrad_gives_numpys_bits(monkeypatch, dtype, weight_decay):
+    calls = count_fused_calls(monkeypatch, "adagrad")
+    rng = np.random.default_rng(16)
+    n = numpy_backend._FUSED_MIN + 2
+    value, grad, state_sum = (_awkward(rng, n, dtype) for _ in range(3))
+    state_sum[:30] = grad[:30] = 0.0  # with eps 0: 0 / 0
+    for step, lr_decay, eps in ((1, 0.0, 1e-10), (7, 1e-2, 0.0)):
+        fused, numpy_ = _both("adagrad_update", [value, state_sum], grad, step=step, lr=1e-2, lr_decay=lr_decay,
+                              eps=eps, weight_decay=weight_decay)
+        for a, b in zip(fused, numpy_, strict=True):
+            np.testing.assert_array_equal(a, b)
+            _same_signs(a, b)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("case", ["numpy-scalar", "small", "strided"])
+def test_rmsprop_and_adagrad_run_in_numpy_where_the_loops_would_round_otherwise_or_cannot_take_the_arrays(
+        monkeypatch, case):
+    calls = count_fused_calls(monkeypatch, "rmsprop")
+    adagrad_calls = count_fused_calls(monkeypatch, "adagrad")
+    rng = np.random.default_rng(17)
+    n = 100 if case == "small" else numpy_backend._FUSED_MIN
+    value, grad, state = (np.abs(rng.standard_normal(n)).astype(np.float32) for _ in range(3))
+    if case == "strided":
+        grad = rng.standard_normal(2 * n).astype(np.float32)[::2]
+    lr = np.float64(1e-2) if case == "numpy-scalar" else 1e-2
+    runs = [_both("rmsprop_update", [value, state, None, None], grad, lr=lr, alpha=0.99, eps=1e-8,
+                  weight_decay=0.0, momentum=0.0, centered=False),
+            _both("adagrad_update", [value, state], grad, step=2, lr=lr, lr_decay=0.0, eps=1e-10, weight_decay=0.0)]
+    assert calls == [] and adagrad_calls == []
+    for fused, numpy_ in runs:
+        for a, b in zip(fused, numpy_, strict=True):
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+
+
+def test_rmsprop_and_adagrad_optimizers_step_large_parameters_fused(monkeypatch):
+    # Through the optimizers, the same bits as with the loops off; the small bias in NumPy.
+    calls = {name: count_fused_calls(monkeypatch, name) for name in ("rmsprop", "adagrad")}
+    rng = np.random.default_rng(18)
+    grads = [(rng.standard_normal((300, 400)).astype(np.float32), rng.standard_normal(300).astype(np.float32))
+             for _ in range(5)]
+
+    def train(make) -> list[np.ndarray]:
+        w, b = nn.Param(np.ones((300, 400), np.float32), "w"), nn.Param(np.zeros(300, np.float32), "b")
+        opt = make([w, b])
+        for gw, gb in grads:
+            w.grad, b.grad = gw.copy(), gb.copy()
+            opt.step()
+        return [w.value, b.value]
+
+    for name, make in (("rmsprop", lambda p: optim.RMSprop(p, lr=1e-2, momentum=0.9, centered=True,
+                                                           weight_decay=1e-3)),
+                       ("adagrad", lambda p: optim.Adagrad(p, lr=1e-1, lr_decay=1e-3, weight_decay=1e-3))):
+        fused = train(make)
+        assert calls[name] == [300 * 400] * 5, name
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(numpy_backend, "_FUSED_MIN", sys.maxsize)
+            for a, b in zip(fused, train(make), strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+TORCH_CONFIGS = [
+    ("SGD", {"lr": 0.1}, "sgd_plain"),
+    ("SGD", {"lr": 0.1, "weight_decay": 0.01}, "sgd_plain"),
+    ("SGD", {"lr": 0.05, "momentum": 0.9}, "sgd_momentum"),
+    ("SGD", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}, "sgd"),
+    ("SGD", {"lr": 0.05, "momentum": 0.8, "dampening": 0.3, "weight_decay": 0.01}, "sgd"),
+    ("Adam", {"lr": 1e-2, "weight_decay": 0.01}, "adam"),
+    ("AdamW", {"lr": 1e-2, "weight_decay": 0.1}, "adam"),
+    ("RMSprop", {"lr": 1e-2}, "rmsprop"),
+    ("RMSprop", {"lr": 1e-2, "alpha": 0.9, "momentum": 0.5, "centered": True, "weight_decay": 0.1}, "rmsprop"),
+    ("Adagrad", {"lr": 0.1, "lr_decay": 0.01, "weight_decay": 0.1}, "adagrad"),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("name", "kw", "loop"), TORCH_CONFIGS,
+                         ids=[f"{n}-{'-'.join(kw)}" for n, kw, _ in TORCH_CONFIGS])
+def test_fused_steps_match_torch(monkeypatch, name, kw, loop, dtype):
+    # An independent reference for every fused loop: PyTorch's single-tensor optimizers on a
+    # parameter large enough to run fused, over six steps (the first makes the state).
+    torch = pytest.importorskip("torch")
+    calls = count_fused_calls(monkeypatch, loop)
+    rng = np.random.default_rng(19)
+    shape = (260, 256)
+    value = rng.standard_normal(shape).astype(dtype)
+    grads = [rng.standard_normal(shape).astype(dtype) for _ in range(6)]
+    p = nn.Param(value.copy(), "w")
+    opt = getattr(optim, name)([p], **kw)
+    tp = torch.tensor(value.copy(), requires_grad=True)
+    topt = getattr(torch.optim, name)([tp], foreach=False, **kw)
+    for g in grads:
+        p.grad, tp.grad = g.copy(), torch.tensor(g)
+        opt.step()
+        topt.step()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == "float32" else {"rtol": 1e-12, "atol": 1e-13}
+    np.testing.assert_allclose(p.value, tp.detach().numpy(), **tol)
+    assert len(calls) >= 5 and set(calls) == {value.size}
+
+
 def test_without_the_kernels_the_reason_is_kept_and_numpy_runs(monkeypatch):
     import deepcore.backend as backend_pkg
 
@@ -233,6 +481,31 @@ def test_without_the_kernels_the_reason_is_kept_and_numpy_runs(monkeypatch):
     assert not cpu_jit.ruled_out()
     assert cpu_jit.sgd_momentum() is None and cpu_jit.status()["reason"] == "disabled by DEEPCORE_JIT=0"
     assert cpu_jit.ruled_out()
+
+
+def test_a_loop_that_fails_to_compile_leaves_numpy_running_and_the_other_loops_fused(monkeypatch):
+    if cpu_jit.sgd_momentum() is None:
+        pytest.skip(f"numba unavailable: {cpu_jit.status()['reason']}")
+    from deepcore.backend import cpu_jit_kernels
+
+    def broken(value, grad, square_avg, grad_avg, buf, *scalars):  # numba cannot type a string into a float array
+        value[0] = "not a number"
+
+    fn, signatures, options = cpu_jit_kernels._SOURCES["rmsprop"]
+    monkeypatch.setitem(cpu_jit_kernels._SOURCES, "rmsprop", (broken, signatures, options))
+    monkeypatch.delitem(cpu_jit_kernels._COMPILED, "rmsprop", raising=False)
+    monkeypatch.setattr(cpu_jit, "_broken", set())
+    monkeypatch.setattr(cpu_jit, "_reason", "")
+    assert cpu_jit.rmsprop() is None and cpu_jit.rmsprop() is None  # tried once, then remembered
+    assert cpu_jit._broken == {"rmsprop"}
+    assert cpu_jit.status()["reason"].startswith("numba failed to compile the rmsprop loop: ")
+    assert cpu_jit.sgd_momentum() is not None and not cpu_jit.ruled_out()
+    # RMSprop's step in NumPy: s = 0.01 g² after one step (alpha 0.99), so w -= lr g / (0.1 |g| + eps)
+    w = nn.Param(np.ones((300, 400), np.float32), "w")
+    opt = optim.RMSprop([w], lr=1e-2)
+    w.grad = np.full((300, 400), 0.5, np.float32)
+    opt.step()
+    np.testing.assert_allclose(w.value, 1 - 1e-2 * 0.5 / (0.1 * 0.5 + 1e-8), rtol=1e-6)
 
 
 def test_an_interrupted_load_is_tried_again(monkeypatch):
@@ -304,7 +577,7 @@ def test_deepcore_info_says_whether_the_momentum_step_runs_fused(monkeypatch, ca
         monkeypatch.setattr(cpu_jit, name, value)
     assert cpu_jit_line(None).startswith("off: numba not installed (pip install 'deepcore[jit]'")
     version = optional_integrations()["numba"]
-    want = (f"numba {version}: SGD's momentum and Adam's steps fused for parameters of >= "
+    want = (f"numba {version}: SGD's, Adam's, RMSprop's and Adagrad's steps fused for parameters of >= "
             f"{numpy_backend._FUSED_MIN} weights" if cpu_jit.sgd_momentum() is not None
             else f"off: {cpu_jit.status()['reason']}")
     assert cpu_jit_line(version) == want

@@ -1,21 +1,26 @@
 """Optional fused CPU loops for the NumPy backend, compiled with numba (``pip install deepcore[jit]``).
 
 NumPy runs SGD's momentum step ``buf = μ buf + g; value -= lr buf`` as four passes over memory
-(``buf *= μ``, ``buf += g``, ``t = -lr buf``, ``value += t``) and Adam's step as about twelve; a
-parameter larger than the cache streams from memory on each. One compiled loop reads and writes
-each array once, with NumPy's own rounded operations per element (the same bits). Through the
-backend's calls, on the EPYC of benchmarks/README.md (``benchmarks/fused_updates.py``): SGD momentum
-0.78x NumPy's one-pass time at 65,536 float32 weights, 0.58x at 200,704, 0.37x at 3.1M (0.52x the
-blocked form's, which the NumPy backend timed faster there); Adam 0.41x, 0.32x and 0.21x.
+(``buf *= μ``, ``buf += g``, ``t = -lr buf``, ``value += t``), with weight decay or Nesterov
+momentum as six or more, and Adam's step as about twelve; a parameter larger than the cache
+streams from memory on each. One compiled loop reads and writes each array once, with NumPy's own
+rounded operations per element (the same bits). Loops: SGD's plain momentum step
+(:func:`sgd_momentum`), its step with weight decay, dampening or Nesterov momentum (:func:`sgd`)
+and without momentum (:func:`sgd_plain`), Adam's (L2 or decoupled decay),
+RMSprop's and Adagrad's. Through the backend's calls, on the EPYC of benchmarks/README.md
+(``benchmarks/fused_updates.py``): SGD momentum 0.78x NumPy's one-pass time at 65,536 float32
+weights, 0.58x at 200,704, 0.37x at 3.1M (0.52x the blocked form's, which the NumPy backend timed
+faster there); Adam 0.41x, 0.32x and 0.21x; the other loops in benchmarks/README.md.
 
-numba is never imported by ``import deepcore``: the first call of :func:`sgd_momentum` or
-:func:`adam` imports it and loads the kernels (0.7-0.9 s in a fresh process on that EPYC, 0.3 s
-of it importing numba; 1.8 s the first time on a machine, when they are compiled into numba's
-on-disk cache), which the NumPy backend makes only for a parameter of at least
-``numpy_backend._FUSED_MIN`` weights whose arrays the loops can take. Where the kernels cannot
-be had (numba not installed or refusing this NumPy, ``DEEPCORE_JIT=0``, a compile that failed)
-both return None, the NumPy forms run, and :func:`status` keeps the reason (``deepcore info``
-prints it). numba imports SciPy where it is installed (a version check), and with it SciPy's own
+numba is never imported by ``import deepcore``: the first call of any function below that returns
+a loop imports it and loads that loop (0.9-1.0 s in a fresh process on that EPYC: 0.3-0.4 s to
+import numba, the rest numba's own start), and each further loop is compiled when first asked for
+(about 10 ms from numba's on-disk cache, half a second the first time on a machine), so a process
+loads only the loops its optimizer uses. The NumPy backend asks only for a parameter of at least
+``numpy_backend._FUSED_MIN`` weights whose arrays the loops can take. Where the loops cannot be
+had (numba not installed or refusing this NumPy, ``DEEPCORE_JIT=0``), each function returns
+None (where one loop failed to compile, that loop's), the NumPy forms run, and :func:`status`
+keeps the reason (``deepcore info`` prints it). numba imports SciPy where it is installed (a version check), and with it SciPy's own
 OpenBLAS, idle but with its own thread pool. Unlike NumPy's operations the loops report no
 floating-point errors: ``np.errstate`` / ``np.seterr`` settings (raise or warn on overflow,
 invalid) do not reach a fused step, which returns inf or NaN as PyTorch's does.
@@ -33,6 +38,8 @@ _kernels: Any = None
 #: Why the kernels are unavailable ("" while untried or loaded).
 _reason = ""
 _tried = False
+#: The loops whose compile failed (the others still run).
+_broken: set[str] = set()
 _lock = threading.Lock()
 
 
@@ -42,8 +49,8 @@ def _disabled() -> str:
 
 
 def _load() -> Any:
-    """The kernels' module, loaded on the first call (numba imported, the kernels compiled or read
-    from numba's cache), or None with the reason kept. ``DEEPCORE_JIT`` is read then, once."""
+    """The loops' module, imported on the first call (numba with it; each loop compiles when first
+    asked for), or None with the reason kept. ``DEEPCORE_JIT`` is read then, once."""
     global _kernels, _reason, _tried
     if _tried:
         return _kernels
@@ -56,8 +63,8 @@ def _load() -> Any:
                 from . import cpu_jit_kernels
             except ImportError as e:  # numba missing, or an installed numba that refuses this NumPy
                 reason = f"numba unavailable: {e}"
-            except Exception as e:  # noqa: BLE001  # numba present but the compile failed: NumPy still works
-                reason = f"numba failed to compile the kernels: {type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001  # numba present but failing on import: NumPy still works
+                reason = f"numba failed to load: {type(e).__name__}: {e}"
             else:
                 _kernels = cpu_jit_kernels
         # Only an outcome is recorded: interrupted (KeyboardInterrupt), the next call tries again.
@@ -70,24 +77,64 @@ def ruled_out() -> bool:
     return _tried and _kernels is None
 
 
+def _loop(name: str) -> Callable[..., None] | None:
+    """The compiled loop ``name``, or None where the loops are unavailable or this one failed to
+    compile (its reason kept). The first call imports numba; each loop compiles on its first call."""
+    kernels = _load()
+    if kernels is None:
+        return None
+    compiled = kernels._COMPILED.get(name)
+    if compiled is not None:
+        return compiled
+    global _reason
+    with _lock:  # one thread compiles, another's first call waits for it
+        if name in _broken:
+            return None
+        try:
+            return kernels.loop(name)
+        except Exception as e:  # noqa: BLE001  # a compile that failed: NumPy still works
+            _broken.add(name)
+            _reason = f"numba failed to compile the {name} loop: {type(e).__name__}: {e}"
+            return None
+
+
 def sgd_momentum() -> Callable[..., None] | None:
     """The fused momentum loop ``(value, grad, buf, momentum, neg_lr, tiny, flush)`` over 1-D
     C-contiguous float32 or float64 arrays of one dtype (scalars of that dtype), or None where the
-    kernels are unavailable (see :func:`status`). The first call imports numba and loads them."""
-    kernels = _load()
-    return None if kernels is None else kernels.sgd_momentum
+    loops are unavailable (see :func:`status`). The first call imports numba."""
+    return _loop("sgd_momentum")
+
+
+def sgd() -> Callable[..., None] | None:
+    """SGD's fused steady step with weight decay, dampening or Nesterov momentum (see
+    ``cpu_jit_kernels.sgd``), or None."""
+    return _loop("sgd")
+
+
+def sgd_plain() -> Callable[..., None] | None:
+    """SGD's fused step without momentum (see ``cpu_jit_kernels.sgd_plain``), or None."""
+    return _loop("sgd_plain")
 
 
 def adam() -> Callable[..., None] | None:
-    """The fused Adam loop (see ``cpu_jit_kernels.adam``), or None where the kernels are unavailable."""
-    kernels = _load()
-    return None if kernels is None else kernels.adam
+    """The fused Adam loop (see ``cpu_jit_kernels.adam``), or None."""
+    return _loop("adam")
+
+
+def rmsprop() -> Callable[..., None] | None:
+    """The fused RMSprop loop (see ``cpu_jit_kernels.rmsprop``), or None."""
+    return _loop("rmsprop")
+
+
+def adagrad() -> Callable[..., None] | None:
+    """The fused Adagrad loop (see ``cpu_jit_kernels.adagrad``), or None."""
+    return _loop("adagrad")
 
 
 def status() -> dict[str, Any]:
     """What the loader has found, without trying: ``{"tried", "loaded", "reason"}``; before the first
-    try ``reason`` says whether ``DEEPCORE_JIT`` will turn the kernels off, after it why they are off
-    ("" when loaded)."""
+    try ``reason`` says whether ``DEEPCORE_JIT`` will turn the loops off, after it why they are off
+    ("" when loaded, unless a loop then failed to compile)."""
     return {"tried": _tried, "loaded": _kernels is not None, "reason": _reason if _tried else _disabled()}
 
 
@@ -96,3 +143,4 @@ def reset() -> None:
     global _kernels, _reason, _tried
     with _lock:
         _kernels, _reason, _tried = None, "", False
+        _broken.clear()

@@ -380,6 +380,13 @@ class NumpyBackend(Backend):
         if not value.flags.writeable:
             return super().sgd_update(value, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
                                       nesterov=nesterov, weight_decay=weight_decay, first_step=first_step)
+        # Fused, but for the steps that watch for underflow (NumPy's flags see it; without momentum
+        # there is no buffer to flush) and the first with momentum (the buffer is made).
+        if (value.size >= _FUSED_MIN and not cpu_jit.ruled_out()
+                and (momentum == 0.0 or buf is not None and not first_step and type(flush) is not _Underflow)
+                and _fused_sgd(value, grad, buf if momentum != 0.0 else None, lr, momentum, dampening, nesterov,
+                               weight_decay, flush is True)):
+            return value, buf
         d = grad
         if weight_decay != 0.0:
             d = np.multiply(value, weight_decay)
@@ -427,9 +434,7 @@ class NumpyBackend(Backend):
             return super().adam_update(value, grad, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                        weight_decay=weight_decay, decoupled=decoupled)
         flush = step % _FLUSH_EVERY == 0  # the parameter's own step count paces its flush of m
-        if value.size >= _FUSED_MIN and all(type(x) in (float, int) for x in (lr, beta1, beta2, eps, weight_decay)):
-            # (Python numbers only: a NumPy float64 scalar would make NumPy compute those steps in
-            # float64, where the loop rounds each scalar to the arrays' dtype.)
+        if value.size >= _FUSED_MIN and _python_numbers(lr, beta1, beta2, eps, weight_decay):
             kernel = None if cpu_jit.ruled_out() or not _fusable(value, grad, m, v) else cpu_jit.adam()
             if kernel is not None:
                 _fused_adam(kernel, value, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, flush)
@@ -474,6 +479,9 @@ class NumpyBackend(Backend):
             out = super().rmsprop_update(value, grad, square_avg, grad_avg, buf, lr=lr, alpha=alpha, eps=eps,
                                          weight_decay=weight_decay, momentum=momentum, centered=centered)
             return tuple(np.asarray(a) if a is not None else None for a in out)  # type: ignore[return-value]
+        if value.size >= _FUSED_MIN and _python_numbers(lr, alpha, eps, weight_decay, momentum) and _fused_rmsprop(
+                value, grad, square_avg, ga, mb, lr, alpha, eps, weight_decay, momentum):
+            return value, square_avg, grad_avg, buf
         if weight_decay != 0.0:
             wd_grad = np.multiply(value, weight_decay)
             wd_grad += grad
@@ -513,11 +521,19 @@ class NumpyBackend(Backend):
             v, s = super().adagrad_update(value, grad, state_sum, step=step, lr=lr, lr_decay=lr_decay, eps=eps,
                                           weight_decay=weight_decay)
             return np.asarray(v), np.asarray(s)
+        clr = lr / (1 + (step - 1) * lr_decay)
+        if (value.size >= _FUSED_MIN and _python_numbers(clr, eps, weight_decay) and not cpu_jit.ruled_out()
+                and _fusable(value, grad, state_sum)):
+            kernel = cpu_jit.adagrad()
+            if kernel is not None:
+                kind = _FUSED_TINY[value.dtype].dtype.type
+                kernel(value.reshape(-1), grad.reshape(-1), state_sum.reshape(-1), kind(weight_decay), kind(eps),
+                       kind(-clr), weight_decay != 0.0)
+                return value, state_sum
         if weight_decay != 0.0:
             wd_grad = np.multiply(value, weight_decay)
             wd_grad += grad
             grad = wd_grad
-        clr = lr / (1 + (step - 1) * lr_decay)
         scratch = np.multiply(grad, grad)
         state_sum += scratch
         np.sqrt(state_sum, out=scratch)
@@ -538,10 +554,11 @@ _SGD_BLOCKED_MIN = 98304
 _MOMENTUM_FORMS = FormChooser()
 
 
-#: From this size on SGD's steady momentum step and Adam's step run as cpu_jit's one-pass loops
-#: where numba is installed (the first such parameter imports it): from 0.78x (SGD) and 0.41x
-#: (Adam) the NumPy forms' time at this size to 0.37x and 0.21x at 3.1M weights
-#: (benchmarks/fused_updates.py); a model of only smaller parameters would not repay numba's import.
+#: From this size on SGD's steps (but the one that makes a momentum buffer), Adam's, RMSprop's and
+#: Adagrad's run as cpu_jit's one-pass loops where numba is installed (the first such parameter
+#: imports it): SGD momentum from 0.78x the NumPy form's time at this size to 0.37x at 3.1M
+#: weights, Adam from 0.41x to 0.21x (benchmarks/fused_updates.py); a model of only smaller
+#: parameters would not repay numba's import.
 _FUSED_MIN = 65536
 #: The dtypes the fused loop takes, with the smallest normal number of each (its flush bound).
 _FUSED_TINY = {np.dtype(np.float32): np.float32(np.finfo(np.float32).tiny),
@@ -630,6 +647,56 @@ def _fused_adam(kernel: Any, value: np.ndarray, grad: np.ndarray, m: np.ndarray,
         mode, decay = (2, 1.0 - lr * weight_decay) if decoupled else (1, weight_decay)
     kernel(value.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1), kind(1.0 - beta1), kind(1.0 - beta2),
            kind(beta2), kind(bc2_sqrt), kind(eps), kind(-step_size), kind(decay), tiny, mode, flush)
+
+
+def _python_numbers(*scalars: Any) -> bool:
+    """Whether every hyperparameter is a Python float or int: NumPy applies a NumPy float64 scalar
+    to float32 arrays in float64, where the fused loops round each scalar to the arrays' dtype."""
+    return all(type(x) in (float, int) for x in scalars)
+
+
+def _fused_rmsprop(value: np.ndarray, grad: np.ndarray, square_avg: np.ndarray, grad_avg: np.ndarray | None,
+                   buf: np.ndarray | None, lr: float, alpha: float, eps: float, weight_decay: float,
+                   momentum: float) -> bool:
+    """``rmsprop_update``'s arithmetic as cpu_jit's one-pass loop (``grad_avg`` when centered, ``buf``
+    with momentum); False, nothing written, where the loop cannot take the arrays or is unavailable."""
+    arrays = [a for a in (value, grad, square_avg, grad_avg, buf) if a is not None]
+    if cpu_jit.ruled_out() or not _fusable(*arrays):
+        return False
+    kernel = cpu_jit.rmsprop()
+    if kernel is None:
+        return False
+    kind = _FUSED_TINY[value.dtype].dtype.type
+    none = np.empty(0, value.dtype)  # the loop reads grad_avg and buf only when told they are there
+    w = 1.0 - alpha
+    kernel(value.reshape(-1), grad.reshape(-1), square_avg.reshape(-1),
+           none if grad_avg is None else grad_avg.reshape(-1), none if buf is None else buf.reshape(-1),
+           kind(weight_decay), kind(alpha), kind(1.0 - alpha), kind(w), kind(1.0 - w), kind(eps), kind(momentum),
+           kind(-lr), weight_decay != 0.0, grad_avg is not None, abs(w) < 0.5, buf is not None)
+    return True
+
+
+def _fused_sgd(value: np.ndarray, grad: np.ndarray, buf: np.ndarray | None, lr: float, momentum: float,
+               dampening: float, nesterov: bool, weight_decay: float, flush: bool) -> bool:
+    """``_sgd``'s steady step with momentum (``buf`` given: weight decay, dampening or Nesterov), or
+    without momentum (``buf`` None), as one of cpu_jit's one-pass loops; False, nothing written,
+    where the loop cannot take the arrays or the hyperparameters (NumPy scalars, which NumPy would
+    apply in float64) or is unavailable."""
+    if not _python_numbers(lr, momentum, dampening, weight_decay):
+        return False
+    if not (_fusable(value, grad) if buf is None else _fusable(value, grad, buf)):
+        return False
+    kernel = cpu_jit.sgd_plain() if buf is None else cpu_jit.sgd()
+    if kernel is None:
+        return False
+    kind = _FUSED_TINY[value.dtype].dtype.type  # each scalar rounded to the arrays' dtype, as NumPy rounds it
+    if buf is None:
+        kernel(value.reshape(-1), grad.reshape(-1), kind(weight_decay), kind(-lr), weight_decay != 0.0)
+    else:
+        kernel(value.reshape(-1), grad.reshape(-1), buf.reshape(-1), kind(weight_decay), kind(momentum),
+               kind(1.0 - dampening), kind(-lr), _FUSED_TINY[value.dtype], weight_decay != 0.0, dampening != 0.0,
+               bool(nesterov), flush)
+    return True
 
 
 def _fusable(*arrays: np.ndarray) -> bool:

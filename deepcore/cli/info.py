@@ -69,10 +69,11 @@ def cpu_jit_line(numba_version: str | None) -> str:
     from ..backend.numpy_backend import _FUSED_MIN
 
     if numba_version is None and not cpu_jit.status()["reason"]:
-        return "off: numba not installed (pip install 'deepcore[jit]' fuses SGD's momentum and Adam's steps)"
+        return "off: numba not installed (pip install 'deepcore[jit]' fuses the optimizers' steps)"
     if cpu_jit.sgd_momentum() is None:
         return f"off: {cpu_jit.status()['reason']}"
-    return f"numba {numba_version}: SGD's momentum and Adam's steps fused for parameters of >= {_FUSED_MIN} weights"
+    return (f"numba {numba_version}: SGD's, Adam's, RMSprop's and Adagrad's steps fused for parameters of "
+            f">= {_FUSED_MIN} weights")
 
 
 def _cuda_version(code: int) -> str:
