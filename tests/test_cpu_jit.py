@@ -109,7 +109,7 @@ def test_sgd_runs_large_parameters_fused_except_on_steps_that_watch_for_underflo
 
 
 @pytest.mark.parametrize("case", ["strided-grad", "read-only-grad", "unaligned", "float16", "big-endian",
-                                  "overlapping", "subclass"])
+                                  "overlapping", "overlapping-views", "subclass"])
 def test_arrays_the_fused_loop_cannot_take_run_in_numpy(monkeypatch, case):
     calls = count_fused_calls(monkeypatch)
     nb = numpy_backend.NumpyBackend()
@@ -129,6 +129,9 @@ def test_arrays_the_fused_loop_cannot_take_run_in_numpy(monkeypatch, case):
         assert not value.flags.aligned
     elif case == "overlapping":
         grad = value
+    elif case == "overlapping-views":  # two views one element apart: neither owns its memory
+        both = np.concatenate([value, value[-1:]])
+        value, grad = both[:-1], both[1:]
     elif case == "subclass":  # numba types no ndarray subclass
         value = value.view(type("Sub", (np.ndarray,), {}))
     want_v, want_b, g = value.copy(), buf.copy(), grad.copy()

@@ -20,10 +20,11 @@ loads only the loops its optimizer uses. The NumPy backend asks only for a param
 ``numpy_backend._FUSED_MIN`` weights whose arrays the loops can take. Where the loops cannot be
 had (numba not installed or refusing this NumPy, ``DEEPCORE_JIT=0``), each function returns
 None (where one loop failed to compile, that loop's), the NumPy forms run, and :func:`status`
-keeps the reason (``deepcore info`` prints it). numba imports SciPy where it is installed (a version check), and with it SciPy's own
-OpenBLAS, idle but with its own thread pool. Unlike NumPy's operations the loops report no
-floating-point errors: ``np.errstate`` / ``np.seterr`` settings (raise or warn on overflow,
-invalid) do not reach a fused step, which returns inf or NaN as PyTorch's does.
+keeps the reason (``deepcore info`` prints it). numba imports SciPy where it is installed (a
+version check), and with it SciPy's own OpenBLAS, idle but with its own thread pool. Unlike
+NumPy's operations the loops report no floating-point errors: ``np.errstate`` / ``np.seterr``
+settings (raise or warn on overflow, invalid) do not reach a fused step, which returns inf or NaN
+as PyTorch's does.
 """
 
 from __future__ import annotations

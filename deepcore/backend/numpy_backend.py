@@ -623,9 +623,13 @@ def _one_layout(*arrays: np.ndarray) -> bool:
     or writes would show): what both the blocked form and the fused loops need."""
     first = arrays[0]
     dtype, shape = first.dtype, first.shape
+    owners = True
     for a in arrays:
         if a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous:
             return False
+        owners = owners and a.flags.owndata
+    if owners:  # arrays that each own their memory overlap only if one is another (a step's usual case)
+        return len({id(a) for a in arrays}) == len(arrays)
     return not any(np.may_share_memory(a, b) for i, a in enumerate(arrays) for b in arrays[i + 1:])
 
 
