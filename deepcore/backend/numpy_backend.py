@@ -350,11 +350,12 @@ class NumpyBackend(Backend):
             # float(): a NumPy float64 lr would add a float64 step in the one-pass form but a float32
             # one in the blocked form; as Python floats both give the same bits.
             lr, momentum = float(lr), float(momentum)
-            for i, value in enumerate(values):
-                grad, buf = grads[i], bufs[i]
+            for i, (value, grad, buf) in enumerate(zip(values, grads, bufs, strict=True)):
                 if buf is None or not value.ndim or not value.flags.writeable:
                     out_values[i], out_bufs[i] = self._sgd(value, grad, buf, lr, momentum, 0.0, False, 0.0,
                                                            buf is None, flush)
+                elif value.size < _FUSED_MIN and value.size < _SGD_BLOCKED_MIN:  # (a bias, a small layer: one form)
+                    _momentum_one_pass(value, grad, buf, lr, momentum, flush)
                 else:
                     _steady_momentum(value, grad, buf, lr, momentum, flush)
             return out_values, out_bufs

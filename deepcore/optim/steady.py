@@ -14,6 +14,7 @@ Hyperparameters are read from the groups at every step, so schedules work as bef
 
 from __future__ import annotations
 
+from operator import is_
 from typing import Any
 
 from ..backend.registry import _by_type as _BACKEND_BY_TYPE
@@ -70,23 +71,27 @@ class SteadyPlan:
 
     def step(self, opt: _SGD) -> bool:
         """Take ``opt``'s step with this plan (True), or decline with nothing written (False)."""
-        if opt.params is not self.params or opt.state is not self.states or len(self.params) != len(self.entries):
+        params, states, entries = self.params, self.states, self.entries
+        if (opt.params is not params or opt.state is not states or len(params) != len(entries)
+                or len(states) != len(entries)):
             return False
-        params, states, by_type = self.params, self.states, _BACKEND_BY_TYPE
         grads = []
-        for i, (p, value, array_type, state, buf) in enumerate(self.entries):
+        for q, (p, value, array_type, state, buf), s in zip(params, entries, states, strict=True):
             g = p.grad
-            if (params[i] is not p or p.value is not value or type(g) is not array_type or g.dtype != value.dtype
-                    or g.shape != value.shape or states[i] is not state or state.get(_BUFFER) is not buf):
+            if (q is not p or p.value is not value or type(g) is not array_type or g.dtype != value.dtype
+                    or g.shape != value.shape or s is not state or state.get(_BUFFER) is not buf):
                 return False
             grads.append(g)
+        by_type = _BACKEND_BY_TYPE
         for run in self.runs:
             if by_type.get(run[2]) is not run[0]:  # a backend registered in place of the run's since
                 return False
         step = opt.step_count + 1
-        entries, changed = self.entries, False
+        changed = False
         for backend, group, _, start, end, values, bufs in self.runs:
             new_values, new_bufs = update_run(backend, group, values, grads[start:end], bufs, step)
+            if all(map(is_, new_values, values)) and all(map(is_, new_bufs, bufs)):
+                continue  # in place, as a steady step on NumPy always is
             for i, value, buf in zip(range(start, end), new_values, new_bufs, strict=True):
                 p, old_value, _, state, old_buf = entries[i]
                 if value is not old_value or buf is not old_buf:
