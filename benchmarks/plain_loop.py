@@ -55,7 +55,7 @@ if contender.startswith("torch"):
     torch.set_num_threads(threads)
 if contender == "numpy":  # numba, where installed, imports SciPy, whose own OpenBLAS pool must be pinned too
     from deepcore.backend import cpu_jit
-    cpu_jit.sgd_momentum()
+    cpu_jit.preload()  # (make_workload would load it too, after the pools are pinned)
 from threadpoolctl import threadpool_info, threadpool_limits
 threadpool_limits(threads)
 from deepcore.bench import make_workload

@@ -530,21 +530,19 @@ def test_an_interrupted_load_is_tried_again(monkeypatch):
                                                                              "reason": ""}
 
 
-def _fresh(code: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "DEEPCORE_JIT"}
+def _fresh(code: str, **env: str) -> str:
+    env = {**{k: v for k, v in os.environ.items() if k != "DEEPCORE_JIT"}, **env}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                          check=True)
     return out.stdout.strip()
 
 
-def test_numba_is_imported_only_for_a_large_parameters_step():
-    if cpu_jit.sgd_momentum() is None:
-        pytest.skip(f"numba unavailable: {cpu_jit.status()['reason']}")
-    code = """
+_IMPORT_CHECK = """
 import sys
 import numpy as np
 import deepcore as dc
 from deepcore import nn, optim, losses
+from deepcore.backend import cpu_jit
 seen = ["numba" in sys.modules]
 model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # the digits MLP's size
 opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -565,9 +563,45 @@ opt = optim.SGD([w], lr=0.1, momentum=0.9)
 for _ in range(2):
     w.grad = np.ones(100_000, np.float32); opt.step()
 seen.append("numba" in sys.modules)
-print(seen)
+spent = cpu_jit._spent
+cpu_jit._spent = cpu_jit.LOAD_AFTER_S  # as after a second of such NumPy updates
+w.grad = np.ones(100_000, np.float32); opt.step()
+seen.append("numba" in sys.modules)
+print(seen, spent > 0, cpu_jit.status()["loaded"])
 """
-    assert _fresh(code) == "[False, False, False, True]"
+
+
+def test_numba_is_imported_only_once_a_large_parameters_numpy_updates_would_repay_it():
+    # By default (DEEPCORE_JIT unset) numba waits until the NumPy forms have spent LOAD_AFTER_S on
+    # updates a loop could take (the float32 weight's second step is the first, and is charged);
+    # with DEEPCORE_JIT=1 it loads at that first step. Never for small parameters or float16.
+    if cpu_jit.sgd_momentum() is None:
+        pytest.skip(f"numba unavailable: {cpu_jit.status()['reason']}")
+    assert _fresh(_IMPORT_CHECK) == "[False, False, False, False, True] True True"
+    assert _fresh(_IMPORT_CHECK, DEEPCORE_JIT="1") == "[False, False, False, True, True] False True"
+    assert _fresh(_IMPORT_CHECK, DEEPCORE_JIT="0") == "[False, False, False, False, False] False False"
+
+
+def test_the_loops_are_wanted_once_numpy_has_spent_what_loading_them_costs(monkeypatch):
+    # The ski-rental rule in one process: nothing loaded until the NumPy forms' charged time reaches
+    # LOAD_AFTER_S; DEEPCORE_JIT=1 wants them at once; preload() compiles every loop.
+    for name, value in (("_kernels", None), ("_tried", False), ("_reason", ""), ("_spent", 0.0), ("_mode", "")):
+        monkeypatch.setattr(cpu_jit, name, value)
+    monkeypatch.delenv("DEEPCORE_JIT", raising=False)
+    assert not cpu_jit.wanted()
+    cpu_jit.charge(cpu_jit.LOAD_AFTER_S / 2)
+    assert not cpu_jit.wanted() and not cpu_jit.status()["tried"]
+    cpu_jit.charge(cpu_jit.LOAD_AFTER_S / 2)
+    assert cpu_jit.wanted()
+    monkeypatch.setattr(cpu_jit, "_spent", 0.0)
+    monkeypatch.setattr(cpu_jit, "_mode", "")
+    monkeypatch.setenv("DEEPCORE_JIT", "1")
+    assert cpu_jit.wanted()
+    if importlib.util.find_spec("numba") is not None:
+        from deepcore.backend import cpu_jit_kernels
+
+        assert cpu_jit.preload() and set(cpu_jit_kernels._COMPILED) >= set(cpu_jit_kernels._SOURCES)
+        assert cpu_jit.wanted()
 
 
 def test_deepcore_info_says_whether_the_momentum_step_runs_fused(monkeypatch, capsys):
@@ -581,7 +615,8 @@ def test_deepcore_info_says_whether_the_momentum_step_runs_fused(monkeypatch, ca
     assert cpu_jit_line(None).startswith("off: numba not installed (pip install 'deepcore[jit]'")
     version = optional_integrations()["numba"]
     want = (f"numba {version}: SGD's, Adam's, RMSprop's and Adagrad's steps fused for parameters of >= "
-            f"{numpy_backend._FUSED_MIN} weights" if cpu_jit.sgd_momentum() is not None
+            f"{numpy_backend._FUSED_MIN} weights, once NumPy has spent 1 s on those updates"
+            if cpu_jit.sgd_momentum() is not None
             else f"off: {cpu_jit.status()['reason']}")
     assert cpu_jit_line(version) == want
     monkeypatch.setenv("DEEPCORE_JIT", "off")

@@ -12,12 +12,15 @@ RMSprop's and Adagrad's. Through the backend's calls, on the EPYC of benchmarks/
 weights, 0.58x at 200,704, 0.37x at 3.1M (0.52x the blocked form's, which the NumPy backend timed
 faster there); Adam 0.41x, 0.32x and 0.21x; the other loops in benchmarks/README.md.
 
-numba is never imported by ``import deepcore``: the first call of any function below that returns
-a loop imports it and loads that loop (0.9-1.0 s in a fresh process on that EPYC: 0.3-0.4 s to
-import numba, the rest numba's own start), and each further loop is compiled when first asked for
-(about 10 ms from numba's on-disk cache, half a second the first time on a machine), so a process
-loads only the loops its optimizer uses. The NumPy backend asks only for a parameter of at least
-``numpy_backend._FUSED_MIN`` weights whose arrays the loops can take. Where the loops cannot be
+numba is never imported by ``import deepcore``, nor by a short run: the NumPy backend runs the
+NumPy forms of the updates a loop could take (parameters of at least
+``numpy_backend._FUSED_MIN`` weights, arrays the loops can take) and charges their time here
+until it reaches :data:`LOAD_AFTER_S`, about what the load costs (0.9-1.0 s in a fresh process
+on that EPYC: 0.3-0.4 s to import numba, the rest numba's own start); then the next such update
+imports numba and runs fused, with the same bits. ``DEEPCORE_JIT=1`` loads at the first such
+update, :func:`preload` at once (the benchmarks), ``DEEPCORE_JIT=0`` never. Each loop is compiled
+when first asked for (about 10 ms from numba's on-disk cache, half a second the first time on a
+machine), so a process loads only the loops its optimizer uses. Where the loops cannot be
 had (numba not installed or refusing this NumPy, ``DEEPCORE_JIT=0``), each function returns
 None (where one loop failed to compile, that loop's), the NumPy forms run, and :func:`status`
 keeps the reason (``deepcore info`` prints it). numba imports SciPy where it is installed (a
@@ -43,10 +46,60 @@ _tried = False
 _broken: set[str] = set()
 _lock = threading.Lock()
 
+#: Seconds the NumPy forms may spend on updates a loop could take before numba is loaded: about
+#: what loading it costs (0.9-1.0 s in a fresh process on the EPYC of benchmarks/README.md). The
+#: ski-rental rule: a run whose updates never take that long never pays for numba (a 10-epoch MNIST
+#: MLP with SGD momentum would save 0.3 s for its 1 s), and a long one pays at most twice what the
+#: better choice in hindsight would have; the bits are the same either way.
+LOAD_AFTER_S = 1.0
+#: The NumPy forms' time so far on updates a loop could take (seconds), while nothing is loaded.
+_spent = 0.0
+#: ``DEEPCORE_JIT`` as read at the first use: "off", "on" (load at the first chance) or "auto".
+_mode = ""
+
+
+def _flag() -> str:
+    return os.environ.get("DEEPCORE_JIT", "").strip().lower()
+
 
 def _disabled() -> str:
-    flag = os.environ.get("DEEPCORE_JIT", "").strip().lower()
-    return f"disabled by DEEPCORE_JIT={os.environ['DEEPCORE_JIT']}" if flag in ("0", "false", "off", "no") else ""
+    return f"disabled by DEEPCORE_JIT={os.environ['DEEPCORE_JIT']}" if _flag() in ("0", "false", "off", "no") else ""
+
+
+def eager() -> bool:
+    """Whether ``DEEPCORE_JIT`` asks for the loops from the first step (1, true, on, yes)."""
+    return _flag() in ("1", "true", "on", "yes")
+
+
+def wanted() -> bool:
+    """Whether an update a loop can take should run fused now (the caller then asks for the loop,
+    which loads numba if need be): the loops are loaded; or not tried yet and the NumPy forms have
+    spent :data:`LOAD_AFTER_S` (``DEEPCORE_JIT=1``: at once; ``=0``: the load records why not)."""
+    global _mode
+    if _tried:
+        return _kernels is not None
+    if not _mode:
+        _mode = "off" if _disabled() else "on" if eager() else "auto"
+    return _mode != "auto" or _spent >= LOAD_AFTER_S
+
+
+def preload() -> bool:
+    """Import numba and compile every loop now, rather than once the NumPy forms have spent
+    :data:`LOAD_AFTER_S`: for benchmarks that time the steady state of a long run (and pin the
+    thread pools numba's compile brings, SciPy's OpenBLAS, afterwards). True where the loops are
+    available."""
+    kernels = _load()
+    if kernels is None:
+        return False
+    for name in kernels._SOURCES:
+        _loop(name)
+    return True
+
+
+def charge(seconds: float) -> None:
+    """Count ``seconds`` of a NumPy form's update that a loop could have taken (see :data:`LOAD_AFTER_S`)."""
+    global _spent
+    _spent += seconds
 
 
 def _load() -> Any:
@@ -140,8 +193,9 @@ def status() -> dict[str, Any]:
 
 
 def reset() -> None:
-    """Forget the outcome so the next call tries again (after installing numba, or in tests)."""
-    global _kernels, _reason, _tried
+    """Forget the outcome, the time spent and ``DEEPCORE_JIT`` so the next use decides again (after
+    installing numba, or in tests)."""
+    global _kernels, _reason, _tried, _spent, _mode
     with _lock:
-        _kernels, _reason, _tried = None, "", False
+        _kernels, _reason, _tried, _spent, _mode = None, "", False, 0.0, ""
         _broken.clear()

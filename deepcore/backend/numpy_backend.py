@@ -383,11 +383,14 @@ class NumpyBackend(Backend):
                                       nesterov=nesterov, weight_decay=weight_decay, first_step=first_step)
         # Fused, but for the steps that watch for underflow (NumPy's flags see it; without momentum
         # there is no buffer to flush) and the first with momentum (the buffer is made).
-        if (value.size >= _FUSED_MIN and not cpu_jit.ruled_out()
-                and (momentum == 0.0 or buf is not None and not first_step and type(flush) is not _Underflow)
-                and _fused_sgd(value, grad, buf if momentum != 0.0 else None, lr, momentum, dampening, nesterov,
-                               weight_decay, flush is True)):
-            return value, buf
+        start = None
+        if (value.size >= _FUSED_MIN and _python_numbers(lr, momentum, dampening, weight_decay)
+                and (momentum == 0.0 or buf is not None and not first_step and type(flush) is not _Underflow)):
+            fused_buf = buf if momentum != 0.0 else None
+            if not cpu_jit.wanted():
+                start = _jit_start(value, grad, *(() if fused_buf is None else (fused_buf,)))
+            elif _fused_sgd(value, grad, fused_buf, lr, momentum, dampening, nesterov, weight_decay, flush is True):
+                return value, buf
         d = grad
         if weight_decay != 0.0:
             d = np.multiply(value, weight_decay)
@@ -421,6 +424,7 @@ class NumpyBackend(Backend):
         else:
             step_dir *= -lr
             value += step_dir
+        _jit_charge(start)
         return value, buf
 
     def adam_update(self, value: np.ndarray, grad: np.ndarray, m: np.ndarray, v: np.ndarray, *, step: int,
@@ -435,9 +439,11 @@ class NumpyBackend(Backend):
             return super().adam_update(value, grad, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                        weight_decay=weight_decay, decoupled=decoupled)
         flush = step % _FLUSH_EVERY == 0  # the parameter's own step count paces its flush of m
+        start = None
         if value.size >= _FUSED_MIN and _python_numbers(lr, beta1, beta2, eps, weight_decay):
-            kernel = None if cpu_jit.ruled_out() or not _fusable(value, grad, m, v) else cpu_jit.adam()
-            if kernel is not None:
+            if not cpu_jit.wanted():
+                start = _jit_start(value, grad, m, v)
+            elif _fusable(value, grad, m, v) and (kernel := cpu_jit.adam()) is not None:
                 _fused_adam(kernel, value, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, flush)
                 return value, m, v
         if weight_decay != 0.0:
@@ -465,6 +471,7 @@ class NumpyBackend(Backend):
         np.divide(m, scratch, out=scratch)
         scratch *= -step_size
         value += scratch
+        _jit_charge(start)
         return value, m, v
 
     def rmsprop_update(self, value: np.ndarray, grad: np.ndarray, square_avg: np.ndarray,
@@ -480,9 +487,12 @@ class NumpyBackend(Backend):
             out = super().rmsprop_update(value, grad, square_avg, grad_avg, buf, lr=lr, alpha=alpha, eps=eps,
                                          weight_decay=weight_decay, momentum=momentum, centered=centered)
             return tuple(np.asarray(a) if a is not None else None for a in out)  # type: ignore[return-value]
-        if value.size >= _FUSED_MIN and _python_numbers(lr, alpha, eps, weight_decay, momentum) and _fused_rmsprop(
-                value, grad, square_avg, ga, mb, lr, alpha, eps, weight_decay, momentum):
-            return value, square_avg, grad_avg, buf
+        start = None
+        if value.size >= _FUSED_MIN and _python_numbers(lr, alpha, eps, weight_decay, momentum):
+            if not cpu_jit.wanted():
+                start = _jit_start(value, grad, *(a for a in (square_avg, ga, mb) if a is not None))
+            elif _fused_rmsprop(value, grad, square_avg, ga, mb, lr, alpha, eps, weight_decay, momentum):
+                return value, square_avg, grad_avg, buf
         if weight_decay != 0.0:
             wd_grad = np.multiply(value, weight_decay)
             wd_grad += grad
@@ -514,6 +524,7 @@ class NumpyBackend(Backend):
         else:
             scratch *= -lr
         value += scratch
+        _jit_charge(start)
         return value, square_avg, grad_avg, buf
 
     def adagrad_update(self, value: np.ndarray, grad: np.ndarray, state_sum: np.ndarray, *, step: int, lr: float,
@@ -523,10 +534,11 @@ class NumpyBackend(Backend):
                                           weight_decay=weight_decay)
             return np.asarray(v), np.asarray(s)
         clr = lr / (1 + (step - 1) * lr_decay)
-        if (value.size >= _FUSED_MIN and _python_numbers(clr, eps, weight_decay) and not cpu_jit.ruled_out()
-                and _fusable(value, grad, state_sum)):
-            kernel = cpu_jit.adagrad()
-            if kernel is not None:
+        start = None
+        if value.size >= _FUSED_MIN and _python_numbers(clr, eps, weight_decay):
+            if not cpu_jit.wanted():
+                start = _jit_start(value, grad, state_sum)
+            elif _fusable(value, grad, state_sum) and (kernel := cpu_jit.adagrad()) is not None:
                 kind = _FUSED_TINY[value.dtype].dtype.type
                 kernel(value.reshape(-1), grad.reshape(-1), state_sum.reshape(-1), kind(weight_decay), kind(eps),
                        kind(-clr), weight_decay != 0.0)
@@ -542,6 +554,7 @@ class NumpyBackend(Backend):
         np.divide(grad, scratch, out=scratch)
         scratch *= -clr
         value += scratch
+        _jit_charge(start)
         return value, state_sum
 
 
@@ -576,14 +589,23 @@ def _steady_momentum(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: f
     # seen through NumPy's floating-point flags, and block by block it would flush only the blocks
     # that underflowed (a subnormal made exactly, which raises no underflow, in another block would
     # survive: other bits than the one-pass form's).
-    if value.size >= _FUSED_MIN and type(flush) is not _Underflow and not cpu_jit.ruled_out() and _fusable(
-            value, grad, buf):
-        kernel = cpu_jit.sgd_momentum()  # numba imported at the first call, only for arrays it can take
-        if kernel is not None:
+    start = None
+    if value.size >= _FUSED_MIN and type(flush) is not _Underflow:
+        if not cpu_jit.wanted():
+            start = _jit_start(value, grad, buf)
+        elif _fusable(value, grad, buf) and (kernel := cpu_jit.sgd_momentum()) is not None:
             tiny = _FUSED_TINY[value.dtype]
             kind = tiny.dtype.type  # μ and -lr rounded to the arrays' dtype, as NumPy rounds a Python float
             kernel(value.reshape(-1), grad.reshape(-1), buf.reshape(-1), kind(momentum), kind(-lr), tiny, bool(flush))
             return
+    _momentum_numpy(value, grad, buf, lr, momentum, flush)
+    _jit_charge(start)
+
+
+def _momentum_numpy(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
+                    flush: _Flush) -> None:
+    """The NumPy forms of :func:`_steady_momentum`: block by block where that was timed faster for
+    this size, else one pass per operation."""
     if value.size >= _SGD_BLOCKED_MIN and type(flush) is not _Underflow:
         key = (value.size, value.dtype)
         blocked = _MOMENTUM_FORMS.get(key)
@@ -654,6 +676,20 @@ def _fused_adam(kernel: Any, value: np.ndarray, grad: np.ndarray, m: np.ndarray,
            kind(beta2), kind(bc2_sqrt), kind(eps), kind(-step_size), kind(decay), tiny, mode, flush)
 
 
+def _jit_start(*arrays: np.ndarray) -> float | None:
+    """While cpu_jit waits for the NumPy forms to have spent enough to repay loading numba
+    (``cpu_jit.LOAD_AFTER_S``), for arrays a loop could take: the time now, to charge the NumPy
+    form's update from; else None."""
+    if cpu_jit.ruled_out() or not _fusable(*arrays):
+        return None
+    return time.perf_counter()
+
+
+def _jit_charge(start: float | None) -> None:
+    if start is not None:
+        cpu_jit.charge(time.perf_counter() - start)
+
+
 def _python_numbers(*scalars: Any) -> bool:
     """Whether every hyperparameter is a Python float or int: NumPy applies a NumPy float64 scalar
     to float32 arrays in float64, where the fused loops round each scalar to the arrays' dtype."""
@@ -666,7 +702,7 @@ def _fused_rmsprop(value: np.ndarray, grad: np.ndarray, square_avg: np.ndarray, 
     """``rmsprop_update``'s arithmetic as cpu_jit's one-pass loop (``grad_avg`` when centered, ``buf``
     with momentum); False, nothing written, where the loop cannot take the arrays or is unavailable."""
     arrays = [a for a in (value, grad, square_avg, grad_avg, buf) if a is not None]
-    if cpu_jit.ruled_out() or not _fusable(*arrays):
+    if not _fusable(*arrays):
         return False
     kernel = cpu_jit.rmsprop()
     if kernel is None:
@@ -684,11 +720,9 @@ def _fused_rmsprop(value: np.ndarray, grad: np.ndarray, square_avg: np.ndarray, 
 def _fused_sgd(value: np.ndarray, grad: np.ndarray, buf: np.ndarray | None, lr: float, momentum: float,
                dampening: float, nesterov: bool, weight_decay: float, flush: bool) -> bool:
     """``_sgd``'s steady step with momentum (``buf`` given: weight decay, dampening or Nesterov), or
-    without momentum (``buf`` None), as one of cpu_jit's one-pass loops; False, nothing written,
-    where the loop cannot take the arrays or the hyperparameters (NumPy scalars, which NumPy would
-    apply in float64) or is unavailable."""
-    if not _python_numbers(lr, momentum, dampening, weight_decay):
-        return False
+    without momentum (``buf`` None), as one of cpu_jit's one-pass loops (Python-number
+    hyperparameters: see :func:`_python_numbers`); False, nothing written, where the loop cannot
+    take the arrays or is unavailable."""
     if not (_fusable(value, grad) if buf is None else _fusable(value, grad, buf)):
         return False
     kernel = cpu_jit.sgd_plain() if buf is None else cpu_jit.sgd()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..backend import cpu_jit
 from . import cnn, mlp, workloads
 from .contenders import CASES, NotApplicable, contender_status, device_of, library_of
 from .workloads import Workload
+
+#: The cases whose workload takes optimizer steps.
+_OPTIMIZER_CASES = ("mlp_step", "cnn_step", "cnn_epoch", "epoch")
 
 
 def make_workload(case: str, contender: str, **params: Any) -> Workload:
@@ -19,6 +23,10 @@ def make_workload(case: str, contender: str, **params: Any) -> Workload:
     status = contender_status(contender)
     if status is not True:
         raise NotApplicable(str(status))
+    if contender in ("numpy", "numpy-fit") and case in _OPTIMIZER_CASES:  # (numpy-plain: no deepcore optimizer)
+        # The steady state of a long run, from the first timed step: numba's loops (where installed)
+        # loaded now rather than once NumPy's updates would have repaid the load.
+        cpu_jit.preload()
     if case == "matmul":
         wl = workloads.matmul(contender, **params)
     elif case in ("softmax", "log_softmax"):

@@ -72,8 +72,10 @@ def cpu_jit_line(numba_version: str | None) -> str:
         return "off: numba not installed (pip install 'deepcore[jit]' fuses the optimizers' steps)"
     if cpu_jit.sgd_momentum() is None:
         return f"off: {cpu_jit.status()['reason']}"
+    when = "from the first step (DEEPCORE_JIT=1)" if cpu_jit.eager() else (
+        f"once NumPy has spent {cpu_jit.LOAD_AFTER_S:g} s on those updates")
     return (f"numba {numba_version}: SGD's, Adam's, RMSprop's and Adagrad's steps fused for parameters of "
-            f">= {_FUSED_MIN} weights")
+            f">= {_FUSED_MIN} weights, {when}")
 
 
 def _cuda_version(code: int) -> str:
