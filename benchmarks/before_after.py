@@ -71,7 +71,10 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, (root, mode) in variants.items():
             root = root.resolve()
+            # numba's loops (where installed) from the first step in every checkout, as the ones
+            # before cpu_jit's load rule loaded them (DEEPCORE_JIT=0 in the caller's environment wins)
             env = dict(os.environ, PYTHONPATH=str(root), **env_threads)
+            env.setdefault("DEEPCORE_JIT", "1")
             out = subprocess.run([sys.executable, "-c", WORKER, str(args.threads), str(args.batch), mode],
                                  cwd="/", env=env, capture_output=True, text=True, check=True).stdout.split()
             if not Path(out[1]).resolve().is_relative_to(root):

@@ -57,6 +57,8 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch  # noqa: F401
     except ImportError:
         pass
+    # numba's loops too (the suite's MLP steps; their compile loads SciPy's OpenBLAS, a pool to pin)
+    bench.preload_jit([("mlp_step", "numpy")])
     config._deepcore_threads = bench.set_threads(THREADS)
 
 

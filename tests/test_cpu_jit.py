@@ -1,7 +1,7 @@
 """cpu_jit's fused loops (numba, optional), SGD's (plain momentum; weight decay, dampening, Nesterov),
 Adam's, RMSprop's and Adagrad's: the same bits as the NumPy forms on every value and dtype they
 take, the NumPy forms wherever they cannot take the arrays or numba is missing, and numba imported
-only when a large parameter's step needs it."""
+only once a large parameter's NumPy updates would repay it (or at once when asked)."""
 
 from __future__ import annotations
 
@@ -202,7 +202,8 @@ def test_fused_sgd_without_momentum_gives_numpys_bits(monkeypatch, dtype, weight
     assert len(calls) == 3
 
 
-@pytest.mark.parametrize("case", ["numpy-scalar", "small", "strided", "first-step"])
+@pytest.mark.parametrize("case", ["numpy-scalar", "small", "strided", "first-step", "plain-numpy-scalar",
+                                  "nesterov-dampening"])
 def test_sgd_runs_in_numpy_where_the_general_loop_would_round_otherwise_or_cannot_take_the_arrays(monkeypatch, case):
     calls = count_fused_calls(monkeypatch, "sgd")
     plain_calls = count_fused_calls(monkeypatch, "sgd_plain")
@@ -216,6 +217,11 @@ def test_sgd_runs_in_numpy_where_the_general_loop_would_round_otherwise_or_canno
         hyper["weight_decay"] = np.float64(1e-3)
     if case == "first-step":
         buf = None
+    if case == "plain-numpy-scalar":  # without momentum too
+        hyper.update(momentum=0.0, nesterov=False, lr=np.float64(0.01))
+        buf = None
+    if case == "nesterov-dampening":  # (SGD refuses it; the backend's NumPy form reads the dampened term)
+        hyper["dampening"] = 0.5
     fused, numpy_ = _sgd_both(value, grad, buf, **hyper)
     assert calls == [] and plain_calls == []
     for a, b in zip(fused, numpy_, strict=True):
@@ -499,7 +505,11 @@ def test_a_loop_that_fails_to_compile_leaves_numpy_running_and_the_other_loops_f
     monkeypatch.delitem(cpu_jit_kernels._COMPILED, "rmsprop", raising=False)
     monkeypatch.setattr(cpu_jit, "_broken", set())
     monkeypatch.setattr(cpu_jit, "_reason", "")
-    assert cpu_jit.rmsprop() is None and cpu_jit.rmsprop() is None  # tried once, then remembered
+    compiles = []
+    real_loop = cpu_jit_kernels.loop
+    monkeypatch.setattr(cpu_jit_kernels, "loop", lambda name: compiles.append(name) or real_loop(name))
+    assert cpu_jit.rmsprop() is None and cpu_jit.rmsprop() is None
+    assert compiles == ["rmsprop"]  # tried once, then remembered
     assert cpu_jit._broken == {"rmsprop"}
     assert cpu_jit.status()["reason"].startswith("numba failed to compile the rmsprop loop: ")
     assert cpu_jit.sgd_momentum() is not None and not cpu_jit.ruled_out()
@@ -602,6 +612,57 @@ def test_the_loops_are_wanted_once_numpy_has_spent_what_loading_them_costs(monke
 
         assert cpu_jit.preload() and set(cpu_jit_kernels._COMPILED) >= set(cpu_jit_kernels._SOURCES)
         assert cpu_jit.wanted()
+
+
+def test_every_optimizers_numpy_update_of_a_large_parameter_is_charged_until_the_loops_load(monkeypatch):
+    for name, value in (("_kernels", None), ("_tried", False), ("_reason", ""), ("_spent", 0.0), ("_mode", "")):
+        monkeypatch.setattr(cpu_jit, name, value)
+    monkeypatch.delenv("DEEPCORE_JIT", raising=False)
+    nb = numpy_backend.NumpyBackend()
+    rng = np.random.default_rng(20)
+    n = numpy_backend._FUSED_MIN
+    value, grad, a, b = (np.abs(rng.standard_normal(n)).astype(np.float32) for _ in range(4))
+    updates = {
+        "sgd momentum": lambda: nb.sgd_update_many([value], [grad], [a], lr=0.1, momentum=0.9, dampening=0.0,
+                                                   nesterov=False, weight_decay=0.0, step=3),
+        "sgd nesterov decay": lambda: nb.sgd_update_many([value], [grad], [a], lr=0.1, momentum=0.9, dampening=0.0,
+                                                         nesterov=True, weight_decay=1e-3, step=3),
+        "sgd plain": lambda: nb.sgd_update_many([value], [grad], [None], lr=0.1, momentum=0.0, dampening=0.0,
+                                                nesterov=False, weight_decay=0.0, step=3),
+        "adam": lambda: nb.adam_update(value, grad, a, b, step=3, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                                       weight_decay=0.0, decoupled=False),
+        "rmsprop": lambda: nb.rmsprop_update(value, grad, a, None, None, lr=1e-3, alpha=0.99, eps=1e-8,
+                                             weight_decay=0.0, momentum=0.0, centered=False),
+        "adagrad": lambda: nb.adagrad_update(value, grad, a, step=3, lr=1e-2, lr_decay=0.0, eps=1e-10,
+                                             weight_decay=0.0),
+    }
+    for name, update in updates.items():
+        before = cpu_jit._spent
+        update()
+        assert cpu_jit._spent > before, name
+    small = np.ones(100, np.float32)  # nothing a loop would take: not charged
+    before = cpu_jit._spent
+    nb.adam_update(small, small.copy(), small.copy(), small.copy(), step=1, lr=1e-3, beta1=0.9, beta2=0.999,
+                   eps=1e-8, weight_decay=0.0, decoupled=False)
+    assert cpu_jit._spent == before and not cpu_jit.status()["tried"]
+
+
+def test_the_benchmarks_load_the_loops_for_deepcores_numpy_optimizer_steps_only(monkeypatch):
+    from deepcore import bench
+    from deepcore.bench.cases import steps_numpy_optimizer
+
+    assert steps_numpy_optimizer("mlp_step", "numpy") and steps_numpy_optimizer("mlp_step", "numpy-dx")
+    assert steps_numpy_optimizer("epoch", "numpy-fit") and steps_numpy_optimizer("cnn_step", "numpy")
+    assert not steps_numpy_optimizer("mlp_step", "numpy-plain") and not steps_numpy_optimizer("mlp_step", "torch")
+    assert not steps_numpy_optimizer("matmul", "numpy") and not steps_numpy_optimizer("softmax_ce", "numpy-unfused")
+    for name, value in (("_kernels", None), ("_tried", False), ("_reason", ""), ("_spent", 0.0), ("_mode", "")):
+        monkeypatch.setattr(cpu_jit, name, value)
+    monkeypatch.delenv("DEEPCORE_JIT", raising=False)
+    bench.make_workload("mlp_step", "numpy-plain", batch=4, sizes=(8, 4, 2))
+    assert not cpu_jit.status()["tried"]
+    bench.make_workload("mlp_step", "numpy-dx", batch=4, sizes=(8, 4, 2))
+    assert cpu_jit.status()["tried"]
+    assert cpu_jit.status()["loaded"] == (importlib.util.find_spec("numba") is not None)
 
 
 def test_deepcore_info_says_whether_the_momentum_step_runs_fused(monkeypatch, capsys):

@@ -216,3 +216,29 @@ def test_runs_of_two_libraries_in_one_group_give_the_bits_of_the_full_step():
     assert [r[2] for r in opt._steady.runs] == [np.ndarray, torch.Tensor, np.ndarray]
     for v, r in zip(values, ref, strict=True):
         np.testing.assert_array_equal(v, r)
+
+
+def test_a_backend_that_returns_too_few_updated_arrays_is_an_error_not_an_in_place_step(monkeypatch):
+    # The plan's quick in-place test compares the run's arrays pairwise: a backend returning one array
+    # short must not read as "all in place" (the full step's strict zip raises for it too).
+    from deepcore.optim import steady
+
+    params = _params(0)
+    opt = optim.SGD(params, lr=0.1, momentum=0.9)
+    rng = np.random.default_rng(1)
+    for _ in range(2):
+        for p, g in zip(params, _grads(rng, params), strict=True):
+            p.grad = g
+        opt.step()
+    assert opt._steady is not None
+    real = steady.update_run
+
+    def one_short(*args):
+        values, bufs = real(*args)
+        return values[:-1], bufs[:-1]
+
+    monkeypatch.setattr(steady, "update_run", one_short)
+    for p, g in zip(params, _grads(rng, params), strict=True):
+        p.grad = g
+    with pytest.raises(ValueError):
+        opt.step()

@@ -8,9 +8,9 @@ rounded operations per element (the same bits). Loops: SGD's plain momentum step
 (:func:`sgd_momentum`), its step with weight decay, dampening or Nesterov momentum (:func:`sgd`)
 and without momentum (:func:`sgd_plain`), Adam's (L2 or decoupled decay),
 RMSprop's and Adagrad's. Through the backend's calls, on the EPYC of benchmarks/README.md
-(``benchmarks/fused_updates.py``): SGD momentum 0.78x NumPy's one-pass time at 65,536 float32
-weights, 0.58x at 200,704, 0.37x at 3.1M (0.52x the blocked form's, which the NumPy backend timed
-faster there); Adam 0.41x, 0.32x and 0.21x; the other loops in benchmarks/README.md.
+(``benchmarks/fused_updates.py``): SGD momentum 0.71x NumPy's one-pass time at 65,536 float32
+weights, 0.58x at 200,704, 0.41x at 3.1M (0.50x the blocked form's, which the NumPy backend timed
+faster there); Adam 0.41x, 0.36x and 0.20x; the other loops in benchmarks/README.md.
 
 numba is never imported by ``import deepcore``, nor by a short run: the NumPy backend runs the
 NumPy forms of the updates a loop could take (parameters of at least

@@ -6,7 +6,8 @@ order and the arrays' own precision (numba contracts no ``a*b + c`` into an FMA 
 ``fastmath``), so both give the same bits; what changes is that each array is read and written
 once instead of once per operation. The functions below are the loops' Python source; :func:`loop`
 compiles one (or reads it from numba's on-disk cache) the first time it is asked for, so a process
-pays only for the loops its optimizer uses (each 0.05-0.1 s from the cache, about 0.5 s to compile).
+pays only for the loops its optimizer uses (about 10 ms each from the cache, half a second to
+compile; the first also starts numba's compiler, about half a second more).
 """
 
 from __future__ import annotations

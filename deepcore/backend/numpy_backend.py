@@ -382,10 +382,12 @@ class NumpyBackend(Backend):
             return super().sgd_update(value, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
                                       nesterov=nesterov, weight_decay=weight_decay, first_step=first_step)
         # Fused, but for the steps that watch for underflow (NumPy's flags see it; without momentum
-        # there is no buffer to flush) and the first with momentum (the buffer is made).
+        # there is no buffer to flush), the first with momentum (the buffer is made) and Nesterov with
+        # dampening (which SGD refuses; NumPy's form would read the dampened term, the loop not).
         start = None
         if (value.size >= _FUSED_MIN and _python_numbers(lr, momentum, dampening, weight_decay)
-                and (momentum == 0.0 or buf is not None and not first_step and type(flush) is not _Underflow)):
+                and (momentum == 0.0 or buf is not None and not first_step and type(flush) is not _Underflow
+                     and not (nesterov and dampening != 0.0))):
             fused_buf = buf if momentum != 0.0 else None
             if not cpu_jit.wanted():
                 start = _jit_start(value, grad, *(() if fused_buf is None else (fused_buf,)))
@@ -568,11 +570,12 @@ _SGD_BLOCKED_MIN = 98304
 _MOMENTUM_FORMS = FormChooser()
 
 
-#: From this size on SGD's steps (but the one that makes a momentum buffer), Adam's, RMSprop's and
-#: Adagrad's run as cpu_jit's one-pass loops where numba is installed (the first such parameter
-#: imports it): SGD momentum from 0.78x the NumPy form's time at this size to 0.37x at 3.1M
-#: weights, Adam from 0.41x to 0.21x (benchmarks/fused_updates.py); a model of only smaller
-#: parameters would not repay numba's import.
+#: From this size on SGD's steps (but the one that makes a momentum buffer and those that watch for
+#: underflow, one in 16), Adam's, RMSprop's and Adagrad's run as cpu_jit's one-pass loops where
+#: numba is installed and loaded (once NumPy's updates of such parameters have taken
+#: ``cpu_jit.LOAD_AFTER_S``): SGD momentum from 0.71x the NumPy form's time at this size to 0.41x
+#: at 3.1M weights, Adam from 0.41x to 0.20x (benchmarks/fused_updates.py); smaller parameters'
+#: updates gain less than the call costs.
 _FUSED_MIN = 65536
 #: The dtypes the fused loop takes, with the smallest normal number of each (its flush bound).
 _FUSED_TINY = {np.dtype(np.float32): np.float32(np.finfo(np.float32).tiny),
@@ -582,9 +585,9 @@ _FUSED_TINY = {np.dtype(np.float32): np.float32(np.finfo(np.float32).tiny),
 def _steady_momentum(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: float, momentum: float,
                      flush: _Flush) -> None:
     """SGD's steady momentum step in place, ``buf = μ buf + g; value -= lr buf`` (``lr``, ``momentum``
-    Python floats): for a large parameter cpu_jit's fused loop where numba is installed, else the
-    hand-written loop's three statements, block by block where that was timed faster here. Every
-    form gives the same bits."""
+    Python floats): for a large parameter cpu_jit's fused loop where numba is installed and loaded
+    (``cpu_jit.wanted``), else the hand-written loop's three statements, block by block where that
+    was timed faster here, charged to cpu_jit's load budget. Every form gives the same bits."""
     # A step that flushes where the update underflowed runs in NumPy's one pass: the underflow is
     # seen through NumPy's floating-point flags, and block by block it would flush only the blocks
     # that underflowed (a subnormal made exactly, which raises no underflow, in another block would

@@ -67,7 +67,7 @@ never imports this package.
 
 from __future__ import annotations
 
-from .cases import make_workload
+from .cases import make_workload, preload_jit
 from .contenders import ALL_CONTENDERS, CASES, CPU_CONTENDERS, GPU_CONTENDERS, NotApplicable, available_contenders
 from .environment import describe_environment, environment
 from .mlp import MLP
@@ -95,6 +95,7 @@ __all__ = [
     "format_table",
     "load_results",
     "make_workload",
+    "preload_jit",
     "reference_for",
     "restore_threads",
     "run",

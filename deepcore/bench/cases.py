@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from ..backend import cpu_jit
@@ -11,6 +12,21 @@ from .workloads import Workload
 
 #: The cases whose workload takes optimizer steps.
 _OPTIMIZER_CASES = ("mlp_step", "cnn_step", "cnn_epoch", "epoch")
+
+
+def steps_numpy_optimizer(case: str, contender: str) -> bool:
+    """Whether ``contender``'s workload for ``case`` takes deepcore's optimizer steps on the NumPy
+    backend (whose large updates run as numba's loops where installed)."""
+    return case in _OPTIMIZER_CASES and library_of(contender) == "numpy" and contender != "numpy-plain"
+
+
+def preload_jit(pairs: Iterable[tuple[str, str]]) -> None:
+    """Load numba's loops now (``cpu_jit.preload``) if any ``(case, contender)`` steps deepcore's
+    optimizer on NumPy: a benchmark times the steady state of a long run, from its first timed
+    step, rather than NumPy's forms until the updates would have repaid the load. Call it before
+    pinning the thread pools: numba's compile loads SciPy's OpenBLAS, another pool to pin."""
+    if any(steps_numpy_optimizer(case, contender) for case, contender in pairs):
+        cpu_jit.preload()
 
 
 def make_workload(case: str, contender: str, **params: Any) -> Workload:
@@ -23,10 +39,7 @@ def make_workload(case: str, contender: str, **params: Any) -> Workload:
     status = contender_status(contender)
     if status is not True:
         raise NotApplicable(str(status))
-    if contender in ("numpy", "numpy-fit") and case in _OPTIMIZER_CASES:  # (numpy-plain: no deepcore optimizer)
-        # The steady state of a long run, from the first timed step: numba's loops (where installed)
-        # loaded now rather than once NumPy's updates would have repaid the load.
-        cpu_jit.preload()
+    preload_jit([(case, contender)])  # (at once where the caller has preloaded)
     if case == "matmul":
         wl = workloads.matmul(contender, **params)
     elif case in ("softmax", "log_softmax"):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cli_errors import UsageError
+from .cases import preload_jit
 from .contenders import ALL_CONTENDERS, CASES
 from .environment import describe_environment, environment
 from .report import compare, format_table, load_results, save_results
@@ -87,6 +88,7 @@ def run_command(args: argparse.Namespace) -> int:
             pass
     if args.cooldown is not None and args.cooldown < 0:
         raise UsageError(f"--cooldown must be >= 0, got {args.cooldown}")
+    preload_jit((s.case, c) for s in specs for c in (contenders or ALL_CONTENDERS))  # before the pools are pinned
     # Arguments are checked: only now change the process's thread pools (restored at the end).
     threads = set_threads(args.threads)
     try:

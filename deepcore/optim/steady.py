@@ -90,7 +90,8 @@ class SteadyPlan:
         changed = False
         for backend, group, _, start, end, values, bufs in self.runs:
             new_values, new_bufs = update_run(backend, group, values, grads[start:end], bufs, step)
-            if all(map(is_, new_values, values)) and all(map(is_, new_bufs, bufs)):
+            if (len(new_values) == len(new_bufs) == end - start and all(map(is_, new_values, values))
+                    and all(map(is_, new_bufs, bufs))):
                 continue  # in place, as a steady step on NumPy always is
             for i, value, buf in zip(range(start, end), new_values, new_bufs, strict=True):
                 p, old_value, _, state, old_buf = entries[i]
