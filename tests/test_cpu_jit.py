@@ -647,6 +647,39 @@ def test_every_optimizers_numpy_update_of_a_large_parameter_is_charged_until_the
     assert cpu_jit._spent == before and not cpu_jit.status()["tried"]
 
 
+@pytest.mark.parametrize(("make", "loop"), [
+    (lambda p: optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4), "sgd"),
+    (lambda p: optim.AdamW(p, lr=1e-3, weight_decay=1e-2), "adam")], ids=["sgd-nesterov", "adamw"])
+def test_numba_loading_in_the_middle_of_fit_changes_no_bit(monkeypatch, make, loop):
+    # fit on a 300-256-10 MLP (its 76,800-weight first layer one the loops take) with a load budget
+    # the first charged NumPy update spends: numba loads after the first steps, the rest run fused,
+    # and every parameter ends as with the loops off.
+    from deepcore import train
+
+    calls = count_fused_calls(monkeypatch, loop)  # (the loop compiled and counted; cpu_jit reset below)
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((256, 300)).astype(np.float32)
+    y = rng.integers(0, 10, 256)
+
+    def run() -> list[np.ndarray]:
+        model = nn.Sequential(nn.Linear(300, 256, seed=1), nn.ReLU(), nn.Linear(256, 10, seed=2))
+        train.fit(model, "softmax-ce", make(list(model.parameters())), (x, y), epochs=2, batch_size=32,
+                  verbose=False)
+        return [p.value for p in model.parameters()]
+
+    for name, value in (("_kernels", None), ("_tried", False), ("_reason", ""), ("_spent", 0.0), ("_mode", "")):
+        monkeypatch.setattr(cpu_jit, name, value)
+    monkeypatch.delenv("DEEPCORE_JIT", raising=False)
+    monkeypatch.setattr(cpu_jit, "LOAD_AFTER_S", 1e-9)  # spent by the first charged NumPy update
+    fused = run()
+    assert cpu_jit.status()["loaded"] and cpu_jit._spent > 0
+    assert 0 < len(calls) < 16 and set(calls) == {300 * 256}  # 16 steps, the first ones NumPy's
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(numpy_backend, "_FUSED_MIN", sys.maxsize)
+        for a, b in zip(fused, run(), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_the_benchmarks_load_the_loops_for_deepcores_numpy_optimizer_steps_only(monkeypatch):
     from deepcore import bench
     from deepcore.bench.cases import steps_numpy_optimizer
