@@ -8,7 +8,7 @@ rest is the array-API reference in :mod:`deepcore.backend.base`.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -388,10 +388,13 @@ class NumpyBackend(Backend):
         if (value.size >= _FUSED_MIN and _python_numbers(lr, momentum, dampening, weight_decay)
                 and (momentum == 0.0 or buf is not None and not first_step and type(flush) is not _Underflow
                      and not (nesterov and dampening != 0.0))):
-            fused_buf = buf if momentum != 0.0 else None
-            if not cpu_jit.wanted():
-                start = _jit_start(value, grad, *(() if fused_buf is None else (fused_buf,)))
-            elif _fused_sgd(value, grad, fused_buf, lr, momentum, dampening, nesterov, weight_decay, flush is True):
+            if momentum == 0.0:
+                kernel, start = _fused_loop(cpu_jit.sgd_plain, value, grad)
+            else:
+                kernel, start = _fused_loop(cpu_jit.sgd, value, grad, buf)
+            if kernel is not None:
+                _run_fused_sgd(kernel, value, grad, buf if momentum != 0.0 else None, lr, momentum, dampening,
+                               nesterov, weight_decay, flush is True)
                 return value, buf
         d = grad
         if weight_decay != 0.0:
@@ -443,9 +446,8 @@ class NumpyBackend(Backend):
         flush = step % _FLUSH_EVERY == 0  # the parameter's own step count paces its flush of m
         start = None
         if value.size >= _FUSED_MIN and _python_numbers(lr, beta1, beta2, eps, weight_decay):
-            if not cpu_jit.wanted():
-                start = _jit_start(value, grad, m, v)
-            elif _fusable(value, grad, m, v) and (kernel := cpu_jit.adam()) is not None:
+            kernel, start = _fused_loop(cpu_jit.adam, value, grad, m, v)
+            if kernel is not None:
                 _fused_adam(kernel, value, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled, flush)
                 return value, m, v
         if weight_decay != 0.0:
@@ -491,9 +493,10 @@ class NumpyBackend(Backend):
             return tuple(np.asarray(a) if a is not None else None for a in out)  # type: ignore[return-value]
         start = None
         if value.size >= _FUSED_MIN and _python_numbers(lr, alpha, eps, weight_decay, momentum):
-            if not cpu_jit.wanted():
-                start = _jit_start(value, grad, *(a for a in (square_avg, ga, mb) if a is not None))
-            elif _fused_rmsprop(value, grad, square_avg, ga, mb, lr, alpha, eps, weight_decay, momentum):
+            kernel, start = _fused_loop(cpu_jit.rmsprop, value, grad,
+                                        *(a for a in (square_avg, ga, mb) if a is not None))
+            if kernel is not None:
+                _run_fused_rmsprop(kernel, value, grad, square_avg, ga, mb, lr, alpha, eps, weight_decay, momentum)
                 return value, square_avg, grad_avg, buf
         if weight_decay != 0.0:
             wd_grad = np.multiply(value, weight_decay)
@@ -538,9 +541,8 @@ class NumpyBackend(Backend):
         clr = lr / (1 + (step - 1) * lr_decay)
         start = None
         if value.size >= _FUSED_MIN and _python_numbers(clr, eps, weight_decay):
-            if not cpu_jit.wanted():
-                start = _jit_start(value, grad, state_sum)
-            elif _fusable(value, grad, state_sum) and (kernel := cpu_jit.adagrad()) is not None:
+            kernel, start = _fused_loop(cpu_jit.adagrad, value, grad, state_sum)
+            if kernel is not None:
                 kind = _FUSED_TINY[value.dtype].dtype.type
                 kernel(value.reshape(-1), grad.reshape(-1), state_sum.reshape(-1), kind(weight_decay), kind(eps),
                        kind(-clr), weight_decay != 0.0)
@@ -594,9 +596,8 @@ def _steady_momentum(value: np.ndarray, grad: np.ndarray, buf: np.ndarray, lr: f
     # survive: other bits than the one-pass form's).
     start = None
     if value.size >= _FUSED_MIN and type(flush) is not _Underflow:
-        if not cpu_jit.wanted():
-            start = _jit_start(value, grad, buf)
-        elif _fusable(value, grad, buf) and (kernel := cpu_jit.sgd_momentum()) is not None:
+        kernel, start = _fused_loop(cpu_jit.sgd_momentum, value, grad, buf)
+        if kernel is not None:
             tiny = _FUSED_TINY[value.dtype]
             kind = tiny.dtype.type  # μ and -lr rounded to the arrays' dtype, as NumPy rounds a Python float
             kernel(value.reshape(-1), grad.reshape(-1), buf.reshape(-1), kind(momentum), kind(-lr), tiny, bool(flush))
@@ -679,13 +680,15 @@ def _fused_adam(kernel: Any, value: np.ndarray, grad: np.ndarray, m: np.ndarray,
            kind(beta2), kind(bc2_sqrt), kind(eps), kind(-step_size), kind(decay), tiny, mode, flush)
 
 
-def _jit_start(*arrays: np.ndarray) -> float | None:
-    """While cpu_jit waits for the NumPy forms to have spent enough to repay loading numba
-    (``cpu_jit.LOAD_AFTER_S``), for arrays a loop could take: the time now, to charge the NumPy
-    form's update from; else None."""
-    if cpu_jit.ruled_out() or not _fusable(*arrays):
-        return None
-    return time.perf_counter()
+def _fused_loop(loop: Callable[[], Any], *arrays: np.ndarray) -> tuple[Any, float | None]:
+    """How to run an update on ``arrays`` that one of cpu_jit's loops could take (the caller has
+    checked its size and hyperparameters; ``loop`` is the cpu_jit function that returns that loop):
+    ``(the loop, None)`` to run it fused; else ``(None, start)``, the NumPy form to run, with the
+    time now to charge it from while numba waits to repay its load (``cpu_jit.LOAD_AFTER_S``), or
+    None when nothing is charged (the loops unavailable, arrays no loop takes)."""
+    if not cpu_jit.wanted():
+        return None, None if cpu_jit.ruled_out() or not _fusable(*arrays) else time.perf_counter()
+    return (loop() if _fusable(*arrays) else None), None
 
 
 def _jit_charge(start: float | None) -> None:
@@ -699,17 +702,11 @@ def _python_numbers(*scalars: Any) -> bool:
     return all(type(x) in (float, int) for x in scalars)
 
 
-def _fused_rmsprop(value: np.ndarray, grad: np.ndarray, square_avg: np.ndarray, grad_avg: np.ndarray | None,
-                   buf: np.ndarray | None, lr: float, alpha: float, eps: float, weight_decay: float,
-                   momentum: float) -> bool:
-    """``rmsprop_update``'s arithmetic as cpu_jit's one-pass loop (``grad_avg`` when centered, ``buf``
-    with momentum); False, nothing written, where the loop cannot take the arrays or is unavailable."""
-    arrays = [a for a in (value, grad, square_avg, grad_avg, buf) if a is not None]
-    if not _fusable(*arrays):
-        return False
-    kernel = cpu_jit.rmsprop()
-    if kernel is None:
-        return False
+def _run_fused_rmsprop(kernel: Any, value: np.ndarray, grad: np.ndarray, square_avg: np.ndarray,
+                       grad_avg: np.ndarray | None, buf: np.ndarray | None, lr: float, alpha: float, eps: float,
+                       weight_decay: float, momentum: float) -> None:
+    """``rmsprop_update``'s arithmetic as cpu_jit's one-pass loop ``kernel`` (``grad_avg`` when
+    centered, ``buf`` with momentum), each scalar rounded to the arrays' dtype."""
     kind = _FUSED_TINY[value.dtype].dtype.type
     none = np.empty(0, value.dtype)  # the loop reads grad_avg and buf only when told they are there
     w = 1.0 - alpha
@@ -717,20 +714,13 @@ def _fused_rmsprop(value: np.ndarray, grad: np.ndarray, square_avg: np.ndarray, 
            none if grad_avg is None else grad_avg.reshape(-1), none if buf is None else buf.reshape(-1),
            kind(weight_decay), kind(alpha), kind(1.0 - alpha), kind(w), kind(1.0 - w), kind(eps), kind(momentum),
            kind(-lr), weight_decay != 0.0, grad_avg is not None, abs(w) < 0.5, buf is not None)
-    return True
 
 
-def _fused_sgd(value: np.ndarray, grad: np.ndarray, buf: np.ndarray | None, lr: float, momentum: float,
-               dampening: float, nesterov: bool, weight_decay: float, flush: bool) -> bool:
-    """``_sgd``'s steady step with momentum (``buf`` given: weight decay, dampening or Nesterov), or
-    without momentum (``buf`` None), as one of cpu_jit's one-pass loops (Python-number
-    hyperparameters: see :func:`_python_numbers`); False, nothing written, where the loop cannot
-    take the arrays or is unavailable."""
-    if not (_fusable(value, grad) if buf is None else _fusable(value, grad, buf)):
-        return False
-    kernel = cpu_jit.sgd_plain() if buf is None else cpu_jit.sgd()
-    if kernel is None:
-        return False
+def _run_fused_sgd(kernel: Any, value: np.ndarray, grad: np.ndarray, buf: np.ndarray | None, lr: float,
+                   momentum: float, dampening: float, nesterov: bool, weight_decay: float, flush: bool) -> None:
+    """``_sgd``'s steady step as cpu_jit's one-pass loop ``kernel``: ``sgd`` with momentum (``buf``
+    given: weight decay, dampening or Nesterov), ``sgd_plain`` without (``buf`` None); each scalar
+    rounded to the arrays' dtype."""
     kind = _FUSED_TINY[value.dtype].dtype.type  # each scalar rounded to the arrays' dtype, as NumPy rounds it
     if buf is None:
         kernel(value.reshape(-1), grad.reshape(-1), kind(weight_decay), kind(-lr), weight_decay != 0.0)
@@ -738,7 +728,6 @@ def _fused_sgd(value: np.ndarray, grad: np.ndarray, buf: np.ndarray | None, lr: 
         kernel(value.reshape(-1), grad.reshape(-1), buf.reshape(-1), kind(weight_decay), kind(momentum),
                kind(1.0 - dampening), kind(-lr), _FUSED_TINY[value.dtype], weight_decay != 0.0, dampening != 0.0,
                bool(nesterov), flush)
-    return True
 
 
 def _fusable(*arrays: np.ndarray) -> bool:

@@ -64,8 +64,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def cpu_jit_line(numba_version: str | None) -> str:
-    """Whether the NumPy backend's fused loops (backend/cpu_jit.py) run here: with numba installed,
-    found by loading them (about a second), as the first large parameter's step would."""
+    """Whether the NumPy backend's fused loops (backend/cpu_jit.py) run here, and from when: with
+    numba installed, found by loading the first loop (about a second)."""
     from ..backend.numpy_backend import _FUSED_MIN
 
     if numba_version is None and not cpu_jit.status()["reason"]:
