@@ -17,11 +17,12 @@ contender got further into training, where repeating one batch breeds subnormal 
 momentum buffer that slow its update: here every contender is at the same step in every round.
 
 Contenders: ``numpy`` (deepcore's loop as the README writes it: forward, loss, ``backward(g)``,
-``opt.step()``, ``opt.zero_grad()``, with numba's fused momentum step where numba is installed:
-deepcore/backend/cpu_jit.py), ``numpy-nojit`` (the same loop with ``DEEPCORE_JIT=0``, as a
-NumPy-only install runs it), ``numpy-plain`` (the step by hand in NumPy), ``torch``
-(PyTorch eager), and the matrix products of the step alone in NumPy and torch (``gemms``), the
-floor that each library's BLAS sets. Only deepcore's process keeps its allocator tuning
+``opt.step()``, ``opt.zero_grad()``, with ``DEEPCORE_JIT=1``: numba's fused momentum step and
+softmax cross-entropy where numba is installed, deepcore/backend/cpu_jit.py; with the variable
+unset a long run reaches the fused step after a second but keeps NumPy's loss), ``numpy-nojit``
+(the same loop with ``DEEPCORE_JIT=0``, as a NumPy-only install runs it), ``numpy-plain`` (the
+step by hand in NumPy), ``torch`` (PyTorch eager), and the matrix products of the step alone in
+NumPy and torch (``gemms``), the floor that each library's BLAS sets. Only deepcore's process keeps its allocator tuning
 (deepcore/backend/malloc_tuning.py); the others run with glibc's defaults, as a user's own
 NumPy or PyTorch loop would. deepcore's workers report whether the momentum step ran fused
 and, without it, which NumPy form the warm-up timed faster for each large parameter
@@ -79,6 +80,8 @@ forms = {f"{size} {dtype}": "blocked" if blocked else "one-pass"
          for (size, dtype), blocked in numpy_backend._MOMENTUM_FORMS.chosen().items()}
 jit = cpu_jit.status()
 jit = "fused (numba)" if jit["loaded"] else (jit["reason"] or "not needed")
+if cpu_jit.softmax_cross_entropy() is not None:  # DEEPCORE_JIT=1: the loss as numba's loop too
+    jit += ", softmax cross-entropy fused"
 print(json.dumps({"ready": True, "blas": blas, "threads": {p["internal_api"]: p["num_threads"] for p in pools},
                   "momentum_forms": forms, "jit": jit}), flush=True)
 for line in sys.stdin:  # "reset": start training again; "N": run N steps, answer the seconds they took
@@ -117,7 +120,9 @@ class _Worker:
         env.pop("DEEPCORE_JIT", None)
         if contender == "numpy-nojit":
             env["DEEPCORE_JIT"] = "0"
-        elif (case, contender) != ("mlp_step", "numpy"):
+        elif (case, contender) == ("mlp_step", "numpy"):
+            env["DEEPCORE_JIT"] = "1"  # numba from the first step: the optimizer's loops and the loss's
+        else:
             # The baselines run as their users run them: glibc's allocator as it comes (deepcore's NumPy
             # backend, which every worker imports, would otherwise tune it for them too).
             env["DEEPCORE_MALLOC_TUNING"] = "0"
@@ -274,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['mlp_gemms:numpy'] * 1e3:9.3f}ms  {r['mlp_gemms:torch'] * 1e3:9.3f}ms | "
               f"{show(r['nojit_vs_numpy']):<33} {show(r['nojit_vs_torch']):<33}")
     jit = sorted({r["deepcore_momentum_forms"]["numpy"] for r in rows})
-    print("deepcore's momentum step of a large parameter: " + "; ".join(jit))
+    print("deepcore's (DEEPCORE_JIT=1) momentum step of a large parameter: " + "; ".join(jit))
     forms = sorted({f"{size}: {form}" for r in rows
                     for size, form in r["deepcore_momentum_forms"]["numpy-nojit"].items()})
     print("NumPy-only deepcore's, as its warm-up timed it (size dtype: form): "

@@ -61,6 +61,10 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mea
             and logits.ndim == 2 and labels.ndim == 1 and labels.shape[0] == logits.shape[0]
             and backend.is_floating(logits) and backend.is_integer(labels)):
         n, c = logits.shape
+        if n:
+            fused = backend.softmax_cross_entropy_fused(logits, labels, reduction)
+            if fused is not None:
+                return fused
         if n == 0:
             in_range = True
         elif not validate:
@@ -89,6 +93,10 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mea
         check_floating(backend, weights, "class_weights", fn, (1,))
         if weights.shape[0] != c:
             raise ValueError(f"{fn}: class_weights must have shape ({c},) for {c} classes, got {tuple(weights.shape)}")
+    if n and eps == 0.0 and weights is None and ignore_index is None:
+        fused = backend.softmax_cross_entropy_fused(logits, labels, reduction)
+        if fused is not None:
+            return fused
     with backend.silent_fp():
         return backend.softmax_cross_entropy(logits, labels, reduction=reduction, label_smoothing=eps,
                                              ignore_index=ignore_index, class_weights=weights,

@@ -264,8 +264,9 @@ def test_plain_loop_workers_run_at_the_thread_count_asked_for():
     spec = importlib.util.spec_from_file_location("plain_loop_under_test", path)
     plain_loop = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plain_loop)
-    # The "numpy" worker runs without DEEPCORE_JIT, whatever this process has: fused where numba loads
-    # (an installed numba that refuses this NumPy or fails to compile: the worker says why).
+    # The "numpy" worker runs with DEEPCORE_JIT=1, whatever this process has: its update and loss fused
+    # where numba loads (an installed numba that refuses this NumPy or fails to compile: the worker
+    # says why).
     fused = importlib.util.find_spec("numba") is not None
     worker = plain_loop._Worker(1, "mlp_step", "numpy", "8-4-2", 4, 1)
     try:
@@ -273,8 +274,9 @@ def test_plain_loop_workers_run_at_the_thread_count_asked_for():
         assert ready["threads"] and all(n == 1 for n in ready["threads"].values()), ready
         assert ready["momentum_forms"] == {}  # no parameter large enough to time the forms on
         # deepcore's worker loads numba's kernels up front, before its pools are pinned
-        assert ready["jit"] == "fused (numba)" if fused else ready["jit"].startswith("numba unavailable")
-        fused = ready["jit"] == "fused (numba)"
+        assert (ready["jit"] == "fused (numba), softmax cross-entropy fused" if fused
+                else ready["jit"].startswith("numba unavailable"))
+        fused = ready["jit"].startswith("fused (numba)")
         assert worker.run(2) > 0
     finally:
         worker.close()
@@ -348,3 +350,28 @@ def test_fused_updates_benchmark_times_every_form(capsys):
     assert numpy_backend._FUSED_MIN == fused_min and numpy_backend._MOMENTUM_FORMS is forms
     with pytest.raises(SystemExit):
         mod.main(["--rounds", "0"])
+
+
+def test_fused_loss_benchmark_times_both_forms_and_says_which_the_backend_runs(capsys):
+    """benchmarks/fused_loss.py: a row per form and shape, the ratio against NumPy's form, the switches restored."""
+    import importlib.util
+    from pathlib import Path
+
+    from deepcore.backend import cpu_jit, numpy_backend
+
+    if cpu_jit.sgd_momentum() is None:
+        pytest.skip(f"the fused loops are unavailable: {cpu_jit.status()['reason']}")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_loss.py"
+    spec = importlib.util.spec_from_file_location("fused_loss_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mode, limit = cpu_jit._mode, numpy_backend._CE_FUSED_MAX_SIZE
+    assert mod.main(["--shapes", f"4x3,{limit + 1}x1", "--rounds", "2", "--calls", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[:2] for r in rows] == [["4x3", "numpy"], ["4x3", "fused"], [f"{limit + 1}x1", "numpy"],
+                                     [f"{limit + 1}x1", "fused"]]
+    assert rows[0][3] == rows[2][3] == "1.000x" and rows[1][-1] == "fused" and rows[3][-1] == "numpy"
+    assert cpu_jit._mode == mode and numpy_backend._CE_FUSED_MAX_SIZE == limit
+    for bad in (["--rounds", "0"], ["--shapes", "32x"], ["--shapes", "0x10"]):
+        with pytest.raises(SystemExit):
+            mod.main(bad)

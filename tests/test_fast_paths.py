@@ -279,8 +279,8 @@ def test_a_float32_training_step_makes_no_float64_array(monkeypatch):
 
         monkeypatch.setattr(nb, name, wrapped)
 
-    for name in ("linear", "linear_backward", "relu", "relu_backward", "softmax_cross_entropy", "sgd_update",
-                 "sgd_update_many", "add_into", "dropout_mask"):
+    for name in ("linear", "linear_backward", "relu", "relu_backward", "softmax_cross_entropy",
+                 "softmax_cross_entropy_fused", "sgd_update", "sgd_update_many", "add_into", "dropout_mask"):
         spy(name)
     rng = np.random.default_rng(4)
     model = nn.Sequential(nn.Linear(20, 16, seed=0), nn.ReLU(), nn.Dropout(0.1, seed=0), nn.Linear(16, 4, seed=1))
@@ -294,8 +294,9 @@ def test_a_float32_training_step_makes_no_float64_array(monkeypatch):
         assert loss.dtype == np.float32 and grad.dtype == np.float32 and pred.dtype == np.float32
         back(grad, need_input_grad=need)
         opt.step()
-    assert {name for name, _ in seen} >= {"linear", "linear_backward", "relu", "softmax_cross_entropy",
-                                         "sgd_update_many"}
+    names = {name for name, _ in seen}  # (the loss as cpu_jit's loop under DEEPCORE_JIT=1)
+    assert names >= {"linear", "linear_backward", "relu", "sgd_update_many"}
+    assert names & {"softmax_cross_entropy", "softmax_cross_entropy_fused"}
     assert all(dt == np.float32 for _, dt in seen), sorted({(n, str(d)) for n, d in seen if d != np.float32})
     for p in model.parameters():
         assert p.value.dtype == np.float32 and p.grad.dtype == np.float32

@@ -238,6 +238,14 @@ class Backend(ConvReference):
         classes = xp.arange(num_classes, dtype=labels.dtype, device=self.device(labels))
         return xp.astype(labels[:, None] == classes[None, :], dtype)
 
+    def softmax_cross_entropy_fused(self, logits: Array, labels: Array, reduction: str) -> tuple[Array, Array] | None:
+        """The training step's call (no weights, smoothing or ignored rows; (N, C) floating-point
+        logits, N >= 1, and (N,) integer labels of this backend) in one fused pass that checks the
+        labels too, or None where the backend has no such pass or it declines this call (a label
+        outside [0, C), an input it does not take): the caller then checks the labels and runs
+        :meth:`softmax_cross_entropy`. The base class has none."""
+        return None
+
     def softmax_cross_entropy(self, logits: Array, labels: Array, *, reduction: str = "mean",
                               label_smoothing: float = 0.0, ignore_index: int | None = None,
                               class_weights: Array | None = None,

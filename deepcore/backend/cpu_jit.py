@@ -75,12 +75,15 @@ def wanted() -> bool:
     """Whether an update a loop can take should run fused now (the caller then asks for the loop,
     which loads numba if need be): the loops are loaded; or not tried yet and the NumPy forms have
     spent :data:`LOAD_AFTER_S` (``DEEPCORE_JIT=1``: at once; ``=0``: the load records why not)."""
-    global _mode
     if _tried:
         return _kernels is not None
-    if not _mode:
-        _mode = "off" if _disabled() else "on" if eager() else "auto"
-    return _mode != "auto" or _spent >= LOAD_AFTER_S
+    return (_mode or _read_mode()) != "auto" or _spent >= LOAD_AFTER_S
+
+
+def _read_mode() -> str:
+    global _mode
+    _mode = "off" if _disabled() else "on" if eager() else "auto"
+    return _mode
 
 
 def preload() -> bool:
@@ -183,6 +186,17 @@ def rmsprop() -> Callable[..., None] | None:
 def adagrad() -> Callable[..., None] | None:
     """The fused Adagrad loop (see ``cpu_jit_kernels.adagrad``), or None."""
     return _loop("adagrad")
+
+
+def softmax_cross_entropy() -> Callable[..., float] | None:
+    """The fused softmax cross-entropy loop (see ``cpu_jit_kernels.softmax_cross_entropy``) where
+    ``DEEPCORE_JIT=1`` asks for numba from the first call, else None. Unlike the update loops its
+    bits are not NumPy's (its exp and log are the C library's), so it never joins a run part-way,
+    as the load budget would have it: a run with the variable unset keeps NumPy's loss throughout,
+    and a resumed or repeated run gives the same bits as the first."""
+    if (_mode or _read_mode()) != "on":
+        return None
+    return _loop("softmax_cross_entropy")
 
 
 def status() -> dict[str, Any]:

@@ -235,3 +235,47 @@ def adagrad(value, grad, state_sum, weight_decay, eps, neg_clr, decay):  # type:
         q = g / q
         q = q * neg_clr
         value[i] = p + q
+
+
+# The loss loop is the exception to this module's rule: its exp and log are numba's (the C
+# library's), not NumPy's vectorised ones, so its last bits differ from the NumPy form's; cpu_jit
+# runs it only where DEEPCORE_JIT=1 asks for numba from the first call, never part-way through a run.
+_CE_SIGNATURES = [f"float64({t}[:, ::1], {i}[:], {t}[:, ::1], {t}[::1], float64)"
+                  for t in ("float32", "float64") for i in ("int64", "int32")]
+
+
+@_loop(_CE_SIGNATURES, error_model="numpy")
+def softmax_cross_entropy(logits, labels, grad, rows, scale):  # type: ignore[no-untyped-def]
+    """Softmax cross-entropy's loss and gradient in one pass over each row, as Liger-Kernel's fused
+    core: ``m = max_j s_j``; ``e_j = exp(s_j - m)`` (the logits' precision) summed in float64 to
+    ``Z``; ``L = log Z - (s_y - m)``; ``grad_j = e_j (scale / Z) - scale [j = y]``. Returns
+    ``scale * sum_i L_i`` (float64), and writes ``L_i`` into ``rows`` when it has a row per sample;
+    returns -1.0 (a loss is never negative: ``Z >= 1``) and writes nothing when a label lies
+    outside ``[0, C)``. A NaN logit makes its row NaN, as NumPy's form does."""
+    n, c = logits.shape
+    for i in range(n):
+        if labels[i] < 0 or labels[i] >= c:
+            return -1.0
+    dtype_scale = grad.dtype.type(scale)
+    keep_rows = rows.shape[0] == n
+    total = 0.0
+    for i in range(n):
+        m = logits[i, 0]
+        for j in range(1, c):
+            if logits[i, j] > m:  # (a NaN anywhere makes Z, and so the whole row, NaN)
+                m = logits[i, j]
+        z = 0.0
+        for j in range(c):
+            e = np.exp(logits[i, j] - m)
+            grad[i, j] = e
+            z += e
+        y = labels[i]
+        loss = np.log(z) - (logits[i, y] - m)
+        total += loss
+        if keep_rows:
+            rows[i] = loss
+        f = grad.dtype.type(scale / z)
+        for j in range(c):
+            grad[i, j] *= f
+        grad[i, y] -= dtype_scale
+    return total * scale

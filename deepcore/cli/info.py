@@ -66,16 +66,19 @@ def run_command(args: argparse.Namespace) -> int:
 def cpu_jit_line(numba_version: str | None) -> str:
     """Whether the NumPy backend's fused loops (backend/cpu_jit.py) run here, and from when: with
     numba installed, found by loading the first loop (about a second)."""
-    from ..backend.numpy_backend import _FUSED_MIN
+    from ..backend.numpy_backend import _CE_FUSED_MAX_SIZE, _FUSED_MIN
 
     if numba_version is None and not cpu_jit.status()["reason"]:
         return "off: numba not installed (pip install 'deepcore[jit]' fuses the optimizers' steps)"
     if cpu_jit.sgd_momentum() is None:
         return f"off: {cpu_jit.status()['reason']}"
-    when = "from the first step (DEEPCORE_JIT=1)" if cpu_jit.eager() else (
-        f"once NumPy has spent {cpu_jit.LOAD_AFTER_S:g} s on those updates")
-    return (f"numba {numba_version}: SGD's, Adam's, RMSprop's and Adagrad's steps fused for parameters of "
-            f">= {_FUSED_MIN} weights, {when}")
+    steps = (f"numba {numba_version}: SGD's, Adam's, RMSprop's and Adagrad's steps fused for parameters of "
+             f">= {_FUSED_MIN} weights")
+    if cpu_jit.eager():
+        return (f"{steps} and softmax cross-entropy of <= {_CE_FUSED_MAX_SIZE} logits, from the first step "
+                "(DEEPCORE_JIT=1)")
+    return (f"{steps}, once NumPy has spent {cpu_jit.LOAD_AFTER_S:g} s on those updates "
+            "(DEEPCORE_JIT=1: from the first step, softmax cross-entropy too)")
 
 
 def _cuda_version(code: int) -> str:
