@@ -50,7 +50,7 @@ def _reference(logits: np.ndarray, labels: np.ndarray, reduction: str) -> tuple[
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_dtype", [np.int64, np.int32])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(1, 1), (1, 10), (7, 3), (32, 10), (2048, 10), (3, 5000)],
+@pytest.mark.parametrize("shape", [(1, 1), (1, 10), (7, 3), (32, 10), (1500, 10), (3, 5000)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
 def test_fused_loss_matches_the_float64_reference(jit_on, shape, dtype, label_dtype, reduction):
     rng = np.random.default_rng(shape[0] * 7 + shape[1])

@@ -587,9 +587,11 @@ class NumpyBackend(Backend):
 _CE_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _CE_FUSED_LABELS = (np.dtype(np.int64), np.dtype(np.int32))
 #: Up to this many logits the fused loop wins (its exp is the C library's, scalar; NumPy's is
-#: vectorised but costs a dozen calls): on the EPYC of benchmarks/README.md 0.21x NumPy's time at
-#: 32 x 10, 0.81x at 2048 x 10, even at 256 x 100, 1.2-1.9x at 4096 x 10 and 256 x 1000.
-_CE_FUSED_MAX_SIZE = 20480
+#: vectorised but costs a dozen calls): on the EPYC of benchmarks/README.md, two runs of
+#: benchmarks/fused_loss.py, 0.17x NumPy's time at 32 x 10, 0.24-0.30x at 128 x 10, 0.49-0.61x at
+#: 512 x 10, 0.70-0.90x at 128 x 100; 0.83-1.04x at 2048 x 10 and 0.89-1.14x at 256 x 100 (past
+#: the limit), 1.04-1.16x at 4096 x 10 and 1.6-1.9x at 256 x 1000.
+_CE_FUSED_MAX_SIZE = 16384
 
 #: Elements per block of the blocked momentum update (256 KiB of float32: the block of the
 #: parameter, its gradient, its buffer and the scratch, 1 MiB, stay in a 2 MiB L2 cache).
