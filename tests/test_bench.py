@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +19,15 @@ CPU = ["numpy", "numpy-plain"] + (["torch"] if HAVE_TORCH else [])
 
 def _bench(*args: str) -> list[str]:
     return ["bench", "--quick", "--rounds", "2", "--min-time", "0.0005", *args]
+
+
+def _benchmark_script(name: str) -> Any:
+    """``benchmarks/<name>.py`` imported as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_prints_a_table_with_ratios(capsys):
@@ -257,13 +269,7 @@ def test_a_numpy_workload_loads_no_other_library():
 def test_plain_loop_workers_run_at_the_thread_count_asked_for():
     """benchmarks/plain_loop.py pins each worker's pools after NumPy is loaded: threadpoolctl reaches
     only loaded libraries, and a worker pinned before NumPy ran its "1 thread" rows on every core."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plain_loop.py"
-    spec = importlib.util.spec_from_file_location("plain_loop_under_test", path)
-    plain_loop = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plain_loop)
+    plain_loop = _benchmark_script("plain_loop")
     # The "numpy" worker runs with DEEPCORE_JIT=1, whatever this process has: its update and loss fused
     # where numba loads (an installed numba that refuses this NumPy or fails to compile: the worker
     # says why).
@@ -304,14 +310,9 @@ def test_plain_loop_median_interval_matches_the_exact_bootstrap():
     25 draws are <= x_(j), a binomial tail with p = j/25. Its 5% and 95% points (x_(9) and x_(17),
     each 0.02 of probability from the next order statistic, four standard errors of 2,000 resamples)
     are what the resampling must find."""
-    import importlib.util
     from math import comb
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plain_loop.py"
-    spec = importlib.util.spec_from_file_location("plain_loop_under_test", path)
-    plain_loop = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plain_loop)
+    plain_loop = _benchmark_script("plain_loop")
     n = 25
     r = [0.80 + 0.01 * ((7 * k) % n) for k in range(n)]  # 25 distinct values, not in order
     order = sorted(r)
@@ -327,17 +328,11 @@ def test_plain_loop_median_interval_matches_the_exact_bootstrap():
 
 def test_fused_updates_benchmark_times_every_form(capsys):
     """benchmarks/fused_updates.py: one row per form and size, each ratio against the NumPy form."""
-    import importlib.util
-    from pathlib import Path
-
     from deepcore.backend import cpu_jit, numpy_backend
 
     if cpu_jit.sgd_momentum() is None:
         pytest.skip(f"the fused loops are unavailable: {cpu_jit.status()['reason']}")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_updates.py"
-    spec = importlib.util.spec_from_file_location("fused_updates_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark_script("fused_updates")
     fused_min, forms = numpy_backend._FUSED_MIN, numpy_backend._MOMENTUM_FORMS
     assert mod.main(["--sizes", str(fused_min), "--rounds", "2", "--calls", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
@@ -354,17 +349,11 @@ def test_fused_updates_benchmark_times_every_form(capsys):
 
 def test_fused_loss_benchmark_times_both_forms_and_says_which_the_backend_runs(capsys):
     """benchmarks/fused_loss.py: a row per form and shape, the ratio against NumPy's form, the switches restored."""
-    import importlib.util
-    from pathlib import Path
-
     from deepcore.backend import cpu_jit, numpy_backend
 
     if cpu_jit.sgd_momentum() is None:
         pytest.skip(f"the fused loops are unavailable: {cpu_jit.status()['reason']}")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fused_loss.py"
-    spec = importlib.util.spec_from_file_location("fused_loss_under_test", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _benchmark_script("fused_loss")
     mode, limit = cpu_jit._mode, numpy_backend._CE_FUSED_MAX_SIZE
     assert mod.main(["--shapes", f"4x3,{limit + 1}x1", "--rounds", "2", "--calls", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]

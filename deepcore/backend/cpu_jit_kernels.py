@@ -240,8 +240,7 @@ def adagrad(value, grad, state_sum, weight_decay, eps, neg_clr, decay):  # type:
 # The loss loop is the exception to this module's rule: its exp and log are numba's (the C
 # library's), not NumPy's vectorised ones, so its last bits differ from the NumPy form's; cpu_jit
 # runs it only where DEEPCORE_JIT=1 asks for numba from the first call, never part-way through a run.
-_CE_SIGNATURES = [f"float64({t}[:, ::1], {i}[:], {t}[:, ::1], {t}[::1], float64)"
-                  for t in ("float32", "float64") for i in ("int64", "int32")]
+_CE_SIGNATURES = [f"float64({t}[:, ::1], int64[:], {t}[:, ::1], {t}[::1], float64)" for t in ("float32", "float64")]
 
 
 @_loop(_CE_SIGNATURES, error_model="numpy")

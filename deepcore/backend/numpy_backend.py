@@ -219,15 +219,14 @@ class NumpyBackend(Backend):
                                     reduction: str) -> tuple[np.ndarray, np.ndarray] | None:
         """cpu_jit's fused loop (``DEEPCORE_JIT=1`` only: its bits are not NumPy's) for float32 or
         float64 C-contiguous logits of up to ``_CE_FUSED_MAX_SIZE`` elements and integer labels
-        (other than int64 and int32 read as int64); None otherwise, or for a bad label. One call
-        instead of NumPy's dozen."""
+        (read as int64); None otherwise, or for a bad label. One call instead of NumPy's dozen."""
         kernel = cpu_jit.softmax_cross_entropy()
         if (kernel is None or logits.dtype not in _CE_FUSED_DTYPES or logits.size > _CE_FUSED_MAX_SIZE
                 or not logits.flags.c_contiguous):
             return None
-        if labels.dtype not in _CE_FUSED_LABELS:
+        if labels.dtype != _INT64:
             # (uint64 labels beyond int64 wrap to negative ones, which the loop declines)
-            labels = labels.astype(np.int64, casting="unsafe")
+            labels = labels.astype(_INT64, casting="unsafe")
         n = logits.shape[0]
         grad = np.empty_like(logits)
         rows = np.empty(n if reduction == "none" else 0, dtype=logits.dtype)
@@ -585,7 +584,7 @@ class NumpyBackend(Backend):
 
 #: What the fused softmax cross-entropy loop takes (numpy_backend.softmax_cross_entropy_fused).
 _CE_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_CE_FUSED_LABELS = (np.dtype(np.int64), np.dtype(np.int32))
+_INT64 = np.dtype(np.int64)
 #: Up to this many logits the fused loop wins (its exp is the C library's, scalar; NumPy's is
 #: vectorised but costs a dozen calls): on the EPYC of benchmarks/README.md, two runs of
 #: benchmarks/fused_loss.py, 0.17x NumPy's time at 32 x 10, 0.24-0.30x at 128 x 10, 0.49-0.61x at
