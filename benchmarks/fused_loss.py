@@ -1,5 +1,6 @@
 """Softmax cross-entropy's loss and gradient on the NumPy backend: NumPy's one-buffer form against
-cpu_jit's fused numba loop (``pip install -e ".[jit]"``, run under ``DEEPCORE_JIT=1``).
+cpu_jit's fused numba loop (``pip install -e ".[jit]"``; the loop runs under ``DEEPCORE_JIT=1``,
+whose mode the script sets itself).
 
     python benchmarks/fused_loss.py    # batches 32 to 4096 of 10 classes, 100 and 1000 classes
     python benchmarks/fused_loss.py --shapes 32x10,2048x10 --rounds 60

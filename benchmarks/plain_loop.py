@@ -81,7 +81,7 @@ forms = {f"{size} {dtype}": "blocked" if blocked else "one-pass"
 jit = cpu_jit.status()
 jit = "fused (numba)" if jit["loaded"] else (jit["reason"] or "not needed")
 if cpu_jit.softmax_cross_entropy() is not None:  # DEEPCORE_JIT=1: the loss as numba's loop too
-    jit += ", softmax cross-entropy fused"
+    jit += "; softmax cross-entropy fused"
 print(json.dumps({"ready": True, "blas": blas, "threads": {p["internal_api"]: p["num_threads"] for p in pools},
                   "momentum_forms": forms, "jit": jit}), flush=True)
 for line in sys.stdin:  # "reset": start training again; "N": run N steps, answer the seconds they took
@@ -279,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['mlp_gemms:numpy'] * 1e3:9.3f}ms  {r['mlp_gemms:torch'] * 1e3:9.3f}ms | "
               f"{show(r['nojit_vs_numpy']):<33} {show(r['nojit_vs_torch']):<33}")
     jit = sorted({r["deepcore_momentum_forms"]["numpy"] for r in rows})
-    print("deepcore's (DEEPCORE_JIT=1) momentum step of a large parameter: " + "; ".join(jit))
+    print("deepcore's loops (DEEPCORE_JIT=1), the momentum step of a large parameter and the loss: "
+          + "; ".join(jit))
     forms = sorted({f"{size}: {form}" for r in rows
                     for size, form in r["deepcore_momentum_forms"]["numpy-nojit"].items()})
     print("NumPy-only deepcore's, as its warm-up timed it (size dtype: form): "

@@ -61,7 +61,7 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mea
             and logits.ndim == 2 and labels.ndim == 1 and labels.shape[0] == logits.shape[0]
             and backend.is_floating(logits) and backend.is_integer(labels)):
         n, c = logits.shape
-        if n:
+        if n:  # a backend's fused pass checks the labels itself (NumPy's under DEEPCORE_JIT=1)
             fused = backend.softmax_cross_entropy_fused(logits, labels, reduction)
             if fused is not None:
                 return fused
@@ -94,6 +94,8 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, reduction: str = "mea
         if weights.shape[0] != c:
             raise ValueError(f"{fn}: class_weights must have shape ({c},) for {c} classes, got {tuple(weights.shape)}")
     if n and eps == 0.0 and weights is None and ignore_index is None:
+        # The same call as above's: a process's first call comes here (the type table above is
+        # filled by its backend look-up), and must run in the form every later call runs in.
         fused = backend.softmax_cross_entropy_fused(logits, labels, reduction)
         if fused is not None:
             return fused

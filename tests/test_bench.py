@@ -155,6 +155,10 @@ def test_environment_says_whether_the_fused_loops_run(monkeypatch):
     monkeypatch.delenv("DEEPCORE_JIT", raising=False)
     untried()
     assert bench.environment()["cpu_jit"] == (f"numba {numba}" if numba else "off (numba not installed)")
+    monkeypatch.setenv("DEEPCORE_JIT", "1")
+    untried()
+    assert bench.environment()["cpu_jit"] == (f"numba {numba}, loss fused (DEEPCORE_JIT=1)" if numba
+                                              else "off (numba not installed)")
     monkeypatch.setenv("DEEPCORE_JIT", "0")
     untried()
     assert bench.environment()["cpu_jit"] == "off (disabled by DEEPCORE_JIT=0)"
@@ -280,7 +284,7 @@ def test_plain_loop_workers_run_at_the_thread_count_asked_for():
         assert ready["threads"] and all(n == 1 for n in ready["threads"].values()), ready
         assert ready["momentum_forms"] == {}  # no parameter large enough to time the forms on
         # deepcore's worker loads numba's kernels up front, before its pools are pinned
-        assert (ready["jit"] == "fused (numba), softmax cross-entropy fused" if fused
+        assert (ready["jit"] == "fused (numba); softmax cross-entropy fused" if fused
                 else ready["jit"].startswith("numba unavailable"))
         fused = ready["jit"].startswith("fused (numba)")
         assert worker.run(2) > 0

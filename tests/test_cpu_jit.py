@@ -715,6 +715,18 @@ def test_deepcore_info_says_whether_the_momentum_step_runs_fused(monkeypatch, ca
             if cpu_jit.sgd_momentum() is not None
             else f"off: {cpu_jit.status()['reason']}")
     assert cpu_jit_line(version) == want
+    if cpu_jit.sgd_momentum() is not None:
+        monkeypatch.setenv("DEEPCORE_JIT", "1")
+        monkeypatch.setattr(cpu_jit, "_mode", "")
+        assert cpu_jit_line(version) == (
+            f"numba {version}: SGD's, Adam's, RMSprop's and Adagrad's steps fused for parameters of >= "
+            f"{numpy_backend._FUSED_MIN} weights and softmax cross-entropy of <= "
+            f"{numpy_backend._CE_FUSED_MAX_SIZE} logits, from the first step (DEEPCORE_JIT=1)")
+        monkeypatch.setattr(cpu_jit, "_broken", {"softmax_cross_entropy"})  # as after its compile failed
+        from deepcore.backend import cpu_jit_kernels
+
+        monkeypatch.delitem(cpu_jit_kernels._COMPILED, "softmax_cross_entropy", raising=False)
+        assert cpu_jit_line(version).endswith(" weights, from the first step (DEEPCORE_JIT=1)")
     monkeypatch.setenv("DEEPCORE_JIT", "off")
     for name, value in (("_kernels", None), ("_tried", False), ("_reason", "")):
         monkeypatch.setattr(cpu_jit, name, value)

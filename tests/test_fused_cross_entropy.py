@@ -5,6 +5,8 @@ for bad labels, NumPy's form for every input it does not take, and never part-wa
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -18,8 +20,10 @@ def jit_on(monkeypatch):
     for name, value in (("_kernels", None), ("_tried", False), ("_reason", ""), ("_spent", 0.0), ("_mode", "")):
         monkeypatch.setattr(cpu_jit, name, value)
     monkeypatch.setenv("DEEPCORE_JIT", "1")
-    if cpu_jit.softmax_cross_entropy() is None:
-        pytest.skip(f"the fused loops are unavailable: {cpu_jit.status()['reason']}")
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed")
+    # With numba installed the loop must load and compile: a failure is this test's, not a skip.
+    assert cpu_jit.softmax_cross_entropy() is not None, cpu_jit.status()["reason"]
     from deepcore.backend import cpu_jit_kernels
 
     real = cpu_jit_kernels.loop("softmax_cross_entropy")
@@ -68,7 +72,7 @@ def test_fused_loss_matches_the_float64_reference(jit_on, shape, dtype, label_dt
     tol = 2e-6 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(loss, want_loss, rtol=tol, atol=tol)
     np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol * (1 if reduction == "mean" else 4))
-    # and no further from it than NumPy's own form (its row sums and logs are float64)
+    # and no further from it than NumPy's own form (the loop's row sums and logs are float64)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu_jit, "_mode", "auto")
         numpy_loss, numpy_grad = losses.softmax_cross_entropy(logits, labels, reduction=reduction)
@@ -105,6 +109,92 @@ def test_a_bad_label_raises_as_numpys_form_does_or_gives_its_nan_row(jit_on, bad
     assert jit_on == [12, 12]
     want = _reference(logits[[0, 2]], labels[[0, 2]], "none")[1]
     np.testing.assert_allclose(grad[[0, 2]], want / 3, rtol=2e-6, atol=1e-8)
+
+
+def test_row_sums_and_logs_are_float64(jit_on):
+    # One class at 0 and 4,999 at -20: Z = 1 + 4999 exp(-20) = 1.0000103, where a float32 sum stays
+    # at exactly 1 (each term is below half an ulp of 1) and the loss would be 0.
+    logits = np.full((2, 5000), -20.0, np.float32)
+    logits[:, 0] = 0.0
+    rows, _ = losses.softmax_cross_entropy(logits, np.zeros(2, np.int64), reduction="none")
+    assert len(jit_on) == 1
+    np.testing.assert_allclose(rows, np.log1p(4999 * np.exp(np.float64(np.float32(-20.0)))), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["logits", "labels", "both"])
+def test_read_only_batches_are_taken(jit_on, case):
+    # (a batch sliced from a memory-mapped file or np.broadcast_to is read-only)
+    rng = np.random.default_rng(6)
+    logits, labels = rng.standard_normal((6, 4)).astype(np.float32), rng.integers(0, 4, 6)
+    want = losses.softmax_cross_entropy(logits, labels)
+    for a, name in ((logits, "logits"), (labels, "labels")):
+        if case in (name, "both"):
+            a.setflags(write=False)
+    got = losses.softmax_cross_entropy(logits, labels)
+    assert len(jit_on) == 2
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_an_overflowing_float32_sum_gives_inf_and_no_floating_point_error(jit_on):
+    # Each row's loss is 2e38 (finite in float64), their sum beyond float32's range: inf, as
+    # NumPy's form gives under the loss's silent_fp, with np.seterr set to raise.
+    logits = np.array([[1e38, -1e38]] * 2, np.float32)
+    labels = np.array([1, 1])
+    with np.errstate(all="raise"):
+        loss, grad = losses.softmax_cross_entropy(logits, labels, reduction="sum")
+    assert len(jit_on) == 1 and loss == np.inf and loss.dtype == np.float32
+    np.testing.assert_array_equal(grad, [[1.0, -1.0]] * 2)
+
+
+def test_a_process_first_call_runs_the_loop_too(jit_on, monkeypatch):
+    # The first loss call of a process finds no backend in the type table and takes the checked
+    # path: it must run the same form as every later call, or a resumed run's first step would differ.
+    monkeypatch.setattr(losses, "_BACKEND_BY_TYPE", {})
+    logits = np.random.default_rng(7).standard_normal((5, 3)).astype(np.float32)
+    losses.softmax_cross_entropy(logits, np.array([0, 1, 2, 1, 0]))
+    assert jit_on == [15]
+
+
+def test_the_size_limit(jit_on, monkeypatch):
+    monkeypatch.setattr(numpy_backend, "_CE_FUSED_MAX_SIZE", 12)
+    rng = np.random.default_rng(8)
+    for n in (4, 5):  # 12 logits, then 15
+        losses.softmax_cross_entropy(rng.standard_normal((n, 3)).astype(np.float32), np.zeros(n, np.int64))
+    assert jit_on == [12]
+
+
+def test_a_subclass_or_patched_softmax_cross_entropy_and_array_subclasses_run_numpys_path(jit_on, monkeypatch):
+    from deepcore.backend import get_backend
+
+    nb = get_backend("numpy")
+    rng = np.random.default_rng(9)
+    logits, labels = rng.standard_normal((4, 3)).astype(np.float32), np.array([0, 1, 2, 0])
+    called = []
+    real = nb.softmax_cross_entropy
+
+    def patched(*args, **kwargs):
+        called.append(True)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(nb, "softmax_cross_entropy", patched)
+        losses.softmax_cross_entropy(logits, labels)
+    assert called == [True]
+
+    class Sub(numpy_backend.NumpyBackend):
+        def softmax_cross_entropy(self, *args, **kwargs):
+            called.append(True)
+            return super().softmax_cross_entropy(*args, **kwargs)
+
+    assert Sub().softmax_cross_entropy_fused(logits, labels, "mean") is None
+
+    class Marked(np.ndarray):
+        pass
+
+    assert nb.softmax_cross_entropy_fused(logits.view(Marked), labels, "mean") is None
+    assert nb.softmax_cross_entropy_fused(logits, labels.view(Marked), "mean") is None
+    assert jit_on == []
 
 
 @pytest.mark.parametrize("label_dtype", [np.uint8, np.int16, np.uint64])
@@ -150,8 +240,14 @@ def test_the_loop_runs_only_under_deepcore_jit_1_even_once_numba_is_loaded(monke
     for name, value in (("_kernels", None), ("_tried", False), ("_reason", ""), ("_spent", 0.0), ("_mode", "")):
         monkeypatch.setattr(cpu_jit, name, value)
     monkeypatch.delenv("DEEPCORE_JIT", raising=False)
-    if not cpu_jit.preload():
-        pytest.skip(f"the fused loops are unavailable: {cpu_jit.status()['reason']}")
+    if importlib.util.find_spec("numba") is None:
+        pytest.skip("numba is not installed")
+    from deepcore.backend import cpu_jit_kernels
+
+    monkeypatch.setattr(cpu_jit_kernels, "_COMPILED", {})
+    assert cpu_jit.preload()
+    # preload compiles the loops that can run: not this one, here
+    assert set(cpu_jit_kernels._COMPILED) == set(cpu_jit_kernels._SOURCES) - {"softmax_cross_entropy"}
     assert cpu_jit.wanted() and cpu_jit.softmax_cross_entropy() is None
     logits = np.ones((4, 3), np.float32)
     assert numpy_backend.NumpyBackend().softmax_cross_entropy_fused(logits, np.zeros(4, np.int64), "mean") is None

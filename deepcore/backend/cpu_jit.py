@@ -28,6 +28,12 @@ version check), and with it SciPy's own OpenBLAS, idle but with its own thread p
 NumPy's operations the loops report no floating-point errors: ``np.errstate`` / ``np.seterr``
 settings (raise or warn on overflow, invalid) do not reach a fused step, which returns inf or NaN
 as PyTorch's does.
+
+One loop is not NumPy's bits: softmax cross-entropy's (:func:`softmax_cross_entropy`), whose exp
+and log are the C library's and whose row sums and logs are float64. It runs only where
+``DEEPCORE_JIT=1`` asks for numba from the first call (then numba loads at the first loss), never
+once the load budget brings numba in part-way through a run: a run with the variable unset keeps
+NumPy's loss throughout, and a repeated or resumed run with the same setting gives the same bits.
 """
 
 from __future__ import annotations
@@ -86,16 +92,23 @@ def _read_mode() -> str:
     return _mode
 
 
+#: The loops whose results are not NumPy's bits: run only under DEEPCORE_JIT=1 (see the module's docstring).
+_FROM_THE_START = frozenset({"softmax_cross_entropy"})
+
+
 def preload() -> bool:
-    """Import numba and compile every loop now, rather than once the NumPy forms have spent
+    """Import numba and compile every loop that can run now (the loss loop only under
+    ``DEEPCORE_JIT=1``), rather than once the NumPy forms have spent
     :data:`LOAD_AFTER_S`: for benchmarks that time the steady state of a long run (and pin the
     thread pools numba's compile brings, SciPy's OpenBLAS, afterwards). True where the loops are
     available."""
     kernels = _load()
     if kernels is None:
         return False
+    on = (_mode or _read_mode()) == "on"
     for name in kernels._SOURCES:
-        _loop(name)
+        if on or name not in _FROM_THE_START:  # (a loop that will not run is not compiled)
+            _loop(name)
     return True
 
 
@@ -134,7 +147,7 @@ def ruled_out() -> bool:
     return _tried and _kernels is None
 
 
-def _loop(name: str) -> Callable[..., None] | None:
+def _loop(name: str) -> Callable[..., Any] | None:
     """The compiled loop ``name``, or None where the loops are unavailable or this one failed to
     compile (its reason kept). The first call imports numba; each loop compiles on its first call."""
     kernels = _load()
@@ -188,12 +201,10 @@ def adagrad() -> Callable[..., None] | None:
     return _loop("adagrad")
 
 
-def softmax_cross_entropy() -> Callable[..., float] | None:
+def softmax_cross_entropy() -> Callable[..., bool] | None:
     """The fused softmax cross-entropy loop (see ``cpu_jit_kernels.softmax_cross_entropy``) where
-    ``DEEPCORE_JIT=1`` asks for numba from the first call, else None. Unlike the update loops its
-    bits are not NumPy's (its exp and log are the C library's), so it never joins a run part-way,
-    as the load budget would have it: a run with the variable unset keeps NumPy's loss throughout,
-    and a resumed or repeated run gives the same bits as the first."""
+    ``DEEPCORE_JIT=1`` asks for numba from the first call, else None (the module's docstring says
+    why only then)."""
     if (_mode or _read_mode()) != "on":
         return None
     return _loop("softmax_cross_entropy")

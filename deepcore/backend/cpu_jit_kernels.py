@@ -1,13 +1,14 @@
 """The numba loops behind :mod:`deepcore.backend.cpu_jit` (this module imports numba: only
 ``cpu_jit`` imports it, on first use).
 
-Each loop does, per element, the rounded operations of the NumPy form it replaces, in the same
-order and the arrays' own precision (numba contracts no ``a*b + c`` into an FMA without
-``fastmath``), so both give the same bits; what changes is that each array is read and written
-once instead of once per operation. The functions below are the loops' Python source; :func:`loop`
-compiles one (or reads it from numba's on-disk cache) the first time it is asked for, so a process
-pays only for the loops its optimizer uses (about 10 ms each from the cache, half a second to
-compile; the first also starts numba's compiler, about half a second more).
+Each update loop does, per element, the rounded operations of the NumPy form it replaces, in the
+same order and the arrays' own precision (numba contracts no ``a*b + c`` into an FMA without
+``fastmath``), so both give the same bits (the loss loop at the end is the exception); what
+changes is that each array is read and written once instead of once per operation. The functions
+below are the loops' Python source; :func:`loop` compiles one (or reads it from numba's on-disk
+cache) the first time it is asked for, so a process pays only for the loops its optimizer uses
+(about 10 ms each from the cache, half a second to compile; the first also starts numba's
+compiler, about half a second more).
 """
 
 from __future__ import annotations
@@ -238,25 +239,29 @@ def adagrad(value, grad, state_sum, weight_decay, eps, neg_clr, decay):  # type:
 
 
 # The loss loop is the exception to this module's rule: its exp and log are numba's (the C
-# library's), not NumPy's vectorised ones, so its last bits differ from the NumPy form's; cpu_jit
-# runs it only where DEEPCORE_JIT=1 asks for numba from the first call, never part-way through a run.
-_CE_SIGNATURES = [f"float64({t}[:, ::1], int64[:], {t}[:, ::1], {t}[::1], float64)" for t in ("float32", "float64")]
+# library's), not NumPy's vectorised ones, and its row sums and logs are float64, so its results
+# differ from the NumPy form's by rounding; cpu_jit runs it only where DEEPCORE_JIT=1 asks for
+# numba from the first call, never part-way through a run. The logits and labels are typed
+# read-only, which writeable arrays convert to: a read-only batch (a memory-mapped file) is taken.
+_CE_SIGNATURES = [numba.types.boolean(numba.types.Array(t, 2, "C", readonly=True),
+                                      numba.types.Array(numba.types.int64, 1, "A", readonly=True),
+                                      t[:, ::1], t[::1], numba.types.float64, numba.types.boolean)
+                  for t in (numba.types.float32, numba.types.float64)]
 
 
 @_loop(_CE_SIGNATURES, error_model="numpy")
-def softmax_cross_entropy(logits, labels, grad, rows, scale):  # type: ignore[no-untyped-def]
+def softmax_cross_entropy(logits, labels, grad, out, scale, per_row):  # type: ignore[no-untyped-def]
     """Softmax cross-entropy's loss and gradient in one pass over each row, as Liger-Kernel's fused
     core: ``m = max_j s_j``; ``e_j = exp(s_j - m)`` (the logits' precision) summed in float64 to
-    ``Z``; ``L = log Z - (s_y - m)``; ``grad_j = e_j (scale / Z) - scale [j = y]``. Returns
-    ``scale * sum_i L_i`` (float64), and writes ``L_i`` into ``rows`` when it has a row per sample;
-    returns -1.0 (a loss is never negative: ``Z >= 1``) and writes nothing when a label lies
-    outside ``[0, C)``. A NaN logit makes its row NaN, as NumPy's form does."""
+    ``Z``; ``L = log Z - (s_y - m)`` (float64); ``grad_j = e_j (scale / Z) - scale [j = y]``.
+    Writes ``L_i`` into ``out[i]`` (``per_row``) or ``scale * sum_i L_i`` into ``out[0]`` (a cast
+    that overflows gives inf, silently), and returns True; returns False, having written nothing,
+    when a label lies outside ``[0, C)``. A NaN logit makes its row NaN, as NumPy's form does."""
     n, c = logits.shape
     for i in range(n):
         if labels[i] < 0 or labels[i] >= c:
-            return -1.0
+            return False
     dtype_scale = grad.dtype.type(scale)
-    keep_rows = rows.shape[0] == n
     total = 0.0
     for i in range(n):
         m = logits[i, 0]
@@ -270,11 +275,14 @@ def softmax_cross_entropy(logits, labels, grad, rows, scale):  # type: ignore[no
             z += e
         y = labels[i]
         loss = np.log(z) - (logits[i, y] - m)
-        total += loss
-        if keep_rows:
-            rows[i] = loss
+        if per_row:
+            out[i] = loss
+        else:
+            total += loss
         f = grad.dtype.type(scale / z)
         for j in range(c):
             grad[i, j] *= f
         grad[i, y] -= dtype_scale
-    return total * scale
+    if not per_row:
+        out[0] = total * scale
+    return True

@@ -217,23 +217,28 @@ class NumpyBackend(Backend):
     # ------------------------------------------------------------ loss cores
     def softmax_cross_entropy_fused(self, logits: np.ndarray, labels: np.ndarray,
                                     reduction: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """cpu_jit's fused loop (``DEEPCORE_JIT=1`` only: its bits are not NumPy's) for float32 or
-        float64 C-contiguous logits of up to ``_CE_FUSED_MAX_SIZE`` elements and integer labels
-        (read as int64); None otherwise, or for a bad label. One call instead of NumPy's dozen."""
+        """cpu_jit's fused loop (``DEEPCORE_JIT=1`` only: its results are not NumPy's bits) for
+        ndarrays (no subclass) of float32 or float64 C-contiguous logits of up to
+        ``_CE_FUSED_MAX_SIZE`` elements and integer labels (read as int64); None otherwise, for a
+        bad label, or where ``softmax_cross_entropy`` is overridden or set on the instance (which
+        then runs, as for every other call). One call instead of NumPy's dozen."""
         kernel = cpu_jit.softmax_cross_entropy()
-        if (kernel is None or logits.dtype not in _CE_FUSED_DTYPES or logits.size > _CE_FUSED_MAX_SIZE
-                or not logits.flags.c_contiguous):
+        if (kernel is None or type(logits) is not np.ndarray or type(labels) is not np.ndarray
+                or logits.dtype not in _CE_FUSED_DTYPES or logits.size > _CE_FUSED_MAX_SIZE
+                or not logits.flags.c_contiguous
+                or type(self).softmax_cross_entropy is not NumpyBackend.softmax_cross_entropy
+                or "softmax_cross_entropy" in self.__dict__):
             return None
         if labels.dtype != _INT64:
             # (uint64 labels beyond int64 wrap to negative ones, which the loop declines)
             labels = labels.astype(_INT64, casting="unsafe")
         n = logits.shape[0]
+        per_row = reduction == "none"
         grad = np.empty_like(logits)
-        rows = np.empty(n if reduction == "none" else 0, dtype=logits.dtype)
-        total = kernel(logits, labels, grad, rows, 1.0 / n if reduction == "mean" else 1.0)
-        if total < 0.0:  # a label outside [0, C): the caller's checks say which
-            return None
-        return (rows if reduction == "none" else np.array(total, dtype=logits.dtype)), grad
+        out = np.empty(n if per_row else 1, dtype=logits.dtype)
+        if not kernel(logits, labels, grad, out, 1.0 / n if reduction == "mean" else 1.0, per_row):
+            return None  # a label outside [0, C): the caller's checks say which
+        return (out if per_row else out.reshape(())), grad
 
     def softmax_cross_entropy(self, logits: np.ndarray, labels: np.ndarray, *, reduction: str = "mean",
                               label_smoothing: float = 0.0, ignore_index: int | None = None,

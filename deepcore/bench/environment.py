@@ -52,12 +52,13 @@ def _cpu_jit() -> str:
     """Whether the NumPy backend's large optimizer steps run as numba loops (backend/cpu_jit.py):
     numba's version, or why not; read without importing numba."""
     status = cpu_jit.status()
-    if status["loaded"]:
-        return f"numba {optional_integrations()['numba']}"
-    if status["reason"]:
+    if status["reason"] and not status["loaded"]:
         return f"off ({status['reason']})"
     version = optional_integrations()["numba"]
-    return f"numba {version}" if version else "off (numba not installed)"
+    if not version:
+        return "off (numba not installed)"
+    # (DEEPCORE_JIT=1 also fuses the softmax cross-entropy: the softmax_ce case's figures differ)
+    return f"numba {version}" + (", loss fused (DEEPCORE_JIT=1)" if cpu_jit.eager() else "")
 
 
 def describe_environment(env: dict[str, Any]) -> str:

@@ -75,8 +75,9 @@ def cpu_jit_line(numba_version: str | None) -> str:
     steps = (f"numba {numba_version}: SGD's, Adam's, RMSprop's and Adagrad's steps fused for parameters of "
              f">= {_FUSED_MIN} weights")
     if cpu_jit.eager():
-        return (f"{steps} and softmax cross-entropy of <= {_CE_FUSED_MAX_SIZE} logits, from the first step "
-                "(DEEPCORE_JIT=1)")
+        loss = (f" and softmax cross-entropy of <= {_CE_FUSED_MAX_SIZE} logits"
+                if cpu_jit.softmax_cross_entropy() is not None else "")  # (its compile may have failed alone)
+        return f"{steps}{loss}, from the first step (DEEPCORE_JIT=1)"
     return (f"{steps}, once NumPy has spent {cpu_jit.LOAD_AFTER_S:g} s on those updates "
             "(DEEPCORE_JIT=1: from the first step, softmax cross-entropy too)")
 
