@@ -568,7 +568,7 @@ class NumpyBackend(Backend):
         if value.size >= _FUSED_MIN and _python_numbers(clr, eps, weight_decay):
             kernel, start = _fused_loop(cpu_jit.adagrad, value, grad, state_sum)
             if kernel is not None:
-                kind = _FUSED_TINY[value.dtype].dtype.type
+                kind = value.dtype.type
                 kernel(value.reshape(-1), grad.reshape(-1), state_sum.reshape(-1), kind(weight_decay), kind(eps),
                        kind(-clr), weight_decay != 0.0)
                 return value, state_sum
@@ -742,7 +742,7 @@ def _run_fused_rmsprop(kernel: Any, value: np.ndarray, grad: np.ndarray, square_
                        weight_decay: float, momentum: float) -> None:
     """``rmsprop_update``'s arithmetic as cpu_jit's one-pass loop ``kernel`` (``grad_avg`` when
     centered, ``buf`` with momentum), each scalar rounded to the arrays' dtype."""
-    kind = _FUSED_TINY[value.dtype].dtype.type
+    kind = value.dtype.type
     none = np.empty(0, value.dtype)  # the loop reads grad_avg and buf only when told they are there
     w = 1.0 - alpha
     kernel(value.reshape(-1), grad.reshape(-1), square_avg.reshape(-1),
@@ -756,7 +756,7 @@ def _run_fused_sgd(kernel: Any, value: np.ndarray, grad: np.ndarray, buf: np.nda
     """``_sgd``'s steady step as cpu_jit's one-pass loop ``kernel``: ``sgd`` with momentum (``buf``
     given: weight decay, dampening or Nesterov), ``sgd_plain`` without (``buf`` None); each scalar
     rounded to the arrays' dtype."""
-    kind = _FUSED_TINY[value.dtype].dtype.type  # each scalar rounded to the arrays' dtype, as NumPy rounds it
+    kind = value.dtype.type  # each scalar rounded to the arrays' dtype, as NumPy rounds it
     if buf is None:
         kernel(value.reshape(-1), grad.reshape(-1), kind(weight_decay), kind(-lr), weight_decay != 0.0)
     else:
